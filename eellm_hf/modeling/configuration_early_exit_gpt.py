@@ -1,0 +1,142 @@
+"""EarlyExitGPT model configuration.
+
+This file is self-contained (it imports only from `transformers`) so that it can be shipped next to the
+weights as remote code: `AutoConfig.from_pretrained(dir, trust_remote_code=True)`.
+"""
+
+from transformers.configuration_utils import PreTrainedConfig
+from transformers.modeling_rope_utils import RopeParameters
+
+
+class EarlyExitGPTConfig(PreTrainedConfig):
+    r"""
+    Configuration of an early-exit decoder: a Llama-style backbone (RMSNorm, rotary embeddings, SwiGLU MLP,
+    grouped-query attention) with extra output heads ("exits") after some of its layers, as in EE-LLM.
+
+    Backbone attributes keep transformers' standard names (`vocab_size`, `hidden_size`, `intermediate_size`,
+    `num_hidden_layers`, `num_attention_heads`, `num_key_value_heads`, `max_position_embeddings`,
+    `rms_norm_eps`, `hidden_act`, `tie_word_embeddings`, `attention_bias`, `initializer_range`,
+    `rope_parameters`; `rope_theta` and `rope_scaling` are accepted and folded into `rope_parameters`).
+
+    Early-exit attributes:
+        exit_layers (`list[int]`): 1-based index of each layer after which an exit sits, strictly increasing
+            in `[1, num_hidden_layers - 1]`. The final head is implicit and not listed.
+        exit_loss_weights (`list[float]`): training weight of each exit's loss, aligned with `exit_layers`
+            (the final head's weight is 1). Defaults to 1.0 per exit.
+        exit_norm (`bool`): an RMSNorm before each exit's projection.
+        exit_mlp (`bool`): a residual SwiGLU MLP in each exit (after its norm).
+        exit_block (`bool`): a whole extra decoder layer at the start of each exit, with its own KV cache.
+        tie_exit_heads (`bool`): every exit projects with the final LM head's weight (itself tied to the input
+            embedding when `tie_word_embeddings`); otherwise each exit has its own projection.
+
+    Example:
+
+    ```python
+    >>> from eellm_hf import EarlyExitGPTConfig, EarlyExitGPTForCausalLM
+    >>> config = EarlyExitGPTConfig(num_hidden_layers=8, hidden_size=256, intermediate_size=688,
+    ...                             num_attention_heads=4, exit_layers=[2, 4], exit_loss_weights=[0.25, 0.5])
+    >>> model = EarlyExitGPTForCausalLM(config)
+    ```
+    """
+
+    model_type = "early_exit_gpt"
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+    }
+
+    vocab_size: int = 32000
+    hidden_size: int = 768
+    intermediate_size: int = 2048
+    num_hidden_layers: int = 12
+    num_attention_heads: int = 12
+    num_key_value_heads: int | None = None
+    head_dim: int | None = None
+    hidden_act: str = "silu"
+    max_position_embeddings: int = 2048
+    initializer_range: float = 0.02
+    rms_norm_eps: float = 1e-6
+    use_cache: bool = True
+    pad_token_id: int | None = None
+    bos_token_id: int | None = 1
+    eos_token_id: int | list[int] | None = 2
+    tie_word_embeddings: bool = False
+    rope_parameters: RopeParameters | dict | None = None
+    attention_bias: bool = False
+    attention_dropout: float = 0.0
+    mlp_bias: bool = False
+    exit_layers: list[int] | None = None
+    exit_loss_weights: list[float] | None = None
+    exit_norm: bool = True
+    exit_mlp: bool = False
+    exit_block: bool = False
+    tie_exit_heads: bool = False
+
+    def __post_init__(self, **kwargs):
+        if self.num_key_value_heads is None:
+            self.num_key_value_heads = self.num_attention_heads
+        self._validate_backbone()
+        if self.head_dim is None:
+            self.head_dim = self.hidden_size // self.num_attention_heads
+        self.exit_layers = [int(layer) for layer in (self.exit_layers or [])]
+        if self.exit_loss_weights is None:
+            self.exit_loss_weights = [1.0] * len(self.exit_layers)
+        self.exit_loss_weights = [float(weight) for weight in self.exit_loss_weights]
+        self._validate_exits()
+        super().__post_init__(**kwargs)
+
+    @property
+    def num_exits(self) -> int:
+        """Number of early exits (the final head not included)."""
+        return len(self.exit_layers)
+
+    def _validate_backbone(self) -> None:
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"`{name}` must be a positive integer, got {value!r}.")
+        if self.head_dim is None and self.hidden_size % self.num_attention_heads != 0:
+            raise ValueError(
+                f"`hidden_size` ({self.hidden_size}) must be divisible by `num_attention_heads` "
+                f"({self.num_attention_heads}), or set `head_dim` explicitly."
+            )
+        if self.num_attention_heads % self.num_key_value_heads != 0:
+            raise ValueError(
+                f"`num_attention_heads` ({self.num_attention_heads}) must be divisible by "
+                f"`num_key_value_heads` ({self.num_key_value_heads})."
+            )
+        if self.head_dim is not None and (self.head_dim < 2 or self.head_dim % 2 != 0):
+            raise ValueError(f"`head_dim` must be a positive even integer for rotary embeddings, got {self.head_dim}.")
+        if not 0.0 <= self.initializer_range <= 1.0:
+            raise ValueError(f"`initializer_range` must be in [0, 1], got {self.initializer_range}.")
+        if self.rms_norm_eps <= 0:
+            raise ValueError(f"`rms_norm_eps` must be > 0, got {self.rms_norm_eps}.")
+
+    def _validate_exits(self) -> None:
+        layers, weights = self.exit_layers, self.exit_loss_weights
+        for layer in layers:
+            if not 1 <= layer <= self.num_hidden_layers - 1:
+                raise ValueError(
+                    f"exit_layers entry {layer} is outside [1, {self.num_hidden_layers - 1}] "
+                    f"(num_hidden_layers={self.num_hidden_layers}; the final head is implicit)."
+                )
+        for previous, current in zip(layers, layers[1:]):
+            if current <= previous:
+                raise ValueError(f"`exit_layers` must be strictly increasing, got {layers}.")
+        if len(weights) != len(layers):
+            raise ValueError(
+                f"`exit_loss_weights` ({weights}) must have one weight per exit in `exit_layers` ({layers})."
+            )
+        for weight in weights:
+            if not weight >= 0.0:
+                raise ValueError(f"`exit_loss_weights` entries must be >= 0, got {weight} in {weights}.")
+
+
+__all__ = ["EarlyExitGPTConfig"]

@@ -1,0 +1,383 @@
+"""EarlyExitGPT: a Llama-style decoder with early-exit heads after some of its layers (EE-LLM).
+
+The backbone reuses transformers' Llama building blocks, so with its exits ignored the model computes exactly
+what `LlamaForCausalLM` computes on the same weights. Each exit sits after a backbone layer and turns that
+layer's hidden state into next-token logits: an optional extra decoder layer ("exit block", with its own KV
+cache), an optional RMSNorm, an optional residual MLP, then a vocabulary projection (its own, or the final
+LM head's when `tie_exit_heads`).
+
+This file is self-contained apart from single-dot imports of its neighbours, so `save_pretrained` can ship it
+as remote code.
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
+from transformers.generation import GenerationMixin
+from transformers.masking_utils import create_causal_mask
+from transformers.modeling_outputs import BaseModelOutputWithPast, CausalLMOutputWithPast
+from transformers.modeling_utils import PreTrainedModel, slice_logits_to_keep
+from transformers.models.llama.modeling_llama import (
+    LlamaAttention,
+    LlamaDecoderLayer,
+    LlamaMLP,
+    LlamaRMSNorm,
+    LlamaRotaryEmbedding,
+)
+from transformers.processing_utils import Unpack
+from transformers.utils import TransformersKwargs, can_return_tuple
+from transformers.utils.deprecation import deprecate_kwarg
+from transformers.utils.generic import merge_with_config_defaults
+from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+
+from .configuration_early_exit_gpt import EarlyExitGPTConfig
+
+
+@dataclass
+class EarlyExitModelOutputWithPast(BaseModelOutputWithPast):
+    """`BaseModelOutputWithPast` plus each exit's hidden state, ready for its vocabulary projection.
+
+    Args:
+        exit_hidden_states (`tuple(torch.Tensor)`, *optional*):
+            One `(batch_size, sequence_length, hidden_size)` tensor per exit in `config.exit_layers`, after the
+            exit's block, norm and MLP. `None` when exits were not computed.
+    """
+
+    exit_hidden_states: tuple[torch.Tensor, ...] | None = None
+
+
+@dataclass
+class EarlyExitCausalLMOutputWithPast(CausalLMOutputWithPast):
+    """`CausalLMOutputWithPast` plus the early exits' logits and losses.
+
+    Args:
+        loss (`torch.Tensor`, *optional*): final-head cross-entropy plus `sum_i exit_loss_weights[i] * exit_losses[i]`.
+        logits (`torch.Tensor`): the final head's logits.
+        exit_logits (`tuple(torch.Tensor)`, *optional*): each exit's logits, aligned with `config.exit_layers`.
+        exit_losses (`tuple(torch.Tensor)`, *optional*): each exit's unweighted cross-entropy.
+    """
+
+    exit_logits: tuple[torch.Tensor, ...] | None = None
+    exit_losses: tuple[torch.Tensor, ...] | None = None
+
+
+class EarlyExitGPTDecoderLayer(LlamaDecoderLayer):
+    """A backbone decoder layer (pre-norm attention + SwiGLU MLP), identical to Llama's."""
+
+
+class EarlyExitGPTExitBlock(LlamaDecoderLayer):
+    """The extra decoder layer of an exit (`config.exit_block`); caches its KV at index `num_hidden_layers + i`."""
+
+
+class EarlyExitGPTExit(nn.Module):
+    """Everything of exit `exit_index` before its vocabulary projection: block, then norm, then residual MLP."""
+
+    def __init__(self, config: EarlyExitGPTConfig, exit_index: int):
+        super().__init__()
+        if config.exit_block:
+            self.block = EarlyExitGPTExitBlock(config, layer_idx=config.num_hidden_layers + exit_index)
+        if config.exit_norm:
+            self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        if config.exit_mlp:
+            self.mlp = LlamaMLP(config)
+
+    def forward(self, hidden_states: torch.Tensor, **layer_kwargs) -> torch.Tensor:
+        if hasattr(self, "block"):
+            hidden_states = self.block(hidden_states, **layer_kwargs)
+        if hasattr(self, "norm"):
+            hidden_states = self.norm(hidden_states)
+        if hasattr(self, "mlp"):
+            hidden_states = hidden_states + self.mlp(hidden_states)
+        return hidden_states
+
+
+class EarlyExitGPTPreTrainedModel(PreTrainedModel):
+    config: EarlyExitGPTConfig
+    config_class = EarlyExitGPTConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["EarlyExitGPTDecoderLayer", "EarlyExitGPTExitBlock"]
+    _supports_flash_attn = True
+    _supports_sdpa = True
+    _supports_flex_attn = True
+    _supports_attention_backend = True
+    _can_record_outputs = {
+        "hidden_states": OutputRecorder(EarlyExitGPTDecoderLayer, layer_name="layers"),
+        "attentions": OutputRecorder(LlamaAttention, index=1, layer_name="layers"),
+    }
+
+
+def ensure_cache_layers(cache: Cache, num_layers: int) -> None:
+    """Give a `DynamicCache` built from the config (one layer per backbone layer) room for the exit blocks."""
+    if isinstance(cache, DynamicCache):
+        while len(cache.layers) < num_layers:
+            cache.layers.append(DynamicLayer())
+
+
+class EarlyExitGPTModel(EarlyExitGPTPreTrainedModel):
+    """The backbone: embeddings, decoder layers, final norm, and the exits' pre-projection modules."""
+
+    def __init__(self, config: EarlyExitGPTConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.vocab_size = config.vocab_size
+
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(
+            [EarlyExitGPTDecoderLayer(config, layer_idx) for layer_idx in range(config.num_hidden_layers)]
+        )
+        self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.exits = nn.ModuleList([EarlyExitGPTExit(config, index) for index in range(config.num_exits)])
+        self.rotary_emb = LlamaRotaryEmbedding(config=config)
+        self.gradient_checkpointing = False
+
+        self.post_init()
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @merge_with_config_defaults
+    @capture_outputs
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        use_cache: bool | None = None,
+        compute_exits: bool = True,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> EarlyExitModelOutputWithPast:
+        r"""
+        compute_exits (`bool`, defaults to `True`):
+            Whether to run the exits' modules and return `exit_hidden_states`. Plain full-depth generation turns
+            this off so that exits cost nothing.
+        """
+        if (input_ids is None) ^ (inputs_embeds is not None):
+            raise ValueError("You must specify exactly one of input_ids or inputs_embeds")
+
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        if cache is not None and self.config.exit_block:
+            ensure_cache_layers(cache, self.config.num_hidden_layers + self.config.num_exits)
+
+        if position_ids is None:
+            past_seen_tokens = cache.get_seq_length() if cache is not None else 0
+            position_ids = torch.arange(inputs_embeds.shape[1], device=inputs_embeds.device) + past_seen_tokens
+            position_ids = position_ids.unsqueeze(0)
+
+        causal_mask = create_causal_mask(
+            config=self.config,
+            inputs_embeds=inputs_embeds,
+            attention_mask=attention_mask,
+            cache=cache,
+            position_ids=position_ids,
+        )
+
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids=position_ids)
+        layer_kwargs = dict(
+            attention_mask=causal_mask,
+            position_embeddings=position_embeddings,
+            position_ids=position_ids,
+            cache=cache,
+            use_cache=use_cache,
+            **kwargs,
+        )
+
+        exit_of_layer = dict(zip(self.config.exit_layers, self.exits)) if compute_exits else {}
+        exit_hidden_states = []
+        for layer_number, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers], start=1):
+            hidden_states = decoder_layer(hidden_states, **layer_kwargs)
+            if layer_number in exit_of_layer:
+                exit_hidden_states.append(exit_of_layer[layer_number](hidden_states, **layer_kwargs))
+
+        hidden_states = self.norm(hidden_states)
+        return EarlyExitModelOutputWithPast(
+            last_hidden_state=hidden_states,
+            cache=cache,
+            exit_hidden_states=tuple(exit_hidden_states) if compute_exits else None,
+        )
+
+
+class EarlyExitGPTForCausalLM(EarlyExitGPTPreTrainedModel, GenerationMixin):
+    """EarlyExitGPT with its final LM head and one vocabulary projection per exit."""
+
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
+    _pp_plan = {"lm_head": (["hidden_states"], ["logits"])}
+
+    def __init__(self, config: EarlyExitGPTConfig):
+        super().__init__(config)
+        self.model = EarlyExitGPTModel(config)
+        self.vocab_size = config.vocab_size
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if not config.tie_exit_heads:
+            self.exit_lm_heads = nn.ModuleList(
+                [nn.Linear(config.hidden_size, config.vocab_size, bias=False) for _ in range(config.num_exits)]
+            )
+        self.post_init()
+
+    def exit_projection(self, exit_index: int) -> nn.Linear:
+        """The vocabulary projection of exit `exit_index` (the final LM head when exits are tied)."""
+        return self.lm_head if self.config.tie_exit_heads else self.exit_lm_heads[exit_index]
+
+    def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
+                                mean_resizing: bool = True) -> nn.Embedding:
+        """Resize the input embedding, the final head and every untied exit head together."""
+        embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        if not self.config.tie_exit_heads:
+            num_tokens = embeddings.weight.shape[0]
+            for index, head in enumerate(self.exit_lm_heads):
+                self.exit_lm_heads[index] = self._get_resized_lm_head(
+                    head, num_tokens, mean_resizing=mean_resizing
+                )
+        return embeddings
+
+    def prepare_inputs_for_generation(self, *args, **kwargs):
+        """Plain `generate()` decodes at full depth, so the exits are not computed unless asked for."""
+        model_inputs = super().prepare_inputs_for_generation(*args, **kwargs)
+        model_inputs.setdefault("compute_exits", False)
+        return model_inputs
+
+    @deprecate_kwarg("past_key_values", "5.40.0", new_name="cache")
+    @can_return_tuple
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        cache: Cache | None = None,
+        inputs_embeds: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        use_cache: bool | None = None,
+        logits_to_keep: int | torch.Tensor = 0,
+        compute_exits: bool = True,
+        **kwargs: Unpack[TransformersKwargs],
+    ) -> EarlyExitCausalLMOutputWithPast:
+        r"""
+        labels (`torch.LongTensor` of shape `(batch_size, sequence_length)`, *optional*):
+            Next-token labels as for `LlamaForCausalLM` (shifted inside; -100 is ignored). The loss is the final
+            head's cross-entropy plus `sum_i exit_loss_weights[i] * exit_losses[i]`.
+        compute_exits (`bool`, defaults to `True`):
+            Whether to compute `exit_logits` (and exit losses).
+
+        Example:
+
+        ```python
+        >>> from eellm_hf import EarlyExitGPTConfig, EarlyExitGPTForCausalLM
+        >>> model = EarlyExitGPTForCausalLM(EarlyExitGPTConfig(
+        ...     vocab_size=128, hidden_size=64, intermediate_size=128, num_hidden_layers=4,
+        ...     num_attention_heads=4, exit_layers=[1, 2], exit_loss_weights=[0.5, 0.5]))
+        >>> out = model(input_ids=torch.tensor([[1, 2, 3]]), labels=torch.tensor([[1, 2, 3]]))
+        >>> len(out.exit_logits), out.loss.shape
+        (2, torch.Size([]))
+        ```"""
+        outputs: EarlyExitModelOutputWithPast = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            cache=cache,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            compute_exits=compute_exits,
+            **kwargs,
+        )
+
+        hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
+        logits = self.lm_head(hidden_states)
+        exit_logits = None
+        if outputs.exit_hidden_states is not None:
+            exit_logits = tuple(
+                self.exit_projection(index)(slice_logits_to_keep(exit_hidden, logits_to_keep))
+                for index, exit_hidden in enumerate(outputs.exit_hidden_states)
+            )
+
+        loss, exit_losses = None, None
+        if labels is not None:
+            loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+            if exit_logits is not None:
+                exit_losses = tuple(
+                    self.loss_function(logits=exit_logit, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+                    for exit_logit in exit_logits
+                )
+                for weight, exit_loss in zip(self.config.exit_loss_weights, exit_losses):
+                    loss = loss + weight * exit_loss
+
+        return EarlyExitCausalLMOutputWithPast(
+            loss=loss,
+            logits=logits,
+            cache=outputs.cache,
+            hidden_states=outputs.hidden_states,
+            attentions=outputs.attentions,
+            exit_logits=exit_logits,
+            exit_losses=exit_losses,
+        )
+
+    def save_pretrained(self, save_directory: str | Path, *args, **kwargs) -> None:
+        """`PreTrainedModel.save_pretrained`, plus a model card (README.md) unless the folder already has one."""
+        super().save_pretrained(save_directory, *args, **kwargs)
+        card = Path(save_directory) / "README.md"
+        if not card.exists():
+            card.write_text(model_card(self.config))
+
+
+def model_card(config: EarlyExitGPTConfig) -> str:
+    """A Hub model card stating the exits and showing how to generate with them."""
+    exits = "\n".join(
+        f"| {index} | after layer {layer} of {config.num_hidden_layers} | {weight:g} |"
+        for index, (layer, weight) in enumerate(zip(config.exit_layers, config.exit_loss_weights))
+    )
+    head_parts = [name for name, on in (("exit block", config.exit_block), ("RMSNorm", config.exit_norm),
+                                        ("residual MLP", config.exit_mlp)) if on]
+    projection = "the final LM head's weight" if config.tie_exit_heads else "its own projection"
+    return f"""---
+library_name: transformers
+tags:
+- early-exit
+- eellm_hf
+pipeline_tag: text-generation
+---
+
+# Early-exit language model (EarlyExitGPT)
+
+A Llama-style decoder with {config.num_hidden_layers} layers, hidden size {config.hidden_size} and
+{config.num_exits} early exit(s) besides the final head, in the style of EE-LLM. Each exit applies
+{", ".join(head_parts) or "nothing"} and then {projection}.
+
+| exit | position | training loss weight |
+|---|---|---|
+{exits}
+
+## Generate with early exit
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, trust_remote_code=True)
+tokenizer = AutoTokenizer.from_pretrained(MODEL_DIR)
+inputs = tokenizer(["In the beginning"], return_tensors="pt")
+out = model.generate(**inputs, max_new_tokens=32, early_exit_threshold=0.9,
+                     return_dict_in_generate=True)
+print(tokenizer.batch_decode(out.sequences, skip_special_tokens=True))
+print(out.exit_layers)  # the layer that produced each generated token
+```
+
+A token leaves at the first exit whose confidence (its largest probability) reaches the threshold; the
+KV cache of the layers it skipped is recomputed before a later token needs it, so the output equals
+no-cache early-exit decoding exactly. `early_exit_threshold=None` decodes at full depth.
+"""
+
+
+__all__ = [
+    "EarlyExitCausalLMOutputWithPast",
+    "EarlyExitGPTForCausalLM",
+    "EarlyExitGPTModel",
+    "EarlyExitGPTPreTrainedModel",
+    "EarlyExitModelOutputWithPast",
+]
