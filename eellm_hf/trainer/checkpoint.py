@@ -1,0 +1,487 @@
+"""Atomic, sharded, pickle-free training checkpoints.
+
+Layout::
+
+    CKPT_DIR/
+      latest                      # text file: the name of the newest committed checkpoint ("step_000012")
+      step_000012/
+        rank_00000.safetensors    # this rank's tensors (model shard, optimizer state, RNG state tensors, ...)
+        rank_00000.json           # this rank's non-tensor state (JSON; tensors replaced by references)
+        ...                       # one pair per rank
+        meta.json                 # written last: step, world size, layout, config hash, format
+
+Saving (:func:`save_checkpoint`, called by every rank with the same ``step``):
+
+1. rank 0 deletes leftovers of interrupted saves (``.tmp_*``, ``.trash_*``) and creates
+   ``CKPT_DIR/.tmp_step_000012/``; barrier;
+2. every rank writes (and fsyncs) its two files there; barrier;
+3. rank 0 checks that all ``world_size`` pairs are there, writes ``meta.json``, renames the directory to
+   ``step_000012`` (atomic), points ``latest`` at it (temporary file + ``os.replace``, atomic) and prunes old
+   checkpoints (``keep_last``; each renamed to ``.trash_*`` before it is deleted); barrier.
+
+A process killed at any point leaves the previous checkpoint intact and ``latest`` loadable: a checkpoint
+directory only ever appears complete. ``CKPT_DIR`` must be visible to every rank (one node, or a shared file
+system).
+
+Loading: ``path = latest_checkpoint(ckpt_dir)`` then ``tensors, state = load_checkpoint(path, rank, ...)``;
+``world_size``, ``layout`` and ``config_hash`` given to both must match, else ``CheckpointMismatchError``.
+
+``state`` is any JSON-like structure (dicts, lists, tuples, str/int/float/bool/None, small numpy arrays); it may
+also hold tensors anywhere (e.g. the torch RNG state of :func:`capture_rng_state`, or a raw
+``optimizer.state_dict()``), which are stored in the rank's safetensors file under ``__state__/...`` and put
+back on load. Dict keys may be ``int`` (as in optimizer state dicts) and survive the round trip.
+
+Typical use in a training loop::
+
+    opt_tensors, opt_state = flatten_optimizer_state(optimizer.state_dict())
+    save_checkpoint(ckpt_dir, step, rank, world_size,
+                    tensors={**model_shard_state_dict, **opt_tensors},
+                    state={"step": step, "optimizer": opt_state, "lr_scheduler": sched.state_dict(),
+                           "rng": capture_rng_state(), "consumed_samples": ...},
+                    barrier=lambda: dist.barrier(), layout={"tp": tp, "pp": pp, "dp": dp},
+                    config_hash=cfg.fingerprint(), keep_last=cfg.checkpoint.keep_last)
+    ...
+    tensors, state = load_checkpoint(path, rank, world_size=..., layout=..., config_hash=...)
+    model.load_state_dict({k: v for k, v in tensors.items() if not k.startswith(OPTIMIZER_PREFIX)})
+    optimizer.load_state_dict(unflatten_optimizer_state(tensors, state["optimizer"]))
+    restore_rng_state(state["rng"])
+
+Optimizer state dicts of torch optimizers and of nanotron's wrappers (``NamedOptimizer`` adds
+``"names": {index: param_name}``, ``OptimizerFromGradientAccumulator`` adds ``"gradient_accumulator": {name:
+fp32 tensor}``, ``ZeroDistributedOptimizer`` returns its inner optimizer's, i.e. this DP rank's shard) are all
+nested dicts/lists of tensors and scalars with int keys, which :func:`flatten_optimizer_state` handles generically.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import random
+import re
+import shutil
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+__all__ = [
+    "FORMAT_VERSION",
+    "OPTIMIZER_PREFIX",
+    "CheckpointMismatchError",
+    "capture_rng_state",
+    "checkpoint_step",
+    "flatten_optimizer_state",
+    "flatten_state",
+    "latest_checkpoint",
+    "list_checkpoints",
+    "load_checkpoint",
+    "read_meta",
+    "restore_rng_state",
+    "save_checkpoint",
+    "unflatten_optimizer_state",
+    "unflatten_state",
+]
+
+FORMAT_VERSION = 1
+OPTIMIZER_PREFIX = "optimizer/"
+"""Default key prefix of the tensors of :func:`flatten_optimizer_state`."""
+_STATE_PREFIX = "__state__/"
+_STEP_RE = re.compile(r"^step_(\d+)$")
+_LATEST = "latest"
+_META = "meta.json"
+
+Barrier = Callable[[], None]
+
+
+class CheckpointMismatchError(ValueError):
+    """The checkpoint was written by a run with another world size, layout or config."""
+
+
+def _step_name(step: int) -> str:
+    return f"step_{step:06d}"
+
+
+def _rank_stem(rank: int) -> str:
+    return f"rank_{rank:05d}"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Nested state <-> (tensors, JSON)
+# ------------------------------------------------------------------------------------------------------------
+
+
+def flatten_state(obj: Any, prefix: str = "") -> tuple[dict[str, torch.Tensor], Any]:
+    """Split a nested structure into ``{key: tensor}`` (keys ``prefix`` + a path) and a JSON-serialisable
+    skeleton referencing them. Inverse: :func:`unflatten_state`."""
+    tensors: dict[str, torch.Tensor] = {}
+    return tensors, _encode(obj, "", tensors, prefix)
+
+
+def unflatten_state(tensors: Mapping[str, torch.Tensor], skeleton: Any) -> Any:
+    """Rebuild what :func:`flatten_state` split (tuples, int keys, non-finite floats and arrays included)."""
+    return _decode(skeleton, tensors)
+
+
+def _join(path: str, part: Any) -> str:
+    return f"{path}/{part}" if path else str(part)
+
+
+def _encode(obj: Any, path: str, tensors: dict[str, torch.Tensor], prefix: str) -> Any:
+    if isinstance(obj, torch.Tensor):
+        key = prefix + path
+        if key in tensors:
+            raise ValueError(f"two tensors map to the checkpoint key {key!r}")
+        tensors[key] = obj
+        return {"__tensor__": key}
+    if obj is None or isinstance(obj, (bool, str)):
+        return obj
+    if isinstance(obj, (int, np.integer)):
+        return int(obj)
+    if isinstance(obj, (float, np.floating)):
+        return float(obj) if math.isfinite(obj) else {"__float__": repr(float(obj))}
+    if isinstance(obj, np.bool_):
+        return bool(obj)
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": {"dtype": obj.dtype.str, "shape": list(obj.shape), "data": obj.ravel().tolist()}}
+    if isinstance(obj, torch.dtype):
+        return {"__dtype__": str(obj).removeprefix("torch.")}
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, _join(path, i), tensors, prefix) for i, v in enumerate(obj)]}
+    if isinstance(obj, list):
+        return [_encode(v, _join(path, i), tensors, prefix) for i, v in enumerate(obj)]
+    if isinstance(obj, Mapping):
+        if all(isinstance(k, str) and not k.startswith("__") for k in obj):
+            return {k: _encode(v, _join(path, k), tensors, prefix) for k, v in obj.items()}
+        return {"__dict__": [[_encode(k, "", {}, ""), _encode(v, _join(path, k), tensors, prefix)]
+                             for k, v in obj.items()]}
+    raise TypeError(f"cannot store a {type(obj).__name__} in a checkpoint (at {path or 'the top level'!r})")
+
+
+def _decode(obj: Any, tensors: Mapping[str, torch.Tensor]) -> Any:
+    if isinstance(obj, list):
+        return [_decode(v, tensors) for v in obj]
+    if not isinstance(obj, dict):
+        return obj
+    if len(obj) == 1:
+        [(tag, value)] = obj.items()
+        if tag == "__tensor__":
+            if value not in tensors:
+                raise KeyError(f"checkpoint tensor {value!r} is missing")
+            return tensors[value]
+        if tag == "__float__":
+            return float(value)
+        if tag == "__tuple__":
+            return tuple(_decode(v, tensors) for v in value)
+        if tag == "__dict__":
+            return {_hashable(_decode(k, tensors)): _decode(v, tensors) for k, v in value}
+        if tag == "__ndarray__":
+            return np.asarray(value["data"], dtype=np.dtype(value["dtype"])).reshape(value["shape"])
+        if tag == "__dtype__":
+            return getattr(torch, value)
+    return {k: _decode(v, tensors) for k, v in obj.items()}
+
+
+def _hashable(key: Any) -> Any:
+    return tuple(_hashable(k) for k in key) if isinstance(key, (list, tuple)) else key
+
+
+def flatten_optimizer_state(
+    state_dict: Mapping[str, Any], prefix: str = OPTIMIZER_PREFIX
+) -> tuple[dict[str, torch.Tensor], Any]:
+    """``optimizer.state_dict()`` (torch or nanotron) → (``{prefix + path: tensor}``, JSON skeleton).
+
+    Keys look like ``optimizer/state/3/exp_avg`` or ``optimizer/gradient_accumulator/<param name>``; merge them
+    into the checkpoint's ``tensors`` and put the skeleton in its ``state``."""
+    return flatten_state(dict(state_dict), prefix)
+
+
+def unflatten_optimizer_state(tensors: Mapping[str, torch.Tensor], skeleton: Any) -> dict[str, Any]:
+    """Inverse of :func:`flatten_optimizer_state` (extra keys in ``tensors`` are ignored); the result can go to
+    ``optimizer.load_state_dict`` (which moves the state to the parameters' device and dtype)."""
+    return unflatten_state(tensors, skeleton)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# RNG state
+# ------------------------------------------------------------------------------------------------------------
+
+
+def capture_rng_state() -> dict[str, Any]:
+    """The states of Python's ``random``, numpy's global RNG, torch's CPU RNG and (when CUDA is available) the
+    current CUDA device's RNG. Store it in a checkpoint's ``state``; torch's states are uint8 tensors."""
+    name, keys, pos, has_gauss, cached = np.random.get_state()
+    return {
+        "python": random.getstate(),
+        "numpy": {"name": name, "keys": np.asarray(keys), "pos": int(pos), "has_gauss": int(has_gauss),
+                  "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+    }
+
+
+def restore_rng_state(state: Mapping[str, Any]) -> None:
+    """Restore what :func:`capture_rng_state` captured (the CUDA state goes to the current device)."""
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
+    np_state = state["numpy"]
+    np.random.set_state((np_state["name"], np.asarray(np_state["keys"], dtype=np.uint32), np_state["pos"],
+                         np_state["has_gauss"], np_state["cached_gaussian"]))
+    torch.set_rng_state(state["torch"].to(device="cpu", dtype=torch.uint8))
+    if state.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"].to(device="cpu", dtype=torch.uint8))
+
+
+# ------------------------------------------------------------------------------------------------------------
+# File helpers
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _fsync_file(path: Path) -> None:
+    with open(path, "rb") as f:
+        os.fsync(f.fileno())
+
+
+def _write_text(path: Path, text: str, atomic: bool = False) -> None:
+    target = path.with_name(path.name + ".partial") if atomic else path
+    with open(target, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    if atomic:
+        os.replace(target, path)
+        _fsync_dir(path.parent)
+
+
+def _prepare_tensors(tensors: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Detached, contiguous, plain CPU tensors, cloned where two would share memory (safetensors refuses it)."""
+    out: dict[str, torch.Tensor] = {}
+    seen: set[int] = set()
+    for key, tensor in tensors.items():
+        if not isinstance(tensor, torch.Tensor):
+            raise TypeError(f"checkpoint tensor {key!r} is a {type(tensor).__name__}, not a torch.Tensor")
+        t = tensor.detach()
+        if type(t) is not torch.Tensor:
+            t = t.clone()
+            if type(t) is not torch.Tensor:
+                t = t.as_subclass(torch.Tensor)
+        t = t.cpu().contiguous()
+        ptr = t.untyped_storage().data_ptr() if t.numel() else 0
+        if ptr and ptr in seen:
+            t = t.clone()
+            ptr = t.untyped_storage().data_ptr()
+        seen.add(ptr)
+        out[key] = t
+    return out
+
+
+def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    save_file(tensors, str(path), metadata={"format": "pt"})
+    _fsync_file(path)
+
+
+def _remove_tree(path: Path) -> None:
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _discard(path: Path) -> None:
+    """Delete a directory, first renaming it (atomically) so that a partly deleted one is never mistaken for
+    a checkpoint."""
+    trash = path.with_name(f".trash_{path.name}_{os.getpid()}_{time.monotonic_ns()}")
+    os.replace(path, trash)
+    _remove_tree(trash)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Save
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _as_barrier(barrier: Barrier | Any | None, world_size: int) -> Barrier:
+    if barrier is None:
+        if world_size != 1:
+            raise ValueError("save_checkpoint needs a barrier (callable or process group) when world_size > 1")
+        return lambda: None
+    if callable(barrier):
+        return barrier
+    import torch.distributed as dist
+
+    return lambda: dist.barrier(group=barrier)
+
+
+def save_checkpoint(
+    ckpt_dir: str | os.PathLike[str],
+    step: int,
+    rank: int,
+    world_size: int,
+    tensors: Mapping[str, torch.Tensor],
+    state: Mapping[str, Any],
+    barrier: Barrier | Any | None,
+    *,
+    layout: Mapping[str, int] | None = None,
+    config_hash: str | None = None,
+    keep_last: int | None = None,
+) -> Path:
+    """Write this rank's part of checkpoint ``step`` and commit it atomically (see the module docstring).
+
+    Every rank calls it with the same ``step``, ``world_size``, ``layout``, ``config_hash`` and ``keep_last``.
+    ``tensors``: this rank's tensors (flat ``{str: Tensor}``; keys must not start with ``__state__/``).
+    ``state``: JSON-like state, tensors allowed. ``barrier``: a callable, or a ``torch.distributed``
+    process group spanning the ``world_size`` ranks (None only when ``world_size == 1``). ``layout``: e.g.
+    ``{"tp": 1, "pp": 2, "dp": 1}``. ``keep_last``: keep only the newest N checkpoints. Returns the
+    checkpoint's directory (on every rank, after it is committed).
+    """
+    if not 0 <= rank < world_size:
+        raise ValueError(f"rank {rank} out of range for world_size {world_size}")
+    if step < 0:
+        raise ValueError(f"step must be >= 0, got {step}")
+    if keep_last is not None and keep_last < 1:
+        raise ValueError(f"keep_last must be >= 1, got {keep_last}")
+    bad = [k for k in tensors if k.startswith(_STATE_PREFIX)]
+    if bad:
+        raise ValueError(f"tensor keys may not start with {_STATE_PREFIX!r}: {bad[:3]}")
+    sync = _as_barrier(barrier, world_size)
+    root = Path(ckpt_dir)
+    final = root / _step_name(step)
+    tmp = root / f".tmp_{_step_name(step)}"
+
+    if rank == 0:
+        root.mkdir(parents=True, exist_ok=True)
+        for leftover in list(root.glob(".tmp_*")) + list(root.glob(".trash_*")):
+            _remove_tree(leftover)
+        tmp.mkdir()
+    sync()
+
+    state_tensors, skeleton = flatten_state(dict(state), _STATE_PREFIX)
+    stem = _rank_stem(rank)
+    _write_tensors(tmp / f"{stem}.safetensors", _prepare_tensors({**tensors, **state_tensors}))
+    rank_info = {"format": FORMAT_VERSION, "step": step, "rank": rank, "world_size": world_size, "state": skeleton}
+    _write_text(tmp / f"{stem}.json", json.dumps(rank_info, indent=1))
+    sync()
+
+    if rank == 0:
+        missing = [
+            name for r in range(world_size) for name in (f"{_rank_stem(r)}.safetensors", f"{_rank_stem(r)}.json")
+            if not (tmp / name).is_file()
+        ]
+        if missing:
+            raise RuntimeError(f"checkpoint {final} incomplete, missing {missing[:4]}: is {root} shared by all ranks?")
+        meta = {
+            "format": FORMAT_VERSION, "step": step, "world_size": world_size,
+            "layout": dict(layout) if layout is not None else None, "config_hash": config_hash,
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        _write_text(tmp / _META, json.dumps(meta, indent=1))
+        _fsync_dir(tmp)
+        if final.exists():
+            _discard(final)
+        os.replace(tmp, final)
+        _fsync_dir(root)
+        _write_text(root / _LATEST, final.name + "\n", atomic=True)
+        if keep_last is not None:
+            for old in list_checkpoints(root)[:-keep_last]:
+                if old != final:
+                    _discard(old)
+    sync()
+    return final
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Find and load
+# ------------------------------------------------------------------------------------------------------------
+
+
+def list_checkpoints(ckpt_dir: str | os.PathLike[str]) -> list[Path]:
+    """Committed checkpoints (``step_*`` directories with a ``meta.json``), oldest first."""
+    root = Path(ckpt_dir)
+    if not root.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in root.iterdir() if (m := _STEP_RE.match(p.name)) and (p / _META).is_file()]
+    return [p for _, p in sorted(found)]
+
+
+def latest_checkpoint(ckpt_dir: str | os.PathLike[str]) -> Path | None:
+    """The checkpoint named by ``ckpt_dir/latest``, or, if that is missing or names no committed checkpoint,
+    the newest committed one; None when there is none."""
+    root = Path(ckpt_dir)
+    pointer = root / _LATEST
+    if pointer.is_file():
+        name = pointer.read_text(encoding="utf-8").strip()
+        if _STEP_RE.match(name) and (root / name / _META).is_file():
+            return root / name
+    found = list_checkpoints(root)
+    return found[-1] if found else None
+
+
+def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
+    """``meta.json`` of a checkpoint directory (``FileNotFoundError`` if it is not a committed checkpoint)."""
+    meta_path = Path(path) / _META
+    if not meta_path.is_file():
+        raise FileNotFoundError(f"{path} is not a complete checkpoint (no {_META})")
+    with open(meta_path, encoding="utf-8") as f:
+        return json.load(f)
+
+
+def checkpoint_step(path: str | os.PathLike[str]) -> int:
+    """The step a checkpoint was saved at."""
+    return int(read_meta(path)["step"])
+
+
+def load_checkpoint(
+    path: str | os.PathLike[str],
+    rank: int,
+    *,
+    world_size: int | None = None,
+    layout: Mapping[str, int] | None = None,
+    config_hash: str | None = None,
+    device: str | torch.device = "cpu",
+) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """This rank's ``(tensors, state)`` from checkpoint directory ``path``, as given to :func:`save_checkpoint`.
+
+    ``world_size``, ``layout`` and ``config_hash``, when given, must equal the saved ones, else
+    :class:`CheckpointMismatchError` (tensor shards only fit the layout that wrote them). Tensors are loaded
+    with ``safetensors.torch.load_file`` onto ``device``."""
+    path = Path(path)
+    meta = read_meta(path)
+    if meta.get("format") != FORMAT_VERSION:
+        raise CheckpointMismatchError(f"{path}: checkpoint format {meta.get('format')}, expected {FORMAT_VERSION}")
+    if world_size is not None and meta["world_size"] != world_size:
+        raise CheckpointMismatchError(
+            f"{path} was saved by {meta['world_size']} ranks, this run has {world_size}: resume with the same "
+            "parallel layout"
+        )
+    if layout is not None and meta.get("layout") is not None and dict(layout) != meta["layout"]:
+        raise CheckpointMismatchError(
+            f"{path} was saved with parallel layout {meta['layout']}, this run uses {dict(layout)}"
+        )
+    if config_hash is not None and meta.get("config_hash") is not None and config_hash != meta["config_hash"]:
+        raise CheckpointMismatchError(
+            f"{path} was saved with config hash {meta['config_hash']}, this run's is {config_hash}: the model, "
+            "data order or batch size changed since (see TrainerConfig.fingerprint)"
+        )
+    if not 0 <= rank < meta["world_size"]:
+        raise ValueError(f"rank {rank} out of range for a checkpoint of {meta['world_size']} ranks")
+    stem = _rank_stem(rank)
+    with open(path / f"{stem}.json", encoding="utf-8") as f:
+        info = json.load(f)
+    if info.get("rank") != rank or info.get("step") != meta["step"]:
+        raise CheckpointMismatchError(f"{path / (stem + '.json')} belongs to rank {info.get('rank')}, step "
+                                      f"{info.get('step')}, not rank {rank}, step {meta['step']}")
+    loaded = load_file(str(path / f"{stem}.safetensors"), device=str(device))
+    tensors = {k: v for k, v in loaded.items() if not k.startswith(_STATE_PREFIX)}
+    state = unflatten_state(loaded, info["state"])
+    return tensors, state

@@ -1,0 +1,233 @@
+"""Tests for eellm_hf.trainer.config: the example config loads; each invalid case fails naming the bad value."""
+
+from __future__ import annotations
+
+import copy
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from eellm_hf.trainer.config import TrainerConfig, load_config
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+
+EXAMPLE = """
+model:
+  vocab_size: 512
+  hidden_size: 64
+  intermediate_size: 128
+  num_hidden_layers: 4
+  num_attention_heads: 4
+  num_key_value_heads: 4
+  max_position_embeddings: 128
+  exit_layers: [1, 2]
+  exit_loss_weights: [0.5, 0.5]
+parallelism: {tp: 1, pp: 1, dp: 1}
+data: {files: [corpus.txt], tokenizer: tok, seq_len: 64}
+train: {steps: 3, global_batch_size: 8, micro_batch_size: 2, lr: 1.0e-3, seed: 0}
+checkpoint: {dir: ckpt, interval: 2, resume: false}
+run_dir: run
+export_hf: hf_out
+"""
+
+
+def _write_tokenizer(folder: Path, size: int = 300) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = {f"t{i}": i for i in range(size)}
+    (folder / "tokenizer.json").write_text(json.dumps({"model": {"type": "BPE", "vocab": vocab}, "added_tokens": []}))
+
+
+@pytest.fixture()
+def workdir(tmp_path: Path) -> Path:
+    (tmp_path / "corpus.txt").write_text("In the beginning God created the heaven and the earth.\n")
+    _write_tokenizer(tmp_path / "tok")
+    (tmp_path / "config.yaml").write_text(EXAMPLE)
+    return tmp_path
+
+
+def _raw() -> dict[str, Any]:
+    return yaml.safe_load(EXAMPLE)
+
+
+def _load(workdir: Path, raw: dict[str, Any], **kwargs: Any) -> TrainerConfig:
+    return load_config(raw, base_dir=workdir, **kwargs)
+
+
+def test_example_loads_with_paths_relative_to_yaml(workdir: Path, tmp_path_factory: pytest.TempPathFactory,
+                                                   monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path_factory.mktemp("elsewhere"))  # relative paths follow the YAML, not the cwd
+    cfg = load_config(workdir / "config.yaml", world_size=1)
+    assert cfg.data.files == [workdir / "corpus.txt"]
+    assert cfg.data.tokenizer == workdir / "tok"
+    assert cfg.run_dir == workdir / "run" and cfg.export_hf == workdir / "hf_out"
+    assert cfg.checkpoint is not None and cfg.checkpoint.dir == workdir / "ckpt" and cfg.checkpoint.interval == 2
+    assert cfg.train.lr == pytest.approx(1e-3) and cfg.train.dtype == "float32"
+    assert cfg.train.num_micro_batches(cfg.parallelism.dp) == 4
+    model = cfg.model_config()
+    assert model.exit_layers == [1, 2] and model.exit_loss_weights == [0.5, 0.5]
+    assert cfg.parallelism.stage_layers(4) == [4]
+    # to_dict round-trips, and the fingerprint ignores what a resumed run may change
+    again = load_config(cfg.to_dict(), world_size=1)
+    assert again.to_dict() == cfg.to_dict() and again.fingerprint() == cfg.fingerprint()
+    raw = _raw()
+    raw["train"]["steps"] = 30
+    raw["train"]["lr"] = 5e-4
+    assert _load(workdir, raw).fingerprint() == cfg.fingerprint()
+    raw["model"]["hidden_size"] = 128
+    assert _load(workdir, raw).fingerprint() != cfg.fingerprint()
+
+
+def test_optional_features(workdir: Path) -> None:
+    raw = _raw()
+    raw["parallelism"] = {"tp": 2, "pp": 2, "dp": 1, "layer_split": [3, 1]}
+    raw["data"].update(validation_fraction=0.1, tokenizer={"train_bpe": {"vocab_size": 400, "out_dir": "newtok"}})
+    raw["train"]["lr"] = "1e-3"  # a string (what plain PyYAML makes of `1e-3`) is rejected
+    with pytest.raises(ValueError, match=r"train\.lr.*'1e-3'"):
+        _load(workdir, raw, world_size=4)
+    raw["train"].update(lr=1e-3, warmup_steps=1, min_lr=1e-4, val_interval=1, dtype="bfloat16",
+                        exit_loss_weight_schedule={"init": 0.0, "warmup_steps": 2, "type": "cosine"})
+    cfg = _load(workdir, raw, world_size=4)
+    assert cfg.data.train_bpe is not None and cfg.data.tokenizer == workdir / "newtok"  # trained later
+    assert cfg.parallelism.stage_layers(4) == [3, 1] and cfg.parallelism.stage_of_layer(4, 4) == 1
+    assert [round(cfg.train.lr_at(s), 6) for s in range(3)] == [1e-3, 1e-3, 1e-4]
+    assert cfg.train.exit_loss_weights_at(0, [0.5]) == [0.0]
+    assert cfg.train.exit_loss_weights_at(1, [0.5]) == pytest.approx([0.25])
+    assert cfg.train.exit_loss_weights_at(5, [0.5]) == [0.5]
+
+
+def test_yaml_float_exponent(tmp_path: Path, workdir: Path) -> None:
+    text = EXAMPLE.replace("lr: 1.0e-3", "lr: 1e-3").replace("max_position_embeddings: 128",
+                                                              "max_position_embeddings: 128\n  rms_norm_eps: 1e-5")
+    (workdir / "config.yaml").write_text(text)
+    cfg = load_config(workdir / "config.yaml")
+    assert cfg.train.lr == 1e-3 and cfg.model_config().rms_norm_eps == 1e-5
+
+
+def test_init_from(workdir: Path) -> None:
+    from eellm_hf.modeling.configuration_early_exit_gpt import EarlyExitGPTConfig
+
+    base = _raw()["model"]
+    EarlyExitGPTConfig(**base).save_pretrained(workdir / "hf")
+    raw = _raw()
+    raw["model"] = {"init_from": "hf", "exit_loss_weights": [0.1, 0.2]}
+    cfg = _load(workdir, raw)
+    model = cfg.model_config()
+    assert model.exit_layers == [1, 2] and model.exit_loss_weights == [0.1, 0.2] and model.hidden_size == 64
+    raw["model"] = {"init_from": "hf", "exit_layers": [1, 3]}
+    with pytest.raises(ValueError, match=r"model\.exit_layers.*\[1, 3\]"):
+        _load(workdir, raw)
+    raw["model"] = {"init_from": "missing"}
+    with pytest.raises(FileNotFoundError, match="missing"):
+        _load(workdir, raw)
+
+
+def _set(raw: dict[str, Any], dotted: str, value: Any) -> None:
+    *parents, last = dotted.split(".")
+    node = raw
+    for p in parents:
+        node = node.setdefault(p, {})
+    if value is _DELETE:
+        del node[last]
+    else:
+        node[last] = value
+
+
+_DELETE = object()
+
+INVALID = [
+    # (dotted key, value, world_size, error type, regex the message must match)
+    ("train.lrr", 0.1, None, ValueError, r"train\.lrr.*did you mean `lr`"),
+    ("model.hiden_size", 64, None, ValueError, r"model\.hiden_size.*hidden_size"),
+    ("parallelism.tpp", 1, None, ValueError, r"parallelism\.tpp"),
+    ("data.seqlen", 64, None, ValueError, r"data\.seqlen"),
+    ("checkpoint.intervall", 1, None, ValueError, r"checkpoint\.intervall"),
+    ("train.exit_loss_weight_schedule", {"init": 0, "warmup": 2}, None, ValueError, r"schedule\.warmup"),
+    ("optimizer", {}, None, ValueError, r"unknown key `config\.optimizer`"),
+    ("parallelism.dp", 2, 1, ValueError, r"= 2 does not match the world size 1"),
+    ("parallelism", {"pp": 2}, 4, ValueError, r"1\*2\*1 = 2 does not match the world size 4"),
+    ("parallelism", {"pp": 8}, 8, ValueError, r"num_hidden_layers=4 cannot be split over pp=8"),
+    ("parallelism", {"pp": 2, "layer_split": [2, 1]}, 2, ValueError, r"\[2, 1\] sums to 3"),
+    ("parallelism", {"pp": 2, "layer_split": [4]}, 2, ValueError, r"\[4\] must have pp=2 entries"),
+    ("parallelism", {"pp": 2, "layer_split": [4, 0]}, 2, ValueError, r"\[4, 0\] has an entry < 1"),
+    ("parallelism", {"tp": 3}, 3, ValueError, r"num_attention_heads=4 is not divisible by parallelism\.tp=3"),
+    ("parallelism", {"tp": 0}, None, ValueError, r"parallelism\.tp` must be >= 1, got 0"),
+    ("parallelism.pp_engine", "gpipe", None, ValueError, r"pp_engine.*'gpipe'"),
+    ("model.num_key_value_heads", 2, None, None, None),  # valid
+    ("train.global_batch_size", 7, None, ValueError,
+     r"global_batch_size`=7 is not divisible by dp\*micro_batch_size=1\*2=2"),
+    ("train.micro_batch_size", 0, None, ValueError, r"micro_batch_size` must be a positive integer, got 0"),
+    ("model.exit_layers", [1, 4], None, ValueError, r"exit_layers entry 4"),
+    ("model.exit_loss_weights", [0.5], None, ValueError, r"exit_loss_weights.*\[0\.5\]"),
+    ("data.files", ["nope.txt"], None, FileNotFoundError, r"nope\.txt"),
+    ("data.files", [], None, ValueError, r"data\.files"),
+    ("data.tokenizer", "no_tok", None, FileNotFoundError, r"no_tok"),
+    ("data.tokenizer", {"train_bpe": {"vocab_size": 1000, "out_dir": "t"}}, None, ValueError,
+     r"vocab_size`=1000 exceeds model\.vocab_size=512"),
+    ("model.vocab_size", 200, None, ValueError, r"300 tokens, more than model\.vocab_size=200"),
+    ("data.seq_len", 256, None, ValueError, r"seq_len`=256 exceeds model\.max_position_embeddings=128"),
+    ("data.validation_fraction", 1.5, None, ValueError, r"validation_fraction` must be in \[0, 1\), got 1\.5"),
+    ("train.steps", 0, None, ValueError, r"train\.steps` must be a positive integer, got 0"),
+    ("train.steps", 2.5, None, ValueError, r"train\.steps` must be an integer, got 2\.5"),
+    ("train.lr", -1.0, None, ValueError, r"train\.lr` must be > 0, got -1\.0"),
+    ("train.lr", _DELETE, None, ValueError, r"missing required key `train\.lr`"),
+    ("train.min_lr", 1.0, None, ValueError, r"min_lr` must be in .* got 1\.0"),
+    ("train.warmup_steps", 10, None, ValueError, r"warmup_steps` must be in \[0, train\.steps=3\], got 10"),
+    ("train.exit_loss_weight_schedule", {"type": "step"}, None, ValueError, r"type` must be one of .*'step'"),
+    ("train.exit_loss_weight_schedule", {"init": 2.0}, None, ValueError, r"init` must be in \[0, 1\], got 2\.0"),
+    ("train.dtype", "float16", None, ValueError, r"dtype` must be one of float32, bfloat16; got 'float16'"),
+    ("train.freeze_backbone", "yes", None, ValueError, r"freeze_backbone` must be true or false, got 'yes'"),
+    ("train.val_interval", 5, None, ValueError, r"val_interval`=5 needs a validation set"),
+    ("checkpoint.keep_last", 0, None, ValueError, r"keep_last` must be >= 1.*got 0"),
+    ("run_dir", _DELETE, None, ValueError, r"missing required section `run_dir`"),
+]
+
+
+@pytest.mark.parametrize(("key", "value", "world_size", "error", "message"), INVALID,
+                         ids=[f"{c[0]}={c[1]!r}" for c in INVALID])
+def test_invalid(workdir: Path, key: str, value: Any, world_size: int | None, error: type | None,
+                 message: str | None) -> None:
+    raw = copy.deepcopy(_raw())
+    _set(raw, key, value)
+    if error is None:
+        _load(workdir, raw, world_size=world_size)
+        return
+    with pytest.raises(error, match=message):
+        _load(workdir, raw, world_size=world_size)
+
+
+def test_pipeline_micro_batch_requirement(workdir: Path) -> None:
+    raw = _raw()
+    raw["model"]["num_hidden_layers"] = 8
+    raw["parallelism"] = {"pp": 4}
+    raw["train"].update(global_batch_size=4, micro_batch_size=2)  # 2 micro-batches < pp-1 = 3
+    with pytest.raises(ValueError, match=r"2 micro-batches per step .* fewer than pp-1=3"):
+        _load(workdir, raw, world_size=4)
+    raw["parallelism"]["pp_engine"] = "afab"  # no constraint
+    _load(workdir, raw, world_size=4)
+    raw["parallelism"]["pp_engine"] = "1f1b"
+    raw["train"].update(global_batch_size=6)  # 3 micro-batches = pp-1: what nanotron accepts
+    _load(workdir, raw, world_size=4)
+
+
+def test_missing_config_file(tmp_path: Path) -> None:
+    with pytest.raises(FileNotFoundError, match="nope.yaml"):
+        load_config(tmp_path / "nope.yaml")
+
+
+SHIPPED = [("tiny_cpu.yaml", 2, True), ("ee_llm_1.3b_gpu.yaml", 8, False), ("ee_llm_7b_gpu.yaml", 8, False)]
+
+
+@pytest.mark.parametrize(("name", "world_size", "is_cpu"), SHIPPED)
+def test_shipped_configs_validate(name: str, world_size: int, is_cpu: bool) -> None:
+    cfg = load_config(REPO_ROOT / "configs" / name, world_size=world_size, check_files=False)
+    model = cfg.model_config()
+    if is_cpu:
+        assert cfg.parallelism.pp == 2 and cfg.train.dtype == "float32"
+    else:
+        assert cfg.train.dtype == "bfloat16" and cfg.data.seq_len == 2048
+        # every exit sits on a stage boundary here, as in EE-LLM's released runs
+        ends = [sum(cfg.parallelism.stage_layers(model.num_hidden_layers)[: i + 1]) for i in range(cfg.parallelism.pp)]
+        assert set(model.exit_layers) <= set(ends)
