@@ -47,7 +47,7 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
-    from eellm_hf.eval.build_tasks import training_verses
+    from eellm_hf.corpus import training_verses
 
     out = tmp_path_factory.mktemp("tiny_llama")
     eos = "<|endoftext|>"

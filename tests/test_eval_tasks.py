@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 
+from eellm_hf import corpus
 from eellm_hf.eval import build_tasks
 from eellm_hf.eval.tasks import TASKS_DIR
 
@@ -33,11 +34,11 @@ def test_build_is_deterministic_and_matches_committed_data(tmp_path: Path) -> No
 
 
 def test_data_is_held_out_and_well_formed() -> None:
-    held_out = set(build_tasks.HELD_OUT_BOOKS)
-    all_books = build_tasks.book_names()
+    held_out = set(corpus.HELD_OUT_BOOKS)
+    all_books = corpus.book_names()
     assert len(all_books) == 66 and held_out <= set(all_books)
-    assert all(v["book"] not in held_out for v in build_tasks.training_verses())
-    text = build_tasks.training_text()
+    assert all(v["book"] not in held_out for v in corpus.training_verses())
+    text = corpus.training_text()
     assert "In the beginning God created the heaven and the earth." in text
     assert "Alpha and Omega" not in text  # Revelation is held out
 

