@@ -426,3 +426,33 @@ def rank_micro_batches(
         )
     indices = global_batch_indices(step, global_batch_size, num_sequences, seed, shuffle)
     return micro_batches(dp_slice(indices, dp_rank, dp_size), micro_batch_size)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """``python -m eellm_hf.trainer.data``: write the KJV training corpus and/or train a BPE tokenizer."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m eellm_hf.trainer.data", description=main.__doc__)
+    parser.add_argument("--write-bible", type=Path, metavar="PATH",
+                        help="write the KJV (held-out evaluation books excluded) to PATH (.txt or .jsonl)")
+    parser.add_argument("--include-held-out", action="store_true", help="keep the evaluation books too")
+    parser.add_argument("--train-tokenizer", type=Path, metavar="DIR",
+                        help="train a byte-level BPE tokenizer on --files (or the written corpus) into DIR")
+    parser.add_argument("--files", type=Path, nargs="+", default=[], help="corpus files for the tokenizer")
+    parser.add_argument("--vocab-size", type=int, default=8192)
+    args = parser.parse_args(argv)
+    if not (args.write_bible or args.train_tokenizer):
+        parser.error("nothing to do: pass --write-bible and/or --train-tokenizer")
+    files = list(args.files)
+    if args.write_bible:
+        files.append(write_bible_corpus(args.write_bible, include_held_out=args.include_held_out))
+        print(f"wrote {args.write_bible}")
+    if args.train_tokenizer:
+        if not files:
+            parser.error("--train-tokenizer needs --files or --write-bible")
+        tokenizer = train_bpe_tokenizer(files, args.vocab_size, args.train_tokenizer)
+        print(f"trained a {len(tokenizer)}-token BPE tokenizer into {args.train_tokenizer}")
+
+
+if __name__ == "__main__":
+    main()
