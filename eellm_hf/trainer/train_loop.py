@@ -1,0 +1,388 @@
+"""The training loop: nanotron's pipeline engine over micro-batches, DP gradient sync, (ZeRO-1) AdamW.
+
+:class:`ParallelTrainer` is one training process's view of the job (model shard, optimizer, engine); it takes
+*global* batches, so the same config with another ``parallelism`` section trains the same model: every layout
+sees the same sequences at each step, each DP rank takes its contiguous block of the global batch and splits it
+into micro-batches, gradients are summed over DP ranks, and the losses are token means over the whole global
+batch (:mod:`.loss`). :func:`run` adds data, validation, metrics, checkpoints and the HF export around it.
+
+Precision: fp32 everywhere on CPU; with ``train.dtype: bfloat16`` the model runs in bf16 and nanotron's
+``FP32GradientAccumulator`` keeps fp32 master weights and gradients (GPU only, untested on CPU).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import numpy as np
+import torch
+from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
+
+from .loss import count_label_tokens, reduce_head_sums, summarize_losses
+from .nanotron_compat import (
+    AllForwardAllBackwardPipelineEngine,
+    NamedOptimizer,
+    OneForwardOneBackwardPipelineEngine,
+    OptimizerFromGradientAccumulator,
+    ParallelContext,
+    PipelineEvalBatchState,
+    ZeroDistributedOptimizer,
+    clip_grad_norm,
+    dist,
+    make_fp32_grad_accumulator,
+    make_parallel_context,
+    named_params_with_correct_tied,
+    reset_pipeline_state,
+    sync_tied_weights_gradients,
+)
+from .parallel_model import ParallelEarlyExitGPT, make_layout
+from .weights import init_from_hf, initialize_weights
+
+if TYPE_CHECKING:
+    from .config import TrainConfig, TrainerConfig
+
+__all__ = ["ParallelTrainer", "StepResult", "run"]
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+
+
+@dataclasses.dataclass
+class StepResult:
+    """What one optimizer step did (identical on every rank)."""
+
+    step: int
+    loss: float
+    exit_losses: list[float]  # unweighted token means: exits in exit_layers order, then the final head
+    exit_weights: list[float]
+    lr: float
+    grad_norm: float
+    num_label_tokens: int
+    seconds: float
+
+
+class ParallelTrainer:
+    """Model shard, optimizer and pipeline engine of one rank.
+
+    ``model_config``: an ``EarlyExitGPTConfig`` (or an object with its fields). ``train``: the ``train`` section
+    of the trainer config. ``init_from``: an HF ``EarlyExitGPTForCausalLM`` folder to start from (else the
+    layout-independent initialisation seeded by ``train.seed``).
+    """
+
+    def __init__(
+        self,
+        model_config: Any,
+        parallel_context: ParallelContext,
+        train: TrainConfig,
+        *,
+        layer_split: Sequence[int] | None = None,
+        pp_engine: str = "1f1b",
+        init_from: str | Path | None = None,
+    ) -> None:
+        self.config = model_config
+        self.ctx = parallel_context
+        self.train_config = train
+        self.device = parallel_context.device
+        self.dtype = _DTYPES[train.dtype]
+        torch.manual_seed(train.seed)
+        layout = make_layout(model_config, parallel_context.pipeline_parallel_size, layer_split)
+        self.model = ParallelEarlyExitGPT(model_config, parallel_context, layout, dtype=self.dtype, device=self.device)
+        if init_from is not None:
+            init_from_hf(self.model, init_from)
+        else:
+            initialize_weights(self.model, train.seed)
+        if train.freeze_backbone:
+            self.model.freeze_backbone()
+        self.engine = (AllForwardAllBackwardPipelineEngine() if pp_engine == "afab"
+                       else OneForwardOneBackwardPipelineEngine())
+        self.named_trainable = [(n, p) for n, p in named_params_with_correct_tied(self.model) if p.requires_grad]
+        self.grad_accumulator = None
+        self.optimizer = self._build_optimizer()
+
+    # -- optimizer -------------------------------------------------------------------------------------------
+
+    def _build_optimizer(self) -> Any:
+        train, named = self.train_config, self.named_trainable
+        if not named:  # e.g. EE-Tuning stages without exits
+            return None
+
+        zero = train.zero_stage == 1 and self.ctx.dp_pg.size() > 1
+        # ZeRO hands the optimizer flat slices (nanotron's SlicedFlatTensor): per-tensor AdamW there, fused else.
+        kernel = {"foreach": False} if zero else {"fused": True}
+
+        def adamw(groups: Any) -> NamedOptimizer:
+            return NamedOptimizer(groups, lambda param_groups: torch.optim.AdamW(
+                param_groups, lr=train.lr, betas=(train.adam_beta1, train.adam_beta2), eps=train.adam_eps,
+                weight_decay=train.weight_decay, **kernel))
+
+        def fp32_master(groups: Any) -> OptimizerFromGradientAccumulator:
+            """Low-precision model: AdamW on nanotron's fp32 master weights and fp32 gradient buffers."""
+            optimizer = OptimizerFromGradientAccumulator(
+                gradient_accumulator_builder=lambda params: make_fp32_grad_accumulator(
+                    params, grad_buckets_named_params=named, device=self.device),
+                named_params_or_groups=groups,
+                optimizer_builder=adamw,
+            )
+            self.grad_accumulator = optimizer.gradient_accumulator
+            return optimizer
+
+        builder = adamw if self.dtype == torch.float32 else fp32_master
+        if zero:
+            optimizer = ZeroDistributedOptimizer(named, builder, dp_pg=self.ctx.dp_pg)
+            if self.grad_accumulator is not None:
+                self.grad_accumulator.assign_param_offsets(
+                    optimizer.param_name_to_dp_rank_offsets, dp_rank=dist.get_rank(self.ctx.dp_pg))
+            return optimizer
+        return builder(named)
+
+    def set_lr(self, lr: float) -> None:
+        if self.optimizer is not None:
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+
+    # -- batches ---------------------------------------------------------------------------------------------
+
+    def _rank_micro_batches(self, input_ids: torch.Tensor, labels: torch.Tensor) -> list[dict[str, torch.Tensor]]:
+        """This DP rank's contiguous block of a global batch, split into micro-batches (on the device)."""
+        dp, dp_rank = self.ctx.dp_pg.size(), dist.get_rank(self.ctx.dp_pg)
+        mbs = self.train_config.micro_batch_size
+        if input_ids.shape[0] % (dp * mbs):
+            raise ValueError(f"a batch of {input_ids.shape[0]} sequences does not split into dp={dp} x "
+                             f"micro-batches of {mbs}")
+        per_rank = input_ids.shape[0] // dp
+        start = dp_rank * per_rank
+        return [
+            {"input_ids": input_ids[i : i + mbs].to(self.device), "labels": labels[i : i + mbs].to(self.device)}
+            for i in range(start, start + per_rank, mbs)
+        ]
+
+    # -- training --------------------------------------------------------------------------------------------
+
+    def train_step(self, step: int, input_ids: torch.Tensor, labels: torch.Tensor) -> StepResult:
+        """One optimizer step on a global batch (``(global_batch_size, seq_len)`` tensors, the same on every
+        rank). ``step`` is 0-based (learning-rate and exit-weight schedules)."""
+        train, model, ctx = self.train_config, self.model, self.ctx
+        start = time.perf_counter()
+        micro_batches = self._rank_micro_batches(input_ids, labels)
+        num_tokens = count_label_tokens(labels)
+        weights = train.exit_loss_weights_at(step, self.config.exit_loss_weights or [])
+        model.loss.begin_step(num_tokens, len(micro_batches), weights, train.exit_temperature)
+        model.train()
+        try:
+            self.engine.train_batch_iter(model=model, pg=ctx.pp_pg, batch=iter(micro_batches),
+                                         nb_microbatches=len(micro_batches), grad_accumulator=self.grad_accumulator)
+        except BaseException:
+            reset_pipeline_state()
+            raise
+        self._sync_gradients()
+        max_norm = train.grad_clip if train.grad_clip is not None else math.inf
+        grad_norm = clip_grad_norm(ctx.mp_pg, self.named_trainable, max_norm=max_norm,
+                                   grad_accumulator=self.grad_accumulator, device=self.device)
+        lr = train.lr_at(step)
+        self.set_lr(lr)
+        if self.optimizer is not None:
+            self.optimizer.step()
+            self.optimizer.zero_grad()
+        sums = reduce_head_sums(model.loss.take_sums(self.device), [ctx.pp_pg, ctx.dp_pg])
+        loss, per_head = summarize_losses(sums.cpu(), num_tokens, weights)
+        return StepResult(step=step, loss=loss, exit_losses=per_head, exit_weights=list(weights), lr=lr,
+                          grad_norm=float(grad_norm), num_label_tokens=num_tokens,
+                          seconds=time.perf_counter() - start)
+
+    def _sync_gradients(self) -> None:
+        """Sum gradients over data-parallel ranks, then over the ranks of each tied parameter."""
+        dp_pg = self.ctx.dp_pg
+        params = [p for _, p in self.named_trainable]
+        if self.grad_accumulator is not None:
+            self.grad_accumulator.sync_gradients_across_dp(dp_pg, reduce_op=dist.ReduceOp.SUM, reduce_scatter=False)
+        else:
+            for p in params:
+                if p.grad is None:
+                    p.grad = torch.zeros_like(p)
+            if dp_pg.size() > 1 and params:
+                grads = [p.grad for p in params]
+                flat = _flatten_dense_tensors(grads)
+                dist.all_reduce(flat, op=dist.ReduceOp.SUM, group=dp_pg)
+                for grad, synced in zip(grads, _unflatten_dense_tensors(flat, grads)):
+                    grad.copy_(synced)
+        sync_tied_weights_gradients(self.model, parallel_context=self.ctx, grad_accumulator=self.grad_accumulator)
+
+    # -- evaluation ------------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self, input_ids: torch.Tensor, labels: torch.Tensor) -> list[float]:
+        """Per-head token-mean cross-entropy (exits, then the final head; no temperature) of a batch of
+        sequences (the same on every rank; its size a multiple of ``dp * micro_batch_size``)."""
+        model, ctx = self.model, self.ctx
+        micro_batches = self._rank_micro_batches(input_ids, labels)
+        model.eval()
+        model.loss.reset_sums()
+        try:
+            forward_only(model, micro_batches)
+        finally:
+            model.train()
+        sums = reduce_head_sums(model.loss.take_sums(self.device), [ctx.pp_pg, ctx.dp_pg])
+        return summarize_losses(sums.cpu(), count_label_tokens(labels), [])[1]
+
+    # -- checkpoints -----------------------------------------------------------------------------------------
+
+    def state_tensors(self) -> dict[str, torch.Tensor]:
+        """This rank's model shards, keyed ``model/<HF name>``."""
+        return {f"model/{name}": p for name, p in self.model.hf_named_parameters().items()}
+
+    @torch.no_grad()
+    def load_state_tensors(self, tensors: dict[str, torch.Tensor]) -> None:
+        for name, p in self.model.hf_named_parameters().items():
+            p.copy_(tensors[f"model/{name}"])
+
+
+@torch.no_grad()
+def forward_only(model: ParallelEarlyExitGPT, micro_batches: Sequence[dict[str, torch.Tensor]]) -> None:
+    """Run the pipeline forward over micro-batches without backward (nanotron's ``validate_batch_iter`` without
+    its requires-grad assertion)."""
+    from nanotron.parallel.pipeline_parallel.context_manager import attach_pipeline_state_to_model
+
+    state = PipelineEvalBatchState()
+    try:
+        with attach_pipeline_state_to_model(model=model, pipeline_state=state):
+            for micro_batch in micro_batches:
+                model(**micro_batch)
+                while state.microbatches_activations_to_send:
+                    state.microbatches_activations_to_send.popleft()()
+    except BaseException:
+        reset_pipeline_state()
+        raise
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The whole run
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _packed_rows(cfg: TrainerConfig, ctx: ParallelContext) -> np.ndarray:
+    """Tokenized, packed rows of ``seq_len + 1`` tokens: built on world rank 0 (tokenizer trained first if the
+    config asks for it) and cached under ``run_dir``, then memory-mapped by every rank."""
+    from .config import ensure_tokenizer
+    from .data import PackedDataset, load_text_dataset
+
+    data = cfg.data
+    what = [[str(f) for f in data.files], str(data.tokenizer), data.seq_len, data.text_field, data.sample_by]
+    key = hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
+    cache = Path(cfg.run_dir) / "data_cache" / f"packed_{key}.npy"
+    if dist.get_rank(ctx.world_pg) == 0 and not cache.is_file():
+        from transformers import AutoTokenizer
+
+        tokenizer = AutoTokenizer.from_pretrained(str(ensure_tokenizer(data)))
+        texts = load_text_dataset(data.files, text_field=data.text_field, sample_by=data.sample_by,
+                                  cache_dir=data.cache_dir)["text"]
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(cache.name + f".{os.getpid()}.tmp.npy")
+        PackedDataset.from_texts(texts, tokenizer, data.seq_len).save(tmp)
+        os.replace(tmp, cache)
+    dist.barrier(group=ctx.world_pg)
+    return PackedDataset.load(cache).rows
+
+
+def run(cfg: TrainerConfig) -> list[StepResult]:
+    """Train as ``cfg`` says (every rank calls it): data, steps, validation, metrics, checkpoints, export."""
+    from .checkpoint import (
+        capture_rng_state,
+        flatten_optimizer_state,
+        latest_checkpoint,
+        load_checkpoint,
+        restore_rng_state,
+        save_checkpoint,
+        unflatten_optimizer_state,
+    )
+    from .data import PackedDataset, global_batch_indices, train_val_split
+    from .metrics import MetricsLogger
+
+    par, train, data = cfg.parallelism, cfg.train, cfg.data
+    ctx = make_parallel_context(par.tp, par.pp, par.dp)
+    world_rank = dist.get_rank(ctx.world_pg)
+    model_config = cfg.model_config()
+    rows = _packed_rows(cfg, ctx)
+    train_set, val_set = train_val_split(PackedDataset(rows), data.validation, seed=data.shuffle_seed)
+    if len(train_set) < 1:
+        raise ValueError("no training sequences: more text or a smaller data.seq_len is needed")
+    trainer = ParallelTrainer(model_config, ctx, train, layer_split=par.layer_split, pp_engine=par.pp_engine,
+                              init_from=cfg.model.init_from)
+    layout = {"tp": par.tp, "pp": par.pp, "dp": par.dp}
+
+    start_step = 0
+    resumed = False
+    ckpt = cfg.checkpoint
+    if ckpt is not None and ckpt.resume and (path := latest_checkpoint(ckpt.dir)) is not None:
+        tensors, state = load_checkpoint(path, world_rank, world_size=par.world_size, layout=layout,
+                                         config_hash=cfg.fingerprint(), device=ctx.device)
+        trainer.load_state_tensors(tensors)
+        if trainer.optimizer is not None:
+            trainer.optimizer.load_state_dict(unflatten_optimizer_state(tensors, state["optimizer"]))
+        restore_rng_state(state["rng"])
+        start_step, resumed = int(state["step"]), True
+
+    def save(step: int) -> None:
+        opt_tensors, opt_state = ({}, None) if trainer.optimizer is None else flatten_optimizer_state(
+            trainer.optimizer.state_dict())
+        save_checkpoint(ckpt.dir, step, world_rank, par.world_size,
+                        tensors={**trainer.state_tensors(), **opt_tensors},
+                        state={"step": step, "consumed_sequences": step * train.global_batch_size,
+                               "optimizer": opt_state, "rng": capture_rng_state()},
+                        barrier=ctx.world_pg, layout=layout, config_hash=cfg.fingerprint(),
+                        keep_last=ckpt.keep_last)
+
+    logger = MetricsLogger(cfg.run_dir, train.steps, enabled=world_rank == 0,
+                           exit_layers=model_config.exit_layers, resume_step=start_step if resumed else None)
+    val_rows = _validation_batch(val_set, train, par.dp)
+    tokens_per_step = train.global_batch_size * data.seq_len
+    results = []
+    try:
+        for step in range(start_step, train.steps):
+            batch = train_set.batch(global_batch_indices(step, train.global_batch_size, len(train_set),
+                                                         seed=data.shuffle_seed))
+            result = trainer.train_step(step, batch["input_ids"], batch["labels"])
+            results.append(result)
+            done = step + 1
+            if done % train.log_interval == 0 or done == train.steps:
+                logger.log_train(done, result.loss, exit_losses=result.exit_losses, lr=result.lr,
+                                 tokens=tokens_per_step, grad_norm=result.grad_norm,
+                                 exit_weights=result.exit_weights)
+            if val_rows is not None and train.val_interval > 0 and (
+                    done % train.val_interval == 0 or done == train.steps):
+                val = trainer.evaluate(val_rows["input_ids"], val_rows["labels"])
+                weights = train.exit_loss_weights_at(step, model_config.exit_loss_weights)
+                logger.log_validation(done, val[-1] + sum(w * x for w, x in zip(weights, val[:-1])),
+                                      exit_losses=val)
+            if ckpt is not None and ((ckpt.interval > 0 and done % ckpt.interval == 0) or done == train.steps):
+                save(done)
+    finally:
+        logger.close()
+    if cfg.export_hf is not None:
+        from .weights import export_hf
+
+        export_hf(trainer.model, cfg.export_hf, tokenizer=data.tokenizer)
+    dist.barrier(group=ctx.world_pg)
+    return results
+
+
+def _validation_batch(val_set: Any, train: TrainConfig, dp: int) -> dict[str, torch.Tensor] | None:
+    """The validation sequences used at each validation (the first ``val_batches`` global batches, whole
+    multiples of ``dp * micro_batch_size``)."""
+    if len(val_set) == 0:
+        return None
+    unit = dp * train.micro_batch_size
+    count = len(val_set)
+    if train.val_batches is not None:
+        count = min(count, train.val_batches * train.global_batch_size)
+    count -= count % unit
+    if count == 0:
+        raise ValueError(f"the validation set ({len(val_set)} sequences) is smaller than dp * micro_batch_size "
+                         f"= {unit}")
+    return val_set.batch(np.arange(count))

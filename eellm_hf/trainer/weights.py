@@ -1,0 +1,387 @@
+"""Weights of the parallel model in Hugging Face terms: initialisation, (un)sharding, export, import.
+
+Parameter names are ``EarlyExitGPTForCausalLM`` names, so converting is only (un)sharding:
+
+* vocabulary matrices (``model.embed_tokens``, ``lm_head``, ``exit_lm_heads.*``) are padded to a multiple of
+  ``tp`` rows and split on dim 0;
+* column-parallel weights and biases (``q/k/v_proj``, ``gate/up_proj``) split on dim 0, row-parallel weights
+  (``o_proj``, ``down_proj``) on dim 1, their biases live on TP rank 0 only;
+* everything else (norms) is replicated.
+
+Initialisation is independent of the layout: each full tensor is drawn from a generator seeded by
+``(seed, canonical parameter name)`` (:func:`init_full_tensor`), then sharded.
+"""
+
+from __future__ import annotations
+
+import json
+import zlib
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from .nanotron_compat import dist
+from .parallel_model import ParallelEarlyExitGPT, _head_dim, _kv_heads
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+__all__ = [
+    "canonical_name",
+    "export_hf",
+    "gather_hf_state_dict",
+    "hf_parameter_shapes",
+    "init_from_hf",
+    "init_full_tensor",
+    "init_hf_state_dict",
+    "initialize_weights",
+    "load_full_tensors",
+    "read_hf_tensors",
+    "shard_hf_state_dict",
+    "shard_tensor",
+]
+
+_COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
+_ROW = ("o_proj", "down_proj")
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Names and shapes
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _layer_shapes(config: Any, prefix: str) -> dict[str, tuple[int, ...]]:
+    h, hd = config.hidden_size, _head_dim(config)
+    q, kv = config.num_attention_heads * hd, _kv_heads(config) * hd
+    shapes = {}
+    for name, (out_f, in_f) in {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q)}.items():
+        shapes[f"{prefix}self_attn.{name}.weight"] = (out_f, in_f)
+        if getattr(config, "attention_bias", False):
+            shapes[f"{prefix}self_attn.{name}.bias"] = (out_f,)
+    shapes.update(_mlp_shapes(config, f"{prefix}mlp."))
+    shapes[f"{prefix}input_layernorm.weight"] = (h,)
+    shapes[f"{prefix}post_attention_layernorm.weight"] = (h,)
+    return shapes
+
+
+def _mlp_shapes(config: Any, prefix: str) -> dict[str, tuple[int, ...]]:
+    h, i = config.hidden_size, config.intermediate_size
+    shapes = {}
+    for name, (out_f, in_f) in {"gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}.items():
+        shapes[f"{prefix}{name}.weight"] = (out_f, in_f)
+        if getattr(config, "mlp_bias", False):
+            shapes[f"{prefix}{name}.bias"] = (out_f,)
+    return shapes
+
+
+def hf_parameter_shapes(config: Any) -> dict[str, tuple[int, ...]]:
+    """Every key of ``EarlyExitGPTForCausalLM(config).state_dict()`` and its shape (tied keys included)."""
+    h, v = config.hidden_size, config.vocab_size
+    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
+    for layer in range(config.num_hidden_layers):
+        shapes.update(_layer_shapes(config, f"model.layers.{layer}."))
+    shapes["model.norm.weight"] = (h,)
+    for j in range(len(config.exit_layers or ())):
+        if getattr(config, "exit_block", False):
+            shapes.update(_layer_shapes(config, f"model.exits.{j}.block."))
+        if getattr(config, "exit_norm", True):
+            shapes[f"model.exits.{j}.norm.weight"] = (h,)
+        if getattr(config, "exit_mlp", False):
+            shapes.update(_mlp_shapes(config, f"model.exits.{j}.mlp."))
+    shapes["lm_head.weight"] = (v, h)
+    if not getattr(config, "tie_exit_heads", False):
+        for j in range(len(config.exit_layers or ())):
+            shapes[f"exit_lm_heads.{j}.weight"] = (v, h)
+    return shapes
+
+
+def canonical_name(config: Any, name: str) -> str:
+    """The parameter that ``name`` is tied to (itself when untied): exit heads -> ``lm_head.weight`` with
+    ``tie_exit_heads``, ``lm_head.weight`` -> ``model.embed_tokens.weight`` with ``tie_word_embeddings``."""
+    if name.startswith("exit_lm_heads.") and getattr(config, "tie_exit_heads", False):
+        name = "lm_head.weight"
+    if name == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
+        name = "model.embed_tokens.weight"
+    return name
+
+
+def _is_vocab(name: str) -> bool:
+    return name in ("model.embed_tokens.weight", "lm_head.weight") or name.startswith("exit_lm_heads.")
+
+
+def shard_tensor(full: torch.Tensor, name: str, tp_rank: int, tp_size: int, padded_vocab: int) -> torch.Tensor | None:
+    """TP rank ``tp_rank``'s shard of the full HF tensor ``name`` (``None``: the rank holds no such tensor)."""
+    module = name.split(".")[-2] if "." in name else ""
+    is_bias = name.endswith(".bias")
+    if _is_vocab(name):
+        if padded_vocab > full.shape[0]:
+            full = torch.cat([full, full.new_zeros(padded_vocab - full.shape[0], *full.shape[1:])])
+        return full.chunk(tp_size, dim=0)[tp_rank]
+    if module in _COLUMN:
+        return full.chunk(tp_size, dim=0)[tp_rank]
+    if module in _ROW:
+        if is_bias:
+            return full if tp_rank == 0 else None
+        return full.chunk(tp_size, dim=1)[tp_rank]
+    return full
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Initialisation
+# ------------------------------------------------------------------------------------------------------------
+
+
+def init_full_tensor(config: Any, name: str, seed: int) -> torch.Tensor:
+    """The initial value of HF parameter ``name`` (fp32), independent of any parallel layout: norms are ones,
+    biases zeros, matrices ``N(0, initializer_range)`` from a generator seeded by ``(seed, canonical name)``;
+    the embedding row of ``pad_token_id`` is zero."""
+    name = canonical_name(config, name)
+    shape = hf_parameter_shapes(config)[name]
+    if name.endswith("norm.weight"):
+        return torch.ones(shape)
+    if name.endswith(".bias"):
+        return torch.zeros(shape)
+    generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
+    tensor = torch.empty(shape).normal_(0.0, float(getattr(config, "initializer_range", 0.02)), generator=generator)
+    pad = getattr(config, "pad_token_id", None)
+    if name == "model.embed_tokens.weight" and pad is not None and 0 <= pad < shape[0]:
+        tensor[pad] = 0.0
+    return tensor
+
+
+def init_hf_state_dict(config: Any, seed: int) -> dict[str, torch.Tensor]:
+    """The whole initial HF state dict (tied keys share one tensor); for tests and small models."""
+    canonical: dict[str, torch.Tensor] = {}
+    out = {}
+    for name in hf_parameter_shapes(config):
+        key = canonical_name(config, name)
+        if key not in canonical:
+            canonical[key] = init_full_tensor(config, key, seed)
+        out[name] = canonical[key]
+    return out
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Loading into / gathering from the parallel model
+# ------------------------------------------------------------------------------------------------------------
+
+
+def shard_hf_state_dict(
+    state_dict: dict[str, torch.Tensor] | Callable[[str], torch.Tensor], model: ParallelEarlyExitGPT
+) -> dict[str, torch.Tensor]:
+    """This rank's shards of a full HF state dict (or of a ``name -> full tensor`` function), keyed by the HF names
+    of this rank's parameters. Tied keys missing from the dict are read from the tensor they are tied to."""
+    return dict(_iter_shards(state_dict, model))
+
+
+def _iter_shards(
+    state_dict: dict[str, torch.Tensor] | Callable[[str], torch.Tensor], model: ParallelEarlyExitGPT
+) -> Iterator[tuple[str, torch.Tensor]]:
+    get = state_dict if callable(state_dict) else _dict_getter(state_dict, model.config)
+    tp_pg = model.parallel_context.tp_pg
+    tp_rank, tp_size = dist.get_rank(tp_pg), tp_pg.size()
+    for name, param in model.hf_named_parameters().items():
+        shard = shard_tensor(get(name), name, tp_rank, tp_size, model.padded_vocab)
+        if shard is None or tuple(shard.shape) != tuple(param.shape):
+            raise ValueError(f"{name}: shard shape {None if shard is None else tuple(shard.shape)} != "
+                             f"parameter shape {tuple(param.shape)}")
+        yield name, shard
+
+
+def _dict_getter(state_dict: dict[str, torch.Tensor], config: Any) -> Callable[[str], torch.Tensor]:
+    def get(name: str) -> torch.Tensor:
+        for key in _tied_candidates(config, name):
+            if key in state_dict:
+                return state_dict[key]
+        raise KeyError(f"{name} is missing from the state dict")
+
+    return get
+
+
+def _tied_candidates(config: Any, name: str) -> list[str]:
+    """``name`` first, then every key tied to the same tensor."""
+    target = canonical_name(config, name)
+    group = [key for key in hf_parameter_shapes(config) if canonical_name(config, key) == target]
+    group = group or [target]
+    return [name] + [key for key in [target, *group] if key != name]
+
+
+@torch.no_grad()
+def load_full_tensors(model: ParallelEarlyExitGPT, get_full: Callable[[str], torch.Tensor]) -> None:
+    """Copy into ``model`` this rank's shards of the full tensors ``get_full(hf_name)`` returns."""
+    params = model.hf_named_parameters()
+    for name, shard in _iter_shards(get_full, model):  # one full tensor at a time
+        params[name].copy_(shard)
+
+
+def initialize_weights(model: ParallelEarlyExitGPT, seed: int) -> None:
+    """Layout-independent initialisation (:func:`init_full_tensor`)."""
+    cache: dict[str, torch.Tensor] = {}  # only the vocabulary matrices other parameters may be tied to
+
+    def get(name: str) -> torch.Tensor:
+        key = canonical_name(model.config, name)
+        if key not in ("model.embed_tokens.weight", "lm_head.weight"):
+            return init_full_tensor(model.config, key, seed)
+        if key not in cache:
+            cache[key] = init_full_tensor(model.config, key, seed)
+        return cache[key]
+
+    load_full_tensors(model, get)
+
+
+def _full_shape(model: ParallelEarlyExitGPT, name: str) -> tuple[int, ...]:
+    shape = hf_parameter_shapes(model.config)[name]
+    return (model.padded_vocab, *shape[1:]) if _is_vocab(name) else shape
+
+
+@torch.no_grad()
+def gather_hf_state_dict(
+    model: ParallelEarlyExitGPT, dtype: torch.dtype | None = None
+) -> dict[str, torch.Tensor] | None:
+    """The full HF state dict (CPU tensors, vocabulary padding removed) on world rank 0; ``None`` elsewhere.
+
+    Collective over the world: every rank calls it. Each tensor comes from data-parallel rank 0 of the stage that
+    holds it: TP shards are all-gathered there, then sent to rank 0.
+    """
+    ctx, config, layout = model.parallel_context, model.config, model.layout
+    world_rank = dist.get_rank(ctx.world_pg)
+    local = model.hf_named_parameters()
+    param_dtype = next(model.parameters()).dtype
+    stage, dp_rank = ctx.pp_rank, ctx.dp_rank
+    out: dict[str, torch.Tensor] = {}
+    canonical: dict[str, torch.Tensor] = {}
+    seen: set[str] = set()
+    for name in hf_parameter_shapes(config):
+        key = canonical_name(config, name)
+        if key in seen:  # a tied alias
+            if world_rank == 0:
+                out[name] = canonical[key]
+            continue
+        seen.add(key)
+        owner_stage = layout.stage_of_hf_name(key)
+        owner = ctx.global_rank(pp_rank=owner_stage, dp_rank=0, tp_rank=0)
+        full = None
+        if stage == owner_stage and dp_rank == 0 and key in local:  # row-parallel biases: TP rank 0 only
+            full = _unshard(local[key], key, model)
+        if world_rank == 0 or world_rank == owner:
+            if owner != 0:
+                if world_rank == owner:
+                    dist.send(full.contiguous(), dst=0)
+                else:
+                    full = torch.empty(_full_shape(model, key), dtype=param_dtype, device=ctx.device)
+                    dist.recv(full, src=owner)
+            if world_rank == 0:
+                tensor = full.detach().cpu()
+                if _is_vocab(key):
+                    tensor = tensor[: config.vocab_size]
+                canonical[key] = tensor.to(dtype) if dtype is not None else tensor.clone()
+                out[name] = canonical[key]
+    return out if world_rank == 0 else None
+
+
+def _unshard(shard: torch.Tensor, name: str, model: ParallelEarlyExitGPT) -> torch.Tensor:
+    """All-gather a parameter's TP shards within the TP group (collective there); replicated ones as they are."""
+    tp_pg = model.parallel_context.tp_pg
+    tp = tp_pg.size()
+    module = name.split(".")[-2]
+    if tp == 1 or not (_is_vocab(name) or module in _COLUMN or (module in _ROW and not name.endswith(".bias"))):
+        return shard.detach()
+    dim = 1 if module in _ROW else 0
+    pieces = [torch.empty_like(shard) for _ in range(tp)]
+    dist.all_gather(pieces, shard.detach().contiguous(), group=tp_pg)
+    return torch.cat(pieces, dim=dim)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Hugging Face folders
+# ------------------------------------------------------------------------------------------------------------
+
+
+def export_hf(
+    model: ParallelEarlyExitGPT,
+    out_dir: str | Path,
+    tokenizer: PreTrainedTokenizerBase | str | Path | None = None,
+    dtype: torch.dtype | None = None,
+    generation_kwargs: dict[str, Any] | None = None,
+) -> Path | None:
+    """Write an ``EarlyExitGPTForCausalLM`` folder (weights without vocabulary padding, config, remote code, model
+    card), the tokenizer (an object or a folder to copy) and a generation config. Collective; rank 0 writes and
+    gets the path, other ranks ``None``; all ranks return after the folder is complete."""
+    state = gather_hf_state_dict(model, dtype=dtype)
+    ctx = model.parallel_context
+    path = None
+    if state is not None:
+        path = _write_hf_folder(model.config, state, Path(out_dir), tokenizer, generation_kwargs or {})
+    dist.barrier(group=ctx.world_pg)
+    return path
+
+
+def _write_hf_folder(config: Any, state: dict[str, torch.Tensor], out_dir: Path,
+                     tokenizer: Any, generation_kwargs: dict[str, Any]) -> Path:
+    from transformers import AutoTokenizer, GenerationConfig
+
+    import eellm_hf  # noqa: F401  (registers the auto classes so save_pretrained ships the remote code)
+    from eellm_hf.modeling import EarlyExitGPTConfig, EarlyExitGPTForCausalLM
+
+    hf_config = config if isinstance(config, EarlyExitGPTConfig) else EarlyExitGPTConfig(**vars(config))
+    dtype = next(iter(state.values())).dtype
+    with torch.device("meta"):
+        hf_model = EarlyExitGPTForCausalLM(hf_config)
+    hf_model.load_state_dict(state, strict=True, assign=True)
+    hf_model.tie_weights()
+    hf_model.to(dtype)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    hf_model.save_pretrained(out_dir)
+    if tokenizer is not None:
+        if isinstance(tokenizer, (str, Path)):
+            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer))
+        tokenizer.save_pretrained(str(out_dir))
+    generation = GenerationConfig(
+        bos_token_id=getattr(hf_config, "bos_token_id", None),
+        eos_token_id=getattr(hf_config, "eos_token_id", None),
+        pad_token_id=getattr(hf_config, "pad_token_id", None),
+        **generation_kwargs,
+    )
+    generation.save_pretrained(str(out_dir))
+    return out_dir
+
+
+def read_hf_tensors(hf_dir: str | Path) -> Callable[[str], torch.Tensor]:
+    """A ``name -> full tensor`` reader over an HF folder's safetensors files (single or sharded), loading one
+    tensor at a time."""
+    from safetensors import safe_open
+
+    hf_dir = Path(hf_dir)
+    index = hf_dir / "model.safetensors.index.json"
+    if index.is_file():
+        weight_map = json.loads(index.read_text())["weight_map"]
+    elif (hf_dir / "model.safetensors").is_file():
+        with safe_open(str(hf_dir / "model.safetensors"), framework="pt") as f:
+            weight_map = {key: "model.safetensors" for key in f.keys()}
+    else:
+        raise FileNotFoundError(f"no model.safetensors(.index.json) in {hf_dir}")
+
+    def get(name: str) -> torch.Tensor:
+        with safe_open(str(hf_dir / weight_map[name]), framework="pt") as f:
+            return f.get_tensor(name).to(torch.float32)
+
+    get.keys = set(weight_map)  # type: ignore[attr-defined]
+    return get
+
+
+def init_from_hf(model: ParallelEarlyExitGPT, hf_dir: str | Path) -> None:
+    """Load an ``EarlyExitGPTForCausalLM`` folder's weights into the parallel model (every rank reads its own
+    shards). Tied keys that the folder stores once are resolved."""
+    reader = read_hf_tensors(hf_dir)
+    keys = reader.keys  # type: ignore[attr-defined]
+    config = model.config
+
+    def get(name: str) -> torch.Tensor:
+        for key in _tied_candidates(config, name):
+            if key in keys:
+                return reader(key)
+        raise KeyError(f"{name} is missing from {hf_dir}")
+
+    load_full_tensors(model, get)

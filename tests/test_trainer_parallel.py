@@ -1,0 +1,543 @@
+"""The 3D-parallel trainer against single-process training of the HF model, on real gloo process groups.
+
+One 4-process launch trains three small models for 3 steps under several layouts each (tp=2 x pp=2,
+pp=2 x dp=2, tp=2 x dp=2, pp=4; 10 runs in all), then writes per-step losses, gradient norms, the gathered HF
+state dict and the heads' logits. Here (pytest side) the same models train with plain PyTorch:
+``EarlyExitGPTForCausalLM``, same initial weights, same global batches, ``torch.optim.AdamW``; everything must
+agree within 1e-5 relative. Three 2-process launches run the CLI end to end on a little KJV text: training
+with validation, checkpoints and HF export; a resume; EE-Tuning from the export.
+
+This file is also the worker script (``python tests/test_trainer_parallel.py equivalence SPEC OUT``). Workers
+import ``eellm_hf.trainer`` without ``eellm_hf/__init__.py`` (which imports transformers, ~5 s per rank): the
+parallel trainer needs only torch and nanotron.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import types
+from pathlib import Path
+
+import pytest
+
+try:
+    from tests.dist_utils import REPO_ROOT, launch
+except ImportError:  # tests/ is not a package here: pytest put tests/ itself on sys.path
+    from dist_utils import REPO_ROOT, launch
+
+RTOL = 1e-5
+STEPS = 3
+GLOBAL_BATCH, SEQ_LEN, MICRO_BATCH = 8, 8, 2
+
+BASE_MODEL = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=4, num_attention_heads=4,
+                  num_key_value_heads=2, max_position_embeddings=64, rms_norm_eps=1e-6)
+# adam_eps: Adam divides each gradient entry by its own magnitude, so entries of |g| ~ 1e-9 (whose fp32 value
+# depends on summation order) would move by ~lr whatever their exact value; eps = 1e-3 keeps the update a smooth
+# function of the gradient, so the weights after a few steps compare at 1e-5 like the gradients themselves.
+BASE_TRAIN = dict(steps=STEPS, global_batch_size=GLOBAL_BATCH, micro_batch_size=MICRO_BATCH, lr=3e-3, seed=0,
+                  warmup_steps=1, min_lr=3e-4, weight_decay=0.1, adam_beta2=0.99, adam_eps=1e-3, grad_clip=1.0)
+
+CASES = {
+    # vocab 61: padded to 62 under tp=2; embedding, final head and every exit head tied (across stages);
+    # exits after layers 1-3, i.e. on middle stages with pp=4; GQA; a pad token in the inputs.
+    "tied": dict(
+        model=dict(vocab_size=61, exit_layers=[1, 2, 3], exit_loss_weights=[0.3, 0.5, 0.7],
+                   tie_word_embeddings=True, tie_exit_heads=True, pad_token_id=3),
+        train=dict(exit_temperature=2.0, exit_loss_weight_schedule=dict(init=0.5, warmup_steps=2, type="cosine")),
+        layouts=[dict(tp=2, pp=2, dp=1), dict(tp=1, pp=2, dp=2), dict(tp=2, pp=1, dp=2),
+                 dict(tp=1, pp=4, dp=1, layer_split=[1, 1, 1, 1])],
+    ),
+    # Untied heads with exit blocks and MLPs, biases everywhere (row-parallel biases on TP rank 0), ZeRO-1.
+    "untied": dict(
+        model=dict(vocab_size=64, exit_layers=[2], exit_loss_weights=[0.5], exit_block=True, exit_mlp=True,
+                   attention_bias=True, mlp_bias=True),
+        train=dict(zero_stage=1),
+        layouts=[dict(tp=2, pp=2, dp=1), dict(tp=1, pp=2, dp=2), dict(tp=2, pp=1, dp=2)],
+    ),
+    # EE-Tuning: only the exits train; with pp=4 the last stage (after the last exit) is forward-only.
+    # Also nanotron's all-forward-all-backward engine.
+    "ee_tuning": dict(
+        model=dict(vocab_size=64, exit_layers=[1, 3], exit_loss_weights=[1.0, 1.0], exit_mlp=True),
+        train=dict(freeze_backbone=True),
+        layouts=[dict(tp=1, pp=4, dp=1, layer_split=[1, 1, 1, 1]), dict(tp=2, pp=2, dp=1),
+                 dict(tp=1, pp=2, dp=2, pp_engine="afab")],
+    ),
+}
+
+
+def _layout_name(layout: dict) -> str:
+    return f"tp{layout['tp']}_pp{layout['pp']}_dp{layout['dp']}"
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Worker side
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _import_trainer_without_transformers() -> None:
+    """Make ``eellm_hf`` a bare namespace so that importing ``eellm_hf.trainer.*`` skips the package
+    ``__init__`` (and its transformers import)."""
+    package = types.ModuleType("eellm_hf")
+    package.__path__ = [str(REPO_ROOT / "eellm_hf")]
+    sys.modules.setdefault("eellm_hf", package)
+
+
+def _train_config(spec: dict):
+    from eellm_hf.trainer.config import ExitLossWeightSchedule, TrainConfig
+
+    kwargs = dict(spec)
+    schedule = kwargs.pop("exit_loss_weight_schedule", None)
+    if schedule is not None:
+        kwargs["exit_loss_weight_schedule"] = ExitLossWeightSchedule(**schedule)
+    return TrainConfig(**kwargs)
+
+
+def _worker_equivalence(spec_path: str, out_dir: str) -> None:
+    _import_trainer_without_transformers()
+    import torch
+
+    from eellm_hf.trainer import nanotron_compat as c
+    from eellm_hf.trainer.train_loop import ParallelTrainer, forward_only
+    from eellm_hf.trainer.weights import gather_hf_state_dict
+
+    grad_messages = [0]  # gradients received from a later pipeline stage, counted on every rank
+
+    def count_recv_grad(self, *args, **kwargs):
+        grad_messages[0] += 1
+        return original_recv_grad(self, *args, **kwargs)
+
+    original_recv_grad = c.PipelineTrainBatchState.register_recv_grad
+    c.PipelineTrainBatchState.register_recv_grad = count_recv_grad
+    spec = torch.load(spec_path)
+    out = Path(out_dir)
+    timeout = float(os.environ.get("EE_TEST_TIMEOUT", "120"))
+    torch.set_num_threads(1)
+    with c.fail_fast():
+        for case_name, case in spec["cases"].items():
+            config = types.SimpleNamespace(**case["config"])
+            train = _train_config(case["train"])
+            for layout in case["layouts"]:
+                ctx = c.make_parallel_context(layout["tp"], layout["pp"], layout["dp"], timeout_s=timeout)
+                trainer = ParallelTrainer(config, ctx, train, layer_split=layout.get("layer_split"),
+                                          pp_engine=layout.get("pp_engine", "1f1b"))
+                steps = []
+                grad_messages[0] = 0
+                for step, (ids, labels) in enumerate(spec["batches"]):
+                    r = trainer.train_step(step, ids, labels)
+                    if os.environ.get("EE_TEST_DEBUG"):
+                        print("STEP", case_name, layout, step, r.loss, flush=True)
+                    steps.append({"loss": r.loss, "exit_losses": r.exit_losses, "grad_norm": r.grad_norm,
+                                  "lr": r.lr})
+                # logits of every head on a fixed batch, where each head lives
+                trainer.model.eval()
+                trainer.model.loss.captured_logits = {}
+                trainer.model.loss.reset_sums()
+                ids, labels = spec["eval_batch"]
+                forward_only(trainer.model, [{"input_ids": ids, "labels": labels}])
+                captured = {k: torch.cat(v) for k, v in trainer.model.loss.captured_logits.items()}
+                trainer.model.loss.captured_logits = None
+                received = torch.tensor(grad_messages[0])
+                torch.distributed.all_reduce(received)
+                state = gather_hf_state_dict(trainer.model)
+                name = f"{case_name}__{_layout_name(layout)}"
+                if ctx.dp_rank == 0 and ctx.tp_rank == 0 and captured:
+                    torch.save(captured, out / f"{name}__logits_pp{ctx.pp_rank}.pt")
+                if state is not None:
+                    torch.save({"steps": steps, "state": state, "grad_messages": int(received)}, out / f"{name}.pt")
+                torch.distributed.barrier()
+        print("WORKER DONE", flush=True)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Pytest side: the single-process reference
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _model_config(case: dict):
+    from eellm_hf.modeling import EarlyExitGPTConfig
+
+    return EarlyExitGPTConfig(**{**BASE_MODEL, **case["model"]})
+
+
+def _batches(vocab_size: int):
+    """STEPS global batches plus an evaluation batch; a few ignored labels and pad tokens included."""
+    import torch
+
+    g = torch.Generator().manual_seed(1234)
+    batches = []
+    for _ in range(STEPS + 1):
+        ids = torch.randint(0, vocab_size, (GLOBAL_BATCH, SEQ_LEN), generator=g)
+        labels = torch.randint(0, vocab_size, (GLOBAL_BATCH, SEQ_LEN), generator=g)
+        ids[0, :2] = 3
+        labels[1, :3] = -100
+        labels[5, -2:] = -100
+        batches.append((ids, labels))
+    return batches[:-1], batches[-1]
+
+
+def _reference_run(config, train, batches: list, freeze: bool):
+    """Plain single-process training of EarlyExitGPTForCausalLM: per-step results and final state dict."""
+    import torch
+    import torch.nn.functional as F
+
+    from eellm_hf.modeling import EarlyExitGPTForCausalLM
+    from eellm_hf.trainer.weights import init_hf_state_dict
+
+    torch.manual_seed(0)
+    model = EarlyExitGPTForCausalLM(config)
+    model.load_state_dict(init_hf_state_dict(config, train.seed))
+    model.train()
+    params = [p for n, p in model.named_parameters()
+              if not freeze or n.startswith("model.exits.") or (n.startswith("exit_lm_heads."))]
+    for p in model.parameters():
+        p.requires_grad_(any(p is q for q in params))
+    optimizer = torch.optim.AdamW(params, lr=train.lr, betas=(train.adam_beta1, train.adam_beta2),
+                                  eps=train.adam_eps, weight_decay=train.weight_decay, foreach=False)
+    steps = []
+    for step, (ids, labels) in enumerate(batches):
+        out = model(input_ids=ids)
+        n = int((labels != -100).sum())
+
+        def ce(logits, labels=labels, n=n):
+            return F.cross_entropy(logits.float().reshape(-1, config.vocab_size), labels.reshape(-1),
+                                   ignore_index=-100, reduction="sum") / n
+
+        per_head = [ce(x / train.exit_temperature) for x in out.exit_logits] + [ce(out.logits)]
+        weights = train.exit_loss_weights_at(step, config.exit_loss_weights)
+        loss = per_head[-1] + sum(w * x for w, x in zip(weights, per_head[:-1]))
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(params, train.grad_clip)
+        for group in optimizer.param_groups:
+            group["lr"] = train.lr_at(step)
+        optimizer.step()
+        optimizer.zero_grad()
+        steps.append({"loss": loss.item(), "exit_losses": [x.item() for x in per_head], "grad_norm": norm.item()})
+    return model, steps
+
+
+def _rel(a, b) -> float:
+    """max |a - b| / max |b| (scalars or tensors)."""
+    import torch
+
+    a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
+    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+
+
+@pytest.fixture(scope="module")
+def equivalence(tmp_path_factory) -> dict:
+    """Run the worker once (all cases and layouts) and the single-process references."""
+    import torch
+
+    tmp = tmp_path_factory.mktemp("trainer_parallel")
+    spec_cases, references = {}, {}
+    batches, eval_batch = _batches(61)
+    for name, case in CASES.items():
+        config = _model_config(case)
+        train_kwargs = {**BASE_TRAIN, **case["train"]}
+        spec_cases[name] = {"config": config.to_dict(), "train": train_kwargs, "layouts": case["layouts"]}
+        train = _train_config(train_kwargs)
+        model, steps = _reference_run(config, train, batches, freeze=bool(train_kwargs.get("freeze_backbone")))
+        with torch.no_grad():
+            out = model.eval()(input_ids=eval_batch[0])
+        logits = {j: x for j, x in enumerate(out.exit_logits)}
+        logits[len(out.exit_logits)] = out.logits
+        references[name] = {"config": config, "steps": steps, "state": model.state_dict(), "logits": logits}
+    spec_path = tmp / "spec.pt"
+    torch.save({"cases": spec_cases, "batches": batches, "eval_batch": eval_batch}, spec_path)
+    out_dir = tmp / "out"
+    out_dir.mkdir()
+    launch(Path(__file__), 4, ["equivalence", str(spec_path), str(out_dir)], timeout_s=240)
+    return {"dir": out_dir, "references": references}
+
+
+def _results(equivalence: dict, case: str, layout: dict) -> dict:
+    import torch
+
+    name = f"{case}__{_layout_name(layout)}"
+    result = torch.load(equivalence["dir"] / f"{name}.pt")
+    result["logits"] = {}
+    for path in sorted(equivalence["dir"].glob(f"{name}__logits_pp*.pt")):
+        result["logits"].update(torch.load(path))
+    return result
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_parallel_training_equals_single_process_hf(equivalence, case):
+    """Per-step loss, per-head losses and gradient norm, then the weights after STEPS AdamW steps."""
+    ref = equivalence["references"][case]
+    for layout in CASES[case]["layouts"]:
+        got = _results(equivalence, case, layout)
+        where = f"{case} {_layout_name(layout)}"
+        for step, (g, r) in enumerate(zip(got["steps"], ref["steps"], strict=True)):
+            assert _rel(g["loss"], r["loss"]) < RTOL, f"{where} step {step}: loss {g['loss']} != {r['loss']}"
+            assert _rel(g["exit_losses"], r["exit_losses"]) < RTOL, f"{where} step {step}: {g} != {r}"
+            assert _rel(g["grad_norm"], r["grad_norm"]) < RTOL, f"{where} step {step}: grad norm {g} != {r}"
+        assert set(got["state"]) == set(ref["state"]), where
+        for key, value in ref["state"].items():
+            assert got["state"][key].shape == value.shape, f"{where} {key}"
+            assert _rel(got["state"][key], value) < RTOL, f"{where}: {key} differs after {STEPS} steps"
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_gathered_weights_reproduce_parallel_logits(equivalence, case):
+    """Every head's logits (TP-gathered, padding removed, on its own stage) equal the HF model's with the
+    gathered weights: what an export contains is what the parallel model computes."""
+    import torch
+
+    from eellm_hf.modeling import EarlyExitGPTForCausalLM
+
+    ref = equivalence["references"][case]
+    for layout in CASES[case]["layouts"]:
+        got = _results(equivalence, case, layout)
+        model = EarlyExitGPTForCausalLM(ref["config"])
+        model.load_state_dict(got["state"])
+        batches, eval_batch = _batches(61)
+        with torch.no_grad():
+            out = model.eval()(input_ids=eval_batch[0])
+        heads = [*out.exit_logits, out.logits]
+        assert sorted(got["logits"]) == list(range(len(heads)))
+        for head, logits in enumerate(heads):
+            assert got["logits"][head].shape == logits.shape
+            assert _rel(got["logits"][head], logits) < RTOL, f"{case} {_layout_name(layout)} head {head}"
+
+
+def test_ee_tuning_leaves_backbone_bit_identical(equivalence):
+    """Frozen backbone: its weights are bit-identical after training, every exit parameter moved, and no
+    pipeline stage ever waited for a gradient from a later stage (they do with the backbone trained)."""
+    import torch
+
+    from eellm_hf.trainer.weights import init_hf_state_dict
+
+    ref = equivalence["references"]["ee_tuning"]
+    init = init_hf_state_dict(ref["config"], BASE_TRAIN["seed"])
+    for layout in CASES["ee_tuning"]["layouts"]:
+        result = _results(equivalence, "ee_tuning", layout)
+        state = result["state"]
+        assert result["grad_messages"] == 0, layout
+        changed = {k for k in init if not torch.equal(state[k], init[k])}
+        exit_params = {k for k in init if k.startswith(("model.exits.", "exit_lm_heads."))}
+        assert changed <= exit_params, f"backbone changed: {sorted(changed - exit_params)}"
+        assert changed == exit_params, f"exit parameters not trained: {sorted(exit_params - changed)}"
+    assert _results(equivalence, "untied", dict(tp=2, pp=2, dp=1))["grad_messages"] > 0
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Single-process pieces: names, sharding, layout, rotary embeddings
+# ------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("case", list(CASES))
+def test_hf_names_and_shapes_match_the_hf_model(case):
+    from eellm_hf.modeling import EarlyExitGPTForCausalLM
+    from eellm_hf.trainer.weights import hf_parameter_shapes
+
+    config = _model_config(CASES[case])
+    expected = {k: tuple(v.shape) for k, v in EarlyExitGPTForCausalLM(config).state_dict().items()}
+    assert hf_parameter_shapes(config) == expected
+
+
+def test_shards_reassemble_with_vocab_padding():
+    import torch
+
+    from eellm_hf.trainer.parallel_model import padded_vocab_size
+    from eellm_hf.trainer.weights import shard_tensor
+
+    full = torch.randn(61, 8)
+    padded = padded_vocab_size(61, 4)
+    shards = [shard_tensor(full, "lm_head.weight", r, 4, padded) for r in range(4)]
+    assert padded == 64 and all(s.shape == (16, 8) for s in shards)
+    assert torch.equal(torch.cat(shards)[:61], full) and not torch.cat(shards)[61:].any()
+    o_proj = torch.randn(8, 12)
+    assert torch.equal(torch.cat([shard_tensor(o_proj, "model.layers.0.self_attn.o_proj.weight", r, 2, 0)
+                                  for r in range(2)], dim=1), o_proj)
+    bias = torch.randn(8)
+    assert shard_tensor(bias, "model.layers.0.self_attn.o_proj.bias", 1, 2, 0) is None
+    assert torch.equal(shard_tensor(bias, "model.layers.0.mlp.down_proj.bias", 0, 2, 0), bias)
+
+
+def test_padded_logits_never_win_and_never_enter_the_loss():
+    import torch
+
+    from eellm_hf.trainer.loss import mask_padded_vocab
+
+    logits = torch.zeros(2, 3, 8)
+    masked = mask_padded_vocab(logits, vocab_size=13, tp_rank=1)  # this shard holds ids 8..15, 13..15 padding
+    assert torch.isinf(masked[..., 5:]).all() and (masked[..., :5] == 0).all()
+    assert mask_padded_vocab(logits, vocab_size=13, tp_rank=0) is logits
+
+
+def test_layer_split_balances_cost_with_exit_heads():
+    from eellm_hf.trainer.parallel_model import balanced_layer_split, exit_flops_per_token, layer_flops_per_token
+
+    config = _model_config({"model": dict(vocab_size=4096, num_hidden_layers=8, exit_layers=[1, 2])})
+    assert exit_flops_per_token(config) > 3 * layer_flops_per_token(config)
+    split = balanced_layer_split(config, 2)
+    assert sum(split) == 8 and split[0] < 4  # the exits' vocabulary projections weigh on stage 0
+    assert balanced_layer_split(_model_config({"model": dict(vocab_size=64, num_hidden_layers=4)}), 4) == [1] * 4
+
+
+@pytest.mark.parametrize("rope", [None, {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
+                                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+                                         "original_max_position_embeddings": 16}])
+def test_rotary_embedding_matches_transformers(rope):
+    import torch
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    from eellm_hf.trainer.parallel_model import RotaryEmbedding
+
+    config = _model_config({"model": dict(vocab_size=64, rope_parameters=rope)})
+    x = torch.zeros(1, 40, config.hidden_size)
+    cos_ref, sin_ref = LlamaRotaryEmbedding(config)(x, torch.arange(40)[None])
+    cos, sin = RotaryEmbedding(config)(40, x.device, x.dtype)
+    assert torch.allclose(cos, cos_ref[0], atol=1e-6) and torch.allclose(sin, sin_ref[0], atol=1e-6)
+
+
+# ------------------------------------------------------------------------------------------------------------
+# End to end: the CLI on KJV text
+# ------------------------------------------------------------------------------------------------------------
+
+
+def _e2e_config(tmp: Path) -> dict:
+    return {
+        "model": {"vocab_size": 384, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+                  "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
+                  "exit_layers": [1], "exit_loss_weights": [0.5], "tie_word_embeddings": True,
+                  "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 1},
+        "parallelism": {"tp": 1, "pp": 2, "dp": 1},
+        "data": {"files": [str(tmp / "kjv.txt")],
+                 "tokenizer": {"train_bpe": {"vocab_size": 384, "out_dir": str(tmp / "tokenizer")}},
+                 "seq_len": 32, "validation_sequences": 16},
+        "train": {"steps": 30, "global_batch_size": 8, "micro_batch_size": 2, "lr": 1e-2, "warmup_steps": 3,
+                  "min_lr": 1e-3, "val_interval": 15, "log_interval": 1},
+        "checkpoint": {"dir": str(tmp / "ckpt"), "interval": 10},
+        "run_dir": str(tmp / "run"),
+        "export_hf": str(tmp / "hf"),
+    }
+
+
+@pytest.fixture(scope="module")
+def kjv_run(tmp_path_factory) -> dict:
+    """`python -m eellm_hf.trainer --config cfg.yaml` with 2 pipeline stages on a little KJV text (tokenizer
+    trained by the run), checkpoints every 10 steps, HF export at the end."""
+    import yaml
+
+    from eellm_hf.trainer.data import bible_chapters
+    from eellm_hf.trainer.metrics import read_metrics
+
+    tmp = tmp_path_factory.mktemp("kjv_run")
+    (tmp / "kjv.txt").write_text("\n\n".join(bible_chapters()[:30]) + "\n", encoding="utf-8")
+    cfg = _e2e_config(tmp)
+    config_path = tmp / "cfg.yaml"
+    config_path.write_text(yaml.safe_dump(cfg))
+    launch(REPO_ROOT / "eellm_hf" / "trainer" / "__main__.py", 2, ["--config", str(config_path)], timeout_s=240)
+    return {"dir": tmp, "cfg": cfg, "config_path": config_path, "metrics": read_metrics(cfg["run_dir"])}
+
+
+def test_cli_metrics_and_loss_falls_on_kjv(kjv_run):
+    metrics = kjv_run["metrics"]
+    train = [e for e in metrics if e["split"] == "train"]
+    val = [e for e in metrics if e["split"] == "validation"]
+    assert [e["step"] for e in train] == list(range(1, 31))
+    for entry in train:
+        assert {"step", "loss", "exit_losses", "lr", "grad_norm", "tokens_per_s"} <= set(entry)
+        assert list(entry["exit_losses"]) == ["exit_1", "final"]
+        weighted = entry["exit_losses"]["final"] + 0.5 * entry["exit_losses"]["exit_1"]
+        assert math.isclose(entry["loss"], weighted, rel_tol=1e-9)
+    first = sum(e["loss"] for e in train[:3]) / 3
+    last = sum(e["loss"] for e in train[-3:]) / 3
+    assert last < first - 1.0, f"loss did not fall: {first:.3f} -> {last:.3f}"
+    assert [e["step"] for e in val] == [15, 30]
+    assert val[-1]["exit_losses"]["final"] < val[0]["exit_losses"]["final"]
+
+
+def test_cli_export_reproduces_validation_losses(kjv_run):
+    """The exported HF folder loads with AutoModelForCausalLM and gives the trainer's last validation losses."""
+    val = [e for e in kjv_run["metrics"] if e["split"] == "validation"]
+    _check_export(kjv_run["dir"], kjv_run["cfg"], val[-1])
+
+
+def test_cli_resume_gives_the_same_losses(kjv_run):
+    """Remove the checkpoints after step 10 (as if killed at step 10-19) and resume: steps 11-30 log the same
+    losses and gradient norms as the uninterrupted run."""
+    import shutil
+
+    import yaml
+
+    from eellm_hf.trainer.metrics import read_metrics
+
+    cfg = kjv_run["cfg"]
+    ckpt = Path(cfg["checkpoint"]["dir"])
+    for later in ("step_000020", "step_000030", "latest"):
+        path = ckpt / later
+        shutil.rmtree(path) if path.is_dir() else path.unlink()
+    config_path = kjv_run["config_path"].with_name("resume.yaml")
+
+    resumed = {**cfg, "checkpoint": {**cfg["checkpoint"], "resume": True}}
+    resumed.pop("export_hf")
+    config_path.write_text(yaml.safe_dump(resumed))
+    launch(REPO_ROOT / "eellm_hf" / "trainer" / "__main__.py", 2, ["--config", str(config_path)], timeout_s=240)
+    before = [e for e in kjv_run["metrics"] if e["split"] == "train"]
+    after = read_metrics(cfg["run_dir"], split="train")
+    assert [e["step"] for e in after] == list(range(1, 31))
+    for old, new in zip(before, after, strict=True):
+        for key in ("loss", "grad_norm", "lr"):
+            assert math.isclose(old[key], new[key], rel_tol=1e-6), (old["step"], key, old[key], new[key])
+        assert old["exit_losses"] == pytest.approx(new["exit_losses"], rel=1e-6)
+
+
+def test_cli_ee_tuning_from_hf_export(kjv_run):
+    """EE-Tuning from the exported folder (`model.init_from`, `train.freeze_backbone`): the exit trains, the
+    backbone (embedding, layers, final norm and head) stays bit-identical through init, training and export."""
+    import torch
+    import yaml
+    from safetensors.torch import load_file
+
+    cfg, tmp = kjv_run["cfg"], kjv_run["dir"]
+    tuned = {
+        **cfg,
+        "model": {"init_from": cfg["export_hf"]},
+        "data": {**cfg["data"], "tokenizer": cfg["export_hf"], "validation_sequences": 0},
+        "train": {**cfg["train"], "steps": 4, "freeze_backbone": True, "val_interval": 0},
+        "run_dir": str(tmp / "run_tuned"),
+        "export_hf": str(tmp / "hf_tuned"),
+    }
+    tuned.pop("checkpoint")
+    config_path = tmp / "tuned.yaml"
+    config_path.write_text(yaml.safe_dump(tuned))
+    launch(REPO_ROOT / "eellm_hf" / "trainer" / "__main__.py", 2, ["--config", str(config_path)], timeout_s=240)
+    before = load_file(str(Path(cfg["export_hf"]) / "model.safetensors"))
+    after = load_file(str(tmp / "hf_tuned" / "model.safetensors"))
+    assert set(before) == set(after)
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {k for k in before if k.startswith(("model.exits.", "exit_lm_heads."))}, sorted(changed)
+
+
+def _check_export(tmp: Path, cfg: dict, last_val: dict) -> None:
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import eellm_hf  # noqa: F401
+    from eellm_hf.trainer.data import PackedDataset, train_val_split
+
+    hf_dir = Path(cfg["export_hf"])
+    assert (hf_dir / "generation_config.json").is_file() and (hf_dir / "tokenizer.json").is_file()
+    model = AutoModelForCausalLM.from_pretrained(hf_dir).eval()
+    tokenizer = AutoTokenizer.from_pretrained(hf_dir)
+    rows = PackedDataset.load(next((Path(cfg["run_dir"]) / "data_cache").glob("packed_*.npy"))).rows
+    _, val = train_val_split(PackedDataset(rows), 16, seed=0)
+    batch = val.batch(np.arange(len(val)))
+    with torch.no_grad():
+        out = model(input_ids=batch["input_ids"])
+    heads = [*out.exit_logits, out.logits]
+    losses = [float(F.cross_entropy(x.reshape(-1, x.shape[-1]), batch["labels"].reshape(-1))) for x in heads]
+    expected = list(last_val["exit_losses"].values())
+    assert np.allclose(losses, expected, rtol=1e-5), (losses, expected)
+    assert len(tokenizer) <= model.config.vocab_size
+
+
+if __name__ == "__main__":
+    {"equivalence": _worker_equivalence}[sys.argv[1]](*sys.argv[2:])
