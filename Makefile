@@ -5,7 +5,9 @@ PIP := $(VENV)/bin/pip
 TORCH_PIN := torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint
+.PHONY: install test lint demo
+
+DEMO_MINUTES ?= 6
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,3 +22,6 @@ test: $(STAMP)
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check eellm_hf tests benchmarks
+
+demo: $(STAMP)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m eellm_hf.demo --minutes $(DEMO_MINUTES)

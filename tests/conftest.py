@@ -90,3 +90,44 @@ def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     model = LlamaForCausalLM(config).eval()
     model.save_pretrained(out)
     return out
+
+
+@pytest.fixture(scope="session")
+def tiny_early_exit_dir(tiny_llama_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A randomly initialised 4-layer ``EarlyExitGPTForCausalLM`` (exits after layers 1 and 3), saved with
+    ``tiny_llama_dir``'s tokenizer.
+
+    The exit heads' weights are scaled up so that their softmax is peaked on some tokens and flat on others:
+    thresholds between 0 and 1 then give a mix of exit layers.
+    """
+    import torch
+    from transformers import AutoTokenizer
+
+    from eellm_hf import EarlyExitGPTConfig, EarlyExitGPTForCausalLM
+
+    out = tmp_path_factory.mktemp("tiny_early_exit")
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
+    tokenizer.save_pretrained(out)
+
+    torch.manual_seed(0)
+    config = EarlyExitGPTConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=256,
+        exit_layers=[1, 3],
+        exit_loss_weights=[0.5, 0.5],
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    model = EarlyExitGPTForCausalLM(config).eval()
+    with torch.no_grad():
+        for head in model.exit_lm_heads:
+            head.weight.mul_(40.0)
+    model.save_pretrained(out)
+    return out

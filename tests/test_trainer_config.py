@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 from pathlib import Path
 from typing import Any
 
@@ -68,7 +69,8 @@ def test_example_loads_with_paths_relative_to_yaml(workdir: Path, tmp_path_facto
     assert cfg.train.num_micro_batches(cfg.parallelism.dp) == 4
     model = cfg.model_config()
     assert model.exit_layers == [1, 2] and model.exit_loss_weights == [0.5, 0.5]
-    assert cfg.parallelism.stage_layers(4) == [4]
+    assert cfg.parallelism.stage_layers(model) == [4]
+    assert cfg.parallelism.timeout_s == 600.0 and cfg.train.time_budget_minutes is None
     # to_dict round-trips, and the fingerprint ignores what a resumed run may change
     again = load_config(cfg.to_dict(), world_size=1)
     assert again.to_dict() == cfg.to_dict() and again.fingerprint() == cfg.fingerprint()
@@ -91,11 +93,74 @@ def test_optional_features(workdir: Path) -> None:
                         exit_loss_weight_schedule={"init": 0.0, "warmup_steps": 2, "type": "cosine"})
     cfg = _load(workdir, raw, world_size=4)
     assert cfg.data.train_bpe is not None and cfg.data.tokenizer == workdir / "newtok"  # trained later
-    assert cfg.parallelism.stage_layers(4) == [3, 1] and cfg.parallelism.stage_of_layer(4, 4) == 1
+    model = cfg.model_config()
+    assert cfg.parallelism.stage_layers(model) == [3, 1] and cfg.parallelism.stage_of_layer(4, model) == 1
     assert [round(cfg.train.lr_at(s), 6) for s in range(3)] == [1e-3, 1e-3, 1e-4]
     assert cfg.train.exit_loss_weights_at(0, [0.5]) == [0.0]
     assert cfg.train.exit_loss_weights_at(1, [0.5]) == pytest.approx([0.25])
     assert cfg.train.exit_loss_weights_at(5, [0.5]) == [0.5]
+
+
+def test_exit_weight_schedule_init_is_absolute_and_may_cool_down(workdir: Path) -> None:
+    """`init` is the starting weight of every exit (not a factor of its target); each exit moves to its own
+    target over warmup_steps; init above a target is a cool-down (EE-LLM's --exit-layer-weight-init)."""
+    raw = _raw()
+    raw["train"]["exit_loss_weight_schedule"] = {"init": 1.0, "warmup_steps": 4, "type": "linear"}
+    raw["model"]["exit_loss_weights"] = [0.2, 1.5]
+    train = _load(workdir, raw).train
+    weights = [train.exit_loss_weights_at(s, [0.2, 1.5]) for s in range(6)]
+    assert weights[0] == [1.0, 1.0]  # the same absolute start for every exit
+    assert weights[2] == pytest.approx([0.6, 1.25])  # halfway: exit 1 cooling down, exit 2 warming up
+    assert weights[4] == weights[5] == [0.2, 1.5]  # the targets from warmup_steps on
+    assert all(a[0] > b[0] and a[1] < b[1] for a, b in zip(weights[:4], weights[1:5], strict=True))
+    raw["train"]["exit_loss_weight_schedule"] = {"init": 2.0, "warmup_steps": 4, "type": "cosine"}
+    train = _load(workdir, raw).train
+    cosine = [train.exit_loss_weights_at(s, [0.5])[0] for s in range(5)]
+    assert cosine[0] == 2.0 and cosine[2] == pytest.approx(1.25) and cosine[4] == 0.5
+    assert cosine[1] == pytest.approx(2.0 - 1.5 * 0.5 * (1 - math.cos(math.pi / 4)))  # slow start
+    raw["train"]["exit_loss_weight_schedule"] = {"init": 0.0, "warmup_steps": 0}  # no warmup: the targets
+    assert _load(workdir, raw).train.exit_loss_weights_at(0, [0.2, 1.5]) == [0.2, 1.5]
+
+
+def test_time_budget_total_steps(workdir: Path) -> None:
+    """steps is an upper bound; the total is what fits in the rest of the budget, at least one more step; the
+    learning-rate decay follows the total it is given."""
+    raw = _raw()
+    raw["train"].update(steps=1000, time_budget_minutes=1.0, warmup_steps=4, min_lr=1e-4)
+    train = _load(workdir, raw).train
+    assert train.budgeted_total_steps(done=4, elapsed_s=2.0, step_time_s=0.5) == 4 + 116  # (60 - 2) / 0.5
+    assert train.budgeted_total_steps(done=4, elapsed_s=2.0, step_time_s=0.01) == 1000  # capped by steps
+    assert train.budgeted_total_steps(done=4, elapsed_s=70.0, step_time_s=0.5) == 5  # over budget: one more
+    assert train.lr_at(119, 120) == pytest.approx(1e-4) and train.lr_at(119) > 9e-4
+    assert [train.lr_at(s, 120) for s in range(4)] == [train.lr_at(s) for s in range(4)]  # warmup: no total
+
+
+def test_odd_vocab_with_tensor_parallelism_validates(workdir: Path) -> None:
+    """The parallel model pads the vocabulary to a multiple of tp, so vocab_size need not divide by tp."""
+    raw = _raw()
+    raw["model"]["vocab_size"] = 511
+    raw["parallelism"] = {"tp": 2}
+    cfg = _load(workdir, raw, world_size=2)
+    assert cfg.model_config().vocab_size == 511 and cfg.parallelism.tp == 2
+    raw["model"]["intermediate_size"] = 129  # what tensor parallelism does need still fails
+    with pytest.raises(ValueError, match=r"intermediate_size=129 is not divisible by parallelism\.tp=2"):
+        _load(workdir, raw, world_size=2)
+
+
+def test_stage_layers_default_is_the_trainers_cost_balanced_split(workdir: Path) -> None:
+    """Without layer_split, config reports the split the trainer uses (balanced_layer_split), not an even one."""
+    from eellm_hf.trainer.parallel_model import balanced_layer_split, make_layout
+
+    raw = _raw()
+    raw["model"].update(num_hidden_layers=8, vocab_size=4096, exit_layers=[1, 2])
+    raw["parallelism"] = {"pp": 2}
+    cfg = _load(workdir, raw, world_size=2)
+    model = cfg.model_config()
+    split = cfg.parallelism.stage_layers(model)
+    assert split == balanced_layer_split(model, 2) == list(make_layout(model, 2).layer_split)
+    assert split != [4, 4] and sum(split) == 8  # the two exit heads weigh on stage 0
+    assert cfg.parallelism.stage_of_layer(split[0], model) == 0
+    assert cfg.parallelism.stage_of_layer(split[0] + 1, model) == 1
 
 
 def test_yaml_float_exponent(tmp_path: Path, workdir: Path) -> None:
@@ -176,7 +241,13 @@ INVALID = [
     ("train.min_lr", 1.0, None, ValueError, r"min_lr` must be in .* got 1\.0"),
     ("train.warmup_steps", 10, None, ValueError, r"warmup_steps` must be in \[0, train\.steps=3\], got 10"),
     ("train.exit_loss_weight_schedule", {"type": "step"}, None, ValueError, r"type` must be one of .*'step'"),
-    ("train.exit_loss_weight_schedule", {"init": 2.0}, None, ValueError, r"init` must be in \[0, 1\], got 2\.0"),
+    ("train.exit_loss_weight_schedule", {"init": -0.5}, None, ValueError, r"init` must be >= 0, got -0\.5"),
+    ("train.exit_loss_weight_schedule", {"init": 2.0, "warmup_steps": 3}, None, None, None),  # valid: cool-down
+    ("train.time_budget_minutes", 0, None, ValueError, r"time_budget_minutes` must be > 0 .*got 0"),
+    ("train.time_budget_minutes", "1h", None, ValueError, r"time_budget_minutes` must be a finite number"),
+    ("train.time_budget_minutes", 0.5, None, None, None),  # valid
+    ("parallelism.timeout_s", 0, None, ValueError, r"parallelism\.timeout_s` must be > 0, got 0"),
+    ("parallelism.timeout_s", 30, None, None, None),  # valid
     ("train.dtype", "float16", None, ValueError, r"dtype` must be one of float32, bfloat16; got 'float16'"),
     ("train.freeze_backbone", "yes", None, ValueError, r"freeze_backbone` must be true or false, got 'yes'"),
     ("train.val_interval", 5, None, ValueError, r"val_interval`=5 needs a validation set"),
@@ -229,5 +300,5 @@ def test_shipped_configs_validate(name: str, world_size: int, is_cpu: bool) -> N
     else:
         assert cfg.train.dtype == "bfloat16" and cfg.data.seq_len == 2048
         # every exit sits on a stage boundary here, as in EE-LLM's released runs
-        ends = [sum(cfg.parallelism.stage_layers(model.num_hidden_layers)[: i + 1]) for i in range(cfg.parallelism.pp)]
+        ends = [sum(cfg.parallelism.stage_layers(model)[: i + 1]) for i in range(cfg.parallelism.pp)]
         assert set(model.exit_layers) <= set(ends)

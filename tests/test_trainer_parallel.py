@@ -5,7 +5,8 @@ pp=2 x dp=2, tp=2 x dp=2, pp=4; 10 runs in all), then writes per-step losses, gr
 state dict and the heads' logits. Here (pytest side) the same models train with plain PyTorch:
 ``EarlyExitGPTForCausalLM``, same initial weights, same global batches, ``torch.optim.AdamW``; everything must
 agree within 1e-5 relative. Three 2-process launches run the CLI end to end on a little KJV text: training
-with validation, checkpoints and HF export; a resume; EE-Tuning from the export.
+with validation, checkpoints, HF export and a (generous) time budget; a resume that must keep the saved total
+of steps; EE-Tuning from the export under a tiny time budget (the run stops early, all ranks together).
 
 This file is also the worker script (``python tests/test_trainer_parallel.py equivalence SPEC OUT``). Workers
 import ``eellm_hf.trainer`` without ``eellm_hf/__init__.py`` (which imports transformers, ~5 s per rank): the
@@ -41,7 +42,8 @@ BASE_TRAIN = dict(steps=STEPS, global_batch_size=GLOBAL_BATCH, micro_batch_size=
 
 CASES = {
     # vocab 61: padded to 62 under tp=2; embedding, final head and every exit head tied (across stages);
-    # exits after layers 1-3, i.e. on middle stages with pp=4; GQA; a pad token in the inputs.
+    # exits after layers 1-3, i.e. on middle stages with pp=4; GQA; a pad token in the inputs. Exit weights
+    # scheduled from an absolute 0.5 to the targets: exit 1 cools down (0.5 -> 0.3), exit 3 warms up (-> 0.7).
     "tied": dict(
         model=dict(vocab_size=61, exit_layers=[1, 2, 3], exit_loss_weights=[0.3, 0.5, 0.7],
                    tie_word_embeddings=True, tie_exit_heads=True, pad_token_id=3),
@@ -129,7 +131,7 @@ def _worker_equivalence(spec_path: str, out_dir: str) -> None:
                     if os.environ.get("EE_TEST_DEBUG"):
                         print("STEP", case_name, layout, step, r.loss, flush=True)
                     steps.append({"loss": r.loss, "exit_losses": r.exit_losses, "grad_norm": r.grad_norm,
-                                  "lr": r.lr})
+                                  "lr": r.lr, "exit_weights": r.exit_weights})
                 # logits of every head on a fixed batch, where each head lives
                 trainer.model.eval()
                 trainer.model.loss.captured_logits = {}
@@ -213,7 +215,8 @@ def _reference_run(config, train, batches: list, freeze: bool):
             group["lr"] = train.lr_at(step)
         optimizer.step()
         optimizer.zero_grad()
-        steps.append({"loss": loss.item(), "exit_losses": [x.item() for x in per_head], "grad_norm": norm.item()})
+        steps.append({"loss": loss.item(), "exit_losses": [x.item() for x in per_head], "grad_norm": norm.item(),
+                      "exit_weights": weights})
     return model, steps
 
 
@@ -274,6 +277,7 @@ def test_parallel_training_equals_single_process_hf(equivalence, case):
             assert _rel(g["loss"], r["loss"]) < RTOL, f"{where} step {step}: loss {g['loss']} != {r['loss']}"
             assert _rel(g["exit_losses"], r["exit_losses"]) < RTOL, f"{where} step {step}: {g} != {r}"
             assert _rel(g["grad_norm"], r["grad_norm"]) < RTOL, f"{where} step {step}: grad norm {g} != {r}"
+            assert g["exit_weights"] == r["exit_weights"], f"{where} step {step}: exit weights"
         assert set(got["state"]) == set(ref["state"]), where
         for key, value in ref["state"].items():
             assert got["state"][key].shape == value.shape, f"{where} {key}"
@@ -368,6 +372,37 @@ def test_padded_logits_never_win_and_never_enter_the_loss():
     assert mask_padded_vocab(logits, vocab_size=13, tp_rank=0) is logits
 
 
+def test_exit_weight_schedule_of_the_tied_case_cools_down_and_warms_up():
+    """The schedule both sides of the equivalence test use: absolute init 0.5 to each exit's own target."""
+    train = _train_config({**BASE_TRAIN, **CASES["tied"]["train"]})
+    targets = CASES["tied"]["model"]["exit_loss_weights"]
+    assert train.exit_loss_weights_at(0, targets) == [0.5, 0.5, 0.5]
+    assert train.exit_loss_weights_at(1, targets) == pytest.approx([0.4, 0.5, 0.6])  # cosine halfway
+    assert train.exit_loss_weights_at(2, targets) == targets
+
+
+def test_run_passes_the_configured_collective_timeout(monkeypatch, tmp_path):
+    """`parallelism.timeout_s` reaches make_parallel_context (the groups' timeout), before any other work."""
+    from eellm_hf.trainer import train_loop
+    from eellm_hf.trainer.config import load_config
+
+    seen = {}
+
+    class Stop(Exception):
+        pass
+
+    def fake_make_parallel_context(*args, **kwargs):
+        seen.update(args=args, kwargs=kwargs)
+        raise Stop
+
+    monkeypatch.setattr(train_loop, "make_parallel_context", fake_make_parallel_context)
+    raw = _e2e_config(tmp_path)
+    raw["parallelism"]["timeout_s"] = 42.5
+    with pytest.raises(Stop):
+        train_loop.run(load_config(raw, world_size=2, check_files=False))
+    assert seen == {"args": (1, 2, 1), "kwargs": {"timeout_s": 42.5}}
+
+
 def test_layer_split_balances_cost_with_exit_heads():
     from eellm_hf.trainer.parallel_model import balanced_layer_split, exit_flops_per_token, layer_flops_per_token
 
@@ -405,12 +440,13 @@ def _e2e_config(tmp: Path) -> dict:
                   "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 64,
                   "exit_layers": [1], "exit_loss_weights": [0.5], "tie_word_embeddings": True,
                   "bos_token_id": 0, "eos_token_id": 0, "pad_token_id": 1},
-        "parallelism": {"tp": 1, "pp": 2, "dp": 1},
+        "parallelism": {"tp": 1, "pp": 2, "dp": 1, "timeout_s": 60},
         "data": {"files": [str(tmp / "kjv.txt")],
                  "tokenizer": {"train_bpe": {"vocab_size": 384, "out_dir": str(tmp / "tokenizer")}},
                  "seq_len": 32, "validation_sequences": 16},
         "train": {"steps": 30, "global_batch_size": 8, "micro_batch_size": 2, "lr": 1e-2, "warmup_steps": 3,
-                  "min_lr": 1e-3, "val_interval": 15, "log_interval": 1},
+                  "min_lr": 1e-3, "val_interval": 15, "log_interval": 1,
+                  "time_budget_minutes": 1000.0},  # fits far more than 30 steps: the total stays 30
         "checkpoint": {"dir": str(tmp / "ckpt"), "interval": 10},
         "run_dir": str(tmp / "run"),
         "export_hf": str(tmp / "hf"),
@@ -420,7 +456,8 @@ def _e2e_config(tmp: Path) -> dict:
 @pytest.fixture(scope="module")
 def kjv_run(tmp_path_factory) -> dict:
     """`python -m eellm_hf.trainer --config cfg.yaml` with 2 pipeline stages on a little KJV text (tokenizer
-    trained by the run), checkpoints every 10 steps, HF export at the end."""
+    trained by the run), checkpoints every 10 steps, HF export at the end; a time budget far above what 30 steps
+    take."""
     import yaml
 
     from eellm_hf.trainer.data import bible_chapters
@@ -437,30 +474,35 @@ def kjv_run(tmp_path_factory) -> dict:
 
 def test_cli_metrics_and_loss_falls_on_kjv(kjv_run):
     metrics = kjv_run["metrics"]
-    train = [e for e in metrics if e["split"] == "train"]
-    val = [e for e in metrics if e["split"] == "validation"]
+    train = [e for e in metrics if e.get("split") == "train"]
+    val = [e for e in metrics if e.get("split") == "validation"]
     assert [e["step"] for e in train] == list(range(1, 31))
     for entry in train:
-        assert {"step", "loss", "exit_losses", "lr", "grad_norm", "tokens_per_s"} <= set(entry)
-        assert list(entry["exit_losses"]) == ["exit_1", "final"]
-        weighted = entry["exit_losses"]["final"] + 0.5 * entry["exit_losses"]["exit_1"]
-        assert math.isclose(entry["loss"], weighted, rel_tol=1e-9)
+        assert {"step", "loss", "exit_layers", "exit_losses", "lr", "grad_norm", "tokens_per_s"} <= set(entry)
+        assert entry["exit_layers"] == [1] and len(entry["exit_losses"]) == 2  # exit after layer 1, then final
+        exit_1, final = entry["exit_losses"]
+        assert math.isclose(entry["loss"], final + 0.5 * exit_1, rel_tol=1e-9)
+    # the time budget: total fixed after the calibration steps, here capped by train.steps
+    (event,) = [e for e in metrics if "event" in e]
+    assert event["event"] == "time_budget" and event["step"] == 4 and event["steps"] == 30
+    assert event["step_time_s"] > 0 and event["max_steps"] == 30
     first = sum(e["loss"] for e in train[:3]) / 3
     last = sum(e["loss"] for e in train[-3:]) / 3
     assert last < first - 1.0, f"loss did not fall: {first:.3f} -> {last:.3f}"
     assert [e["step"] for e in val] == [15, 30]
-    assert val[-1]["exit_losses"]["final"] < val[0]["exit_losses"]["final"]
+    assert val[-1]["exit_losses"][-1] < val[0]["exit_losses"][-1]
 
 
 def test_cli_export_reproduces_validation_losses(kjv_run):
     """The exported HF folder loads with AutoModelForCausalLM and gives the trainer's last validation losses."""
-    val = [e for e in kjv_run["metrics"] if e["split"] == "validation"]
+    val = [e for e in kjv_run["metrics"] if e.get("split") == "validation"]
     _check_export(kjv_run["dir"], kjv_run["cfg"], val[-1])
 
 
 def test_cli_resume_gives_the_same_losses(kjv_run):
     """Remove the checkpoints after step 10 (as if killed at step 10-19) and resume: steps 11-30 log the same
-    losses and gradient norms as the uninterrupted run."""
+    losses and gradient norms as the uninterrupted run. The resume config has a tiny time budget: the total of
+    30 steps saved in the checkpoint is kept (recalibrating would stop at step 15)."""
     import shutil
 
     import yaml
@@ -474,13 +516,17 @@ def test_cli_resume_gives_the_same_losses(kjv_run):
         shutil.rmtree(path) if path.is_dir() else path.unlink()
     config_path = kjv_run["config_path"].with_name("resume.yaml")
 
-    resumed = {**cfg, "checkpoint": {**cfg["checkpoint"], "resume": True}}
+    resumed = {**cfg, "checkpoint": {**cfg["checkpoint"], "resume": True},
+               "train": {**cfg["train"], "time_budget_minutes": 1e-6}}
     resumed.pop("export_hf")
+    with open(ckpt / "step_000010" / "rank_00000.json", encoding="utf-8") as f:
+        assert '"total_steps": 30' in f.read()
     config_path.write_text(yaml.safe_dump(resumed))
     launch(REPO_ROOT / "eellm_hf" / "trainer" / "__main__.py", 2, ["--config", str(config_path)], timeout_s=240)
-    before = [e for e in kjv_run["metrics"] if e["split"] == "train"]
+    before = [e for e in kjv_run["metrics"] if e.get("split") == "train"]
     after = read_metrics(cfg["run_dir"], split="train")
     assert [e["step"] for e in after] == list(range(1, 31))
+    assert [e for e in read_metrics(cfg["run_dir"]) if "event" in e] == [e for e in kjv_run["metrics"] if "event" in e]
     for old, new in zip(before, after, strict=True):
         for key in ("loss", "grad_norm", "lr"):
             assert math.isclose(old[key], new[key], rel_tol=1e-6), (old["step"], key, old[key], new[key])
@@ -489,17 +535,22 @@ def test_cli_resume_gives_the_same_losses(kjv_run):
 
 def test_cli_ee_tuning_from_hf_export(kjv_run):
     """EE-Tuning from the exported folder (`model.init_from`, `train.freeze_backbone`): the exit trains, the
-    backbone (embedding, layers, final norm and head) stays bit-identical through init, training and export."""
+    backbone (embedding, layers, final norm and head) stays bit-identical through init, training and export.
+    Under a tiny time budget with `steps` 50 as the upper bound: the run stops after the calibration steps plus
+    one (step 5) on both ranks, and the learning rate decays to min_lr at that total, not at 50."""
     import torch
     import yaml
     from safetensors.torch import load_file
+
+    from eellm_hf.trainer.metrics import read_metrics
 
     cfg, tmp = kjv_run["cfg"], kjv_run["dir"]
     tuned = {
         **cfg,
         "model": {"init_from": cfg["export_hf"]},
         "data": {**cfg["data"], "tokenizer": cfg["export_hf"], "validation_sequences": 0},
-        "train": {**cfg["train"], "steps": 4, "freeze_backbone": True, "val_interval": 0},
+        "train": {**cfg["train"], "steps": 50, "freeze_backbone": True, "val_interval": 0,
+                  "time_budget_minutes": 1e-6},
         "run_dir": str(tmp / "run_tuned"),
         "export_hf": str(tmp / "hf_tuned"),
     }
@@ -507,6 +558,12 @@ def test_cli_ee_tuning_from_hf_export(kjv_run):
     config_path = tmp / "tuned.yaml"
     config_path.write_text(yaml.safe_dump(tuned))
     launch(REPO_ROOT / "eellm_hf" / "trainer" / "__main__.py", 2, ["--config", str(config_path)], timeout_s=240)
+    metrics = read_metrics(tuned["run_dir"])
+    train = [e for e in metrics if e.get("split") == "train"]
+    assert [e["step"] for e in train] == [1, 2, 3, 4, 5]
+    (event,) = [e for e in metrics if "event" in e]
+    assert event["event"] == "time_budget" and event["step"] == 4 and event["steps"] == 5
+    assert train[-1]["lr"] == pytest.approx(cfg["train"]["min_lr"])
     before = load_file(str(Path(cfg["export_hf"]) / "model.safetensors"))
     after = load_file(str(tmp / "hf_tuned" / "model.safetensors"))
     assert set(before) == set(after)
@@ -534,7 +591,7 @@ def _check_export(tmp: Path, cfg: dict, last_val: dict) -> None:
         out = model(input_ids=batch["input_ids"])
     heads = [*out.exit_logits, out.logits]
     losses = [float(F.cross_entropy(x.reshape(-1, x.shape[-1]), batch["labels"].reshape(-1))) for x in heads]
-    expected = list(last_val["exit_losses"].values())
+    expected = last_val["exit_losses"]
     assert np.allclose(losses, expected, rtol=1e-5), (losses, expected)
     assert len(tokenizer) <= model.config.vocab_size
 

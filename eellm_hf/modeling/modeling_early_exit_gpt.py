@@ -34,6 +34,7 @@ from transformers.utils.generic import merge_with_config_defaults
 from transformers.utils.output_capturing import OutputRecorder, capture_outputs
 
 from .configuration_early_exit_gpt import EarlyExitGPTConfig
+from .generation_early_exit import generate_with_early_exit
 
 
 @dataclass
@@ -238,6 +239,11 @@ class EarlyExitGPTForCausalLM(EarlyExitGPTPreTrainedModel, GenerationMixin):
                     head, num_tokens, mean_resizing=mean_resizing
                 )
         return embeddings
+
+    def generate(self, *args, **kwargs):
+        """`GenerationMixin.generate`, plus token-wise early exit when `early_exit_threshold` is set (as an argument
+        or in the generation config); see `generation_early_exit` for the settings and the extra outputs."""
+        return generate_with_early_exit(self, super().generate, *args, **kwargs)
 
     def prepare_inputs_for_generation(self, *args, **kwargs):
         """Plain `generate()` decodes at full depth, so the exits are not computed unless asked for."""

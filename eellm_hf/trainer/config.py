@@ -4,8 +4,8 @@ Usage::
 
     cfg = load_config("configs/tiny_cpu.yaml", world_size=int(os.environ["WORLD_SIZE"]))
     model_config = cfg.model_config()            # an EarlyExitGPTConfig
-    cfg.parallelism.stage_layers(model_config.num_hidden_layers)   # decoder layers per pipeline stage
-    cfg.train.lr_at(step)                        # learning rate of optimizer step `step` (0-based)
+    cfg.parallelism.stage_layers(model_config)   # decoder layers per pipeline stage (as the trainer splits them)
+    cfg.train.lr_at(step, total_steps)           # learning rate of optimizer step `step` (0-based)
     cfg.train.exit_loss_weights_at(step, model_config.exit_loss_weights)
     cfg.fingerprint()                            # hash stored in checkpoints, compared on resume
 
@@ -27,8 +27,12 @@ YAML layout (defaults in brackets; only the keys without a default are required)
                             # parameter shapes (SHAPE_FIELDS), which must be left out or equal
     parallelism:
       tp: 1, pp: 1, dp: 1   # [1 each]; tp*pp*dp must equal the world size
-      layer_split: [2, 2]   # [even split, remainder to the first stages] decoder layers per pipeline stage
+      layer_split: [2, 2]   # [null: cost-balanced split, parallel_model.balanced_layer_split] decoder layers per
+                            # pipeline stage
       pp_engine: 1f1b       # [1f1b] | afab (all-forward-all-backward)
+      timeout_s: 600        # [600] collective / point-to-point timeout: a dead or hung rank makes every other
+                            # rank fail within this time (it also bounds how long the other ranks wait while
+                            # rank 0 tokenizes the data at start-up: raise it for a big corpus)
     data:
       files: [corpus.txt]   # .txt / .jsonl / .json / .parquet (see eellm_hf.trainer.data.load_text_dataset)
       tokenizer: TOKENIZER_DIR                 # a Hugging Face tokenizer folder, or
@@ -41,7 +45,10 @@ YAML layout (defaults in brackets; only the keys without a default are required)
       steps: 3, global_batch_size: 8 (sequences per optimizer step), micro_batch_size: 2, lr: 1.0e-3
       seed: 0, min_lr: 0.0, warmup_steps: 0, lr_decay: cosine (cosine|linear|constant)
       weight_decay: 0.0, adam_beta1: 0.9, adam_beta2: 0.95, adam_eps: 1.0e-8, grad_clip: 1.0 (null: none)
-      exit_loss_weight_schedule: null   # or {init: 0.0, warmup_steps: 100, type: linear|cosine}
+      exit_loss_weight_schedule: null   # or {init: 0.0, warmup_steps: 100, type: linear|cosine}: every exit's
+                                        # weight starts at `init` (absolute, >= 0) and reaches its target
+                                        # model.exit_loss_weights[i] at warmup_steps; init > target: a cool-down
+      time_budget_minutes: null         # or a time budget: `steps` becomes an upper bound (see TrainConfig)
       exit_temperature: 1.0, freeze_backbone: false, zero_stage: 0 (0|1)
       val_interval: 0 (0: never), val_batches: null (batches of global_batch_size sequences; null: the whole
       validation set), log_interval: 1 (steps between logged training entries)
@@ -50,6 +57,9 @@ YAML layout (defaults in brackets; only the keys without a default are required)
       dir: CKPT_DIR, interval: 0 (0: only at the end), resume: false, keep_last: null (null: keep all)
     run_dir: RUN_DIR
     export_hf: HF_OUT_DIR   # optional: save the trained model there with save_pretrained
+
+Tensor parallelism needs ``num_attention_heads``, ``num_key_value_heads`` and ``intermediate_size`` divisible by
+``tp``; the vocabulary need not be (the parallel model pads it to a multiple of ``tp``, ``padded_vocab_size``).
 
 Pipeline constraint: nanotron's 1F1B engine asserts ``nb_microbatches >= pp - 1`` where ``nb_microbatches =
 global_batch_size / (dp * micro_batch_size)``; that exact condition is what is checked (``afab`` has no
@@ -78,6 +88,8 @@ if typing.TYPE_CHECKING:
 
 __all__ = [
     "SHAPE_FIELDS",
+    "TIME_BUDGET_CALIBRATION_STEPS",
+    "TIME_BUDGET_WARMUP_STEPS",
     "BpeTokenizerSpec",
     "CheckpointConfig",
     "DataConfig",
@@ -96,6 +108,11 @@ SHAPE_FIELDS = (
     "exit_layers", "exit_norm", "exit_mlp", "exit_block", "tie_exit_heads",
 )
 """Model fields that `init_from` configs may not change (they define the parameters to load)."""
+
+TIME_BUDGET_WARMUP_STEPS = 1
+"""``train.time_budget_minutes``: steps run before the step time is measured (start-up costs, not timed)."""
+TIME_BUDGET_CALIBRATION_STEPS = 4
+"""``train.time_budget_minutes``: steps after which the total is fixed (the warm-up steps, then the timed ones)."""
 
 
 class _YamlLoader(yaml.SafeLoader):
@@ -127,34 +144,38 @@ class ModelSection:
 
 @dataclasses.dataclass
 class ParallelismConfig:
-    """``parallelism:`` 3D layout. ``layer_split``: decoder layers per pipeline stage (None: even split)."""
+    """``parallelism:`` 3D layout. ``layer_split``: decoder layers per pipeline stage (None: the cost-balanced
+    split of :func:`eellm_hf.trainer.parallel_model.balanced_layer_split`). ``timeout_s``: the timeout of every
+    collective and point-to-point transfer (a dead or hung rank makes the others fail within it)."""
 
     tp: int = 1
     pp: int = 1
     dp: int = 1
     layer_split: list[int] | None = None
     pp_engine: Literal["1f1b", "afab"] = "1f1b"
+    timeout_s: float = 600.0  # = nanotron_compat.DEFAULT_TIMEOUT_S (not imported: config stays torch-free)
 
     @property
     def world_size(self) -> int:
         return self.tp * self.pp * self.dp
 
-    def stage_layers(self, num_hidden_layers: int) -> list[int]:
-        """Number of decoder layers of each pipeline stage: ``layer_split``, or an even split with the remainder
-        going to the first stages."""
-        if self.layer_split is not None:
-            return list(self.layer_split)
-        base, rest = divmod(num_hidden_layers, self.pp)
-        return [base + (1 if stage < rest else 0) for stage in range(self.pp)]
+    def stage_layers(self, model_config: Any) -> list[int]:
+        """Number of decoder layers of each pipeline stage, exactly as the trainer splits them
+        (:func:`eellm_hf.trainer.parallel_model.make_layout`): ``layer_split``, else the cost-balanced split that
+        counts each exit head on its layer's stage and the final head on the last stage.
+        ``model_config``: the model's ``EarlyExitGPTConfig`` (:meth:`TrainerConfig.model_config`)."""
+        from eellm_hf.trainer.parallel_model import make_layout  # imports torch/nanotron: only when needed
 
-    def stage_of_layer(self, layer: int, num_hidden_layers: int) -> int:
+        return list(make_layout(model_config, self.pp, self.layer_split).layer_split)
+
+    def stage_of_layer(self, layer: int, model_config: Any) -> int:
         """Pipeline stage (0-based) holding decoder layer ``layer`` (1-based, as in ``exit_layers``)."""
         end = 0
-        for stage, count in enumerate(self.stage_layers(num_hidden_layers)):
+        for stage, count in enumerate(self.stage_layers(model_config)):
             end += count
             if layer <= end:
                 return stage
-        raise ValueError(f"layer {layer} is outside [1, {num_hidden_layers}]")
+        raise ValueError(f"layer {layer} is outside [1, {model_config.num_hidden_layers}]")
 
 
 @dataclasses.dataclass
@@ -193,25 +214,50 @@ class DataConfig:
 
 @dataclasses.dataclass
 class ExitLossWeightSchedule:
-    """``train.exit_loss_weight_schedule``: every exit's weight is ``weight * factor(step)``, the factor going
-    from ``init`` at step 0 to 1 at ``warmup_steps`` (``linear`` or ``cosine`` ramp), then staying at 1."""
+    """``train.exit_loss_weight_schedule`` (EE-LLM's ``--exit-layer-weight-init``, ``--exit-layer-weight-warmup-
+    iters``, ``--exit-layer-weight-warmup-style``): every exit's loss weight starts at ``init`` (an absolute
+    weight, the same for every exit) at step 0 and moves to that exit's target ``model.exit_loss_weights[i]``
+    over ``warmup_steps`` optimizer steps (``linear``, or ``cosine``: slow at both ends), then stays at the
+    target. ``init`` above a target gives a cool-down, below it a warm-up."""
 
     init: float = 0.0
     warmup_steps: int = 0
     type: Literal["linear", "cosine"] = "linear"
 
-    def factor(self, step: int) -> float:
+    def progress(self, step: int) -> float:
+        """How far along the schedule step ``step`` (0-based) is: 0 at step 0, 1 from ``warmup_steps`` on."""
         if self.warmup_steps <= 0 or step >= self.warmup_steps:
             return 1.0
         progress = max(step, 0) / self.warmup_steps
         if self.type == "cosine":
             progress = 0.5 * (1.0 - math.cos(math.pi * progress))
-        return self.init + (1.0 - self.init) * progress
+        return progress
+
+    def weight_at(self, step: int, target: float) -> float:
+        """The weight at ``step`` of an exit whose target weight is ``target``."""
+        progress = self.progress(step)
+        if progress >= 1.0:
+            return float(target)
+        return self.init + (float(target) - self.init) * progress
 
 
 @dataclasses.dataclass
 class TrainConfig:
-    """``train:`` optimisation settings. ``global_batch_size`` and ``micro_batch_size`` count sequences."""
+    """``train:`` optimisation settings. ``global_batch_size`` and ``micro_batch_size`` count sequences.
+
+    ``time_budget_minutes`` (None: off): train for as many steps as fit in the budget, ``steps`` being an upper
+    bound. The run times its steps (step :data:`TIME_BUDGET_WARMUP_STEPS` not timed, then the steps up to
+    :data:`TIME_BUDGET_CALIBRATION_STEPS`); global rank 0 then fixes the total number of steps, ``min(steps,
+    done + floor((budget - elapsed) / step_time))`` and at least ``done + 1`` (``elapsed``: wall time since the
+    first training step of this run, ``done``: steps completed), and broadcasts it, so that every rank stops at
+    the same step. The budget counts training steps only: start-up (data, tokenizer, model) is before it, and the
+    time of later validations and checkpoints is not in ``step_time``: leave room for them. From then on the
+    learning-rate decay and the progress bar use that total; it is logged (``metrics.jsonl`` line ``{"event":
+    "time_budget", ...}``) and saved in checkpoints, and a resumed run keeps it. The learning rate of the
+    calibration steps (the total not known yet) follows the schedule for the ``steps`` upper bound: identical to
+    the final schedule when ``warmup_steps >= TIME_BUDGET_CALIBRATION_STEPS`` or ``lr_decay: constant`` (the
+    warm-up does not depend on the total), else a slightly different decay for those few steps.
+    """
 
     steps: int
     global_batch_size: int
@@ -227,6 +273,7 @@ class TrainConfig:
     adam_eps: float = 1.0e-8
     grad_clip: float | None = 1.0
     exit_loss_weight_schedule: ExitLossWeightSchedule | None = None
+    time_budget_minutes: float | None = None
     exit_temperature: float = 1.0
     freeze_backbone: bool = False
     zero_stage: Literal[0, 1] = 0
@@ -235,23 +282,36 @@ class TrainConfig:
     log_interval: int = 1
     dtype: Literal["float32", "bfloat16"] = "float32"
 
-    def lr_at(self, step: int) -> float:
+    def lr_at(self, step: int, total_steps: int | None = None) -> float:
         """Learning rate of optimizer step ``step`` (0-based): linear warmup from ``lr / warmup_steps`` to
-        ``lr`` over ``warmup_steps`` steps, then ``lr_decay`` down to ``min_lr`` at the last step."""
+        ``lr`` over ``warmup_steps`` steps, then ``lr_decay`` down to ``min_lr`` at the last step of
+        ``total_steps`` (default ``steps``; with a time budget, the total fixed by the run)."""
         if step < self.warmup_steps:
             return self.lr * (step + 1) / self.warmup_steps
         if self.lr_decay == "constant":
             return self.lr
-        decay_steps = self.steps - self.warmup_steps
+        decay_steps = (self.steps if total_steps is None else total_steps) - self.warmup_steps
         progress = 1.0 if decay_steps <= 1 else min(1.0, (step - self.warmup_steps) / (decay_steps - 1))
         if self.lr_decay == "cosine":
             progress = 0.5 * (1.0 - math.cos(math.pi * progress))
         return self.lr + (self.min_lr - self.lr) * progress
 
     def exit_loss_weights_at(self, step: int, weights: Sequence[float]) -> list[float]:
-        """The exits' loss weights at ``step`` under ``exit_loss_weight_schedule`` (unchanged without one)."""
-        factor = 1.0 if self.exit_loss_weight_schedule is None else self.exit_loss_weight_schedule.factor(step)
-        return [float(w) * factor for w in weights]
+        """The exits' loss weights at optimizer step ``step`` (0-based): ``weights`` (the targets,
+        ``model.exit_loss_weights``) under ``exit_loss_weight_schedule`` (unchanged without one)."""
+        schedule = self.exit_loss_weight_schedule
+        if schedule is None:
+            return [float(w) for w in weights]
+        return [schedule.weight_at(step, w) for w in weights]
+
+    def budgeted_total_steps(self, done: int, elapsed_s: float, step_time_s: float) -> int:
+        """The total number of steps under ``time_budget_minutes`` after ``done`` steps that took ``elapsed_s``
+        seconds in all, a step taking ``step_time_s``: ``done`` plus the steps that fit in the rest of the
+        budget, at least ``done + 1``, at most ``steps``."""
+        assert self.time_budget_minutes is not None
+        remaining = self.time_budget_minutes * 60.0 - elapsed_s
+        fit = done + math.floor(remaining / max(step_time_s, 1e-9)) if remaining > 0 else done
+        return min(self.steps, max(done + 1, fit))
 
     def num_micro_batches(self, dp: int) -> int:
         """Micro-batches per optimizer step on each data-parallel rank (pipeline / accumulation count)."""
@@ -529,7 +589,7 @@ def _parse_train(section: Any, base: Path) -> TrainConfig:
     if schedule_raw is not None:
         where = "train.exit_loss_weight_schedule"
         schedule = ExitLossWeightSchedule(**_build(ExitLossWeightSchedule, where, schedule_raw, base))
-        _need(0.0 <= schedule.init <= 1.0, f"`{where}.init` must be in [0, 1], got {schedule.init}")
+        _need(schedule.init >= 0.0, f"`{where}.init` must be >= 0, got {schedule.init}")
         _need(schedule.warmup_steps >= 0, f"`{where}.warmup_steps` must be >= 0, got {schedule.warmup_steps}")
     train = TrainConfig(**kwargs, exit_loss_weight_schedule=schedule)
     for name in ("steps", "global_batch_size", "micro_batch_size", "log_interval"):
@@ -549,6 +609,8 @@ def _parse_train(section: Any, base: Path) -> TrainConfig:
     _need(train.val_interval >= 0, f"`train.val_interval` must be >= 0 (0: never), got {train.val_interval}")
     _need(train.val_batches is None or train.val_batches >= 1,
           f"`train.val_batches` must be >= 1 (or null for all), got {train.val_batches}")
+    _need(train.time_budget_minutes is None or train.time_budget_minutes > 0,
+          f"`train.time_budget_minutes` must be > 0 (or null for no budget), got {train.time_budget_minutes}")
     return train
 
 
@@ -556,6 +618,7 @@ def _validate(cfg: TrainerConfig, world_size: int | None, check_files: bool) -> 
     par, train, data = cfg.parallelism, cfg.train, cfg.data
     for name in ("tp", "pp", "dp"):
         _need(getattr(par, name) >= 1, f"`parallelism.{name}` must be >= 1, got {getattr(par, name)}")
+    _need(par.timeout_s > 0, f"`parallelism.timeout_s` must be > 0, got {par.timeout_s}")
     if world_size is not None:
         _need(par.world_size == world_size,
               f"parallelism tp*pp*dp = {par.tp}*{par.pp}*{par.dp} = {par.world_size} does not match the world "
@@ -576,9 +639,10 @@ def _validate(cfg: TrainerConfig, world_size: int | None, check_files: bool) -> 
         _need(all(n >= 1 for n in split), f"`parallelism.layer_split` {split} has an entry < 1 (an empty stage)")
         _need(sum(split) == layers,
               f"`parallelism.layer_split` {split} sums to {sum(split)}, not num_hidden_layers={layers}")
-    else:
+    else:  # the trainer's cost-balanced split (balanced_layer_split) gives every stage >= 1 layer
         _need(layers >= par.pp, f"num_hidden_layers={layers} cannot be split over pp={par.pp} pipeline stages")
-    for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size", "vocab_size"):
+    # vocab_size need not divide: the parallel model pads the vocabulary to a multiple of tp (padded_vocab_size)
+    for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
         value = getattr(model, name)
         _need(value % par.tp == 0, f"model.{name}={value} is not divisible by parallelism.tp={par.tp}")
 

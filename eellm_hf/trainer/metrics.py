@@ -15,14 +15,17 @@ rank) should create an enabled logger; on the others ``MetricsLogger(..., enable
 
 Everything goes to one file, ``RUN_DIR/metrics.jsonl``, one JSON object per line, flushed line by line:
 
-* training: ``{"step", "split": "train", "loss", "exit_losses", "lr", "tokens_per_s", "elapsed_s", ...}``
-* validation: ``{"step", "split": "validation", "loss", "exit_losses", "elapsed_s", ...}``
+* training: ``{"step", "split": "train", "loss", "exit_layers", "exit_losses", "lr", "tokens_per_s",
+  "elapsed_s", ...}``
+* validation: ``{"step", "split": "validation", "loss", "exit_layers", "exit_losses", "elapsed_s", ...}``
+* events (no ``split``): ``{"event": NAME, "step", ...}``, e.g. ``{"event": "time_budget", "step": 4, "steps":
+  1200, "step_time_s": 0.41, ...}`` when a time budget fixed the total number of steps after step 4.
 
 ``step`` counts completed optimizer steps (1 after the first update). ``loss`` is the training objective (the
-weighted sum over heads); ``exit_losses`` maps each head to its own cross-entropy: ``"exit_<layer>"`` for the
-early exits and ``"final"`` for the final head. Passed as a list, the values follow ``exit_layers`` and may end
-with the final head's; passed as a dict, keys are kept as given (ints become ``exit_<int>``). Extra keyword
-arguments (``grad_norm=...``) are stored as they are. Non-finite numbers are written as ``null``.
+weighted sum over heads). ``exit_losses`` is a list of each head's own cross-entropy, aligned with
+``exit_layers`` (the early exits, in order), then the final head: ``exit_losses[i]`` belongs to the exit after
+layer ``exit_layers[i]`` and ``exit_losses[-1]`` to the final head (:func:`head_losses` names them). Extra
+keyword arguments (``grad_norm=...``) are stored as they are. Non-finite numbers are written as ``null``.
 
 Resuming from the checkpoint of step ``k``: ``resume_step=k`` keeps the lines with ``step <= k`` and drops the
 later ones (written after that checkpoint by the interrupted run), so that the file stays one consistent
@@ -40,7 +43,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["METRICS_FILE", "PLOT_FILE", "MetricsLogger", "plot_metrics", "read_metrics"]
+__all__ = ["METRICS_FILE", "PLOT_FILE", "MetricsLogger", "head_losses", "head_names", "plot_metrics", "read_metrics"]
 
 METRICS_FILE = "metrics.jsonl"
 PLOT_FILE = "metrics.png"
@@ -68,9 +71,20 @@ def _plain(value: Any) -> Any:
     return _number(value)
 
 
+def head_names(exit_layers: Sequence[int]) -> list[str]:
+    """Names of the entries of ``exit_losses``: ``exit_<layer>`` for each exit, then ``final``."""
+    return [f"exit_{int(layer)}" for layer in exit_layers] + ["final"]
+
+
+def head_losses(entry: Mapping[str, Any]) -> dict[str, float | None]:
+    """``{"exit_<layer>": ..., "final": ...}`` from a metrics line's ``exit_layers`` and ``exit_losses``."""
+    losses = entry.get("exit_losses") or []
+    return dict(zip(head_names(entry.get("exit_layers") or []), losses, strict=True))
+
+
 def read_metrics(run_dir: str | os.PathLike[str], split: str | None = None) -> list[dict[str, Any]]:
-    """The entries of ``RUN_DIR/metrics.jsonl`` (only those of ``split`` if given); a torn last line is
-    skipped."""
+    """The entries of ``RUN_DIR/metrics.jsonl`` (only those of ``split`` if given, e.g. ``"train"``; events have
+    no split); a torn last line is skipped."""
     path = Path(run_dir) / METRICS_FILE
     if not path.is_file():
         return []
@@ -89,8 +103,9 @@ def read_metrics(run_dir: str | os.PathLike[str], split: str | None = None) -> l
 class MetricsLogger:
     """Appends metrics to ``RUN_DIR/metrics.jsonl`` and shows a tqdm progress bar (see the module docstring).
 
-    ``total_steps``: the bar's length. ``enabled``: False on every rank but the logging one (then every
-    method is a no-op). ``exit_layers``: names the list entries of ``exit_losses``. ``resume_step``: the step
+    ``total_steps``: the bar's length (:meth:`set_total_steps` changes it). ``enabled``: False on every rank but
+    the logging one (then every method is a no-op). ``exit_layers``: the layers of the early exits, which
+    ``exit_losses`` lists (then the final head) and every line records. ``resume_step``: the step
     of the checkpoint resumed from (None: a fresh run). ``progress``: show the bar (on stderr). ``plot``:
     write ``metrics.png`` on :meth:`close`.
     """
@@ -136,22 +151,44 @@ class MetricsLogger:
         tmp.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
         os.replace(tmp, self.path)
 
-    def exit_loss_dict(self, exit_losses: Sequence[Any] | Mapping[Any, Any] | None) -> dict[str, float | None]:
-        """``exit_losses`` as stored: ``{"exit_<layer>": ..., "final": ...}``."""
+    def exit_loss_list(self, exit_losses: Sequence[Any] | None) -> list[float | None] | None:
+        """``exit_losses`` as stored: one number per exit of ``exit_layers``, then the final head's."""
         if exit_losses is None:
-            return {}
-        if isinstance(exit_losses, Mapping):
-            return {(f"exit_{k}" if isinstance(k, int) else str(k)): _number(v) for k, v in exit_losses.items()}
+            return None
+        if isinstance(exit_losses, (Mapping, str)) or not isinstance(exit_losses, Sequence):
+            raise TypeError(f"exit_losses must be a list (exits in exit_layers order, then the final head), got "
+                            f"{type(exit_losses).__name__}")
         values = [_number(v) for v in exit_losses]
-        names = [f"exit_{layer}" for layer in self.exit_layers]
-        if len(values) == len(names) + 1:
-            names.append("final")
-        if len(values) != len(names):
+        if len(values) != len(self.exit_layers) + 1:
             raise ValueError(
-                f"got {len(values)} exit losses for exit_layers {self.exit_layers} (expected {len(names)}, "
-                f"or {len(names) + 1} with the final head last)"
+                f"got {len(values)} exit losses for exit_layers {self.exit_layers} (expected "
+                f"{len(self.exit_layers) + 1}: one per exit, then the final head)"
             )
-        return dict(zip(names, values, strict=True))
+        return values
+
+    def _heads(self, entry: dict[str, Any]) -> dict[str, float | None]:
+        return {} if entry["exit_losses"] is None else head_losses(entry)
+
+    def set_total_steps(self, total_steps: int) -> None:
+        """Change the progress bar's length (e.g. when a time budget fixed the number of steps)."""
+        if self._bar is not None:
+            self._bar.total = int(total_steps)
+            self._bar.refresh()
+
+    def log_event(self, event: str, step: int, **fields: Any) -> None:
+        """Write an event line ``{"event": event, "step": step, **fields}`` (kept on resume if ``step`` is)."""
+        if not self.enabled:
+            return
+        entry: dict[str, Any] = {"event": str(event), "step": int(step)}
+        entry.update({k: _plain(v) for k, v in fields.items()})
+        entry["elapsed_s"] = round(time.perf_counter() - self._start, 3)
+        self._write(entry)
+        details = " ".join(f"{k}={v}" for k, v in entry.items() if k not in ("event", "step", "elapsed_s"))
+        message = f"step {step} {event}: {details}".rstrip()
+        if self._bar is not None:
+            self._bar.write(message, file=sys.stderr)
+        else:
+            print(message, file=sys.stderr, flush=True)
 
     def _write(self, entry: dict[str, Any]) -> None:
         assert self._file is not None
@@ -163,13 +200,14 @@ class MetricsLogger:
         step: int,
         loss: Any,
         *,
-        exit_losses: Sequence[Any] | Mapping[Any, Any] | None = None,
+        exit_losses: Sequence[Any] | None = None,
         lr: float | None = None,
         tokens: int | None = None,
         **extra: Any,
     ) -> None:
-        """Log optimizer step ``step``. ``tokens``: tokens processed per step (all ranks together), for the
-        throughput over the steps since the previous call."""
+        """Log optimizer step ``step``. ``exit_losses``: each exit's loss in ``exit_layers`` order, then the final
+        head's. ``tokens``: tokens processed per step (all ranks together), for the throughput over the steps
+        since the previous call."""
         if not self.enabled:
             return
         now = time.perf_counter()
@@ -177,8 +215,9 @@ class MetricsLogger:
         elapsed = now - self._last_time
         tokens_per_s = tokens * steps_done / elapsed if tokens and steps_done and elapsed > 0 else None
         entry: dict[str, Any] = {
-            "step": int(step), "split": "train", "loss": _number(loss), "exit_losses": self.exit_loss_dict(exit_losses),
-            "lr": _number(lr), "tokens_per_s": _number(tokens_per_s), "elapsed_s": round(now - self._start, 3),
+            "step": int(step), "split": "train", "loss": _number(loss), "exit_layers": list(self.exit_layers),
+            "exit_losses": self.exit_loss_list(exit_losses), "lr": _number(lr),
+            "tokens_per_s": _number(tokens_per_s), "elapsed_s": round(now - self._start, 3),
         }
         entry.update({k: _plain(v) for k, v in extra.items()})
         self._write(entry)
@@ -186,26 +225,27 @@ class MetricsLogger:
         if self._bar is not None:
             self._bar.update(steps_done)
             postfix = {"loss": _fmt(entry["loss"])}
-            postfix.update({k.replace("exit_", "e"): _fmt(v) for k, v in entry["exit_losses"].items()})
+            postfix.update({k.replace("exit_", "e"): _fmt(v) for k, v in self._heads(entry).items()})
             postfix["lr"] = "-" if entry["lr"] is None else f"{entry['lr']:.2e}"
             if entry["tokens_per_s"] is not None:
                 postfix["tok/s"] = f"{entry['tokens_per_s']:.0f}"
             self._bar.set_postfix(postfix, refresh=False)
 
     def log_validation(
-        self, step: int, loss: Any, *, exit_losses: Sequence[Any] | Mapping[Any, Any] | None = None, **extra: Any
+        self, step: int, loss: Any, *, exit_losses: Sequence[Any] | None = None, **extra: Any
     ) -> None:
-        """Log a validation result at ``step`` (also printed above the progress bar)."""
+        """Log a validation result at ``step`` (also printed above the progress bar); ``exit_losses`` as in
+        :meth:`log_train`."""
         if not self.enabled:
             return
         entry: dict[str, Any] = {
-            "step": int(step), "split": "validation", "loss": _number(loss),
-            "exit_losses": self.exit_loss_dict(exit_losses),
+            "step": int(step), "split": "validation", "loss": _number(loss), "exit_layers": list(self.exit_layers),
+            "exit_losses": self.exit_loss_list(exit_losses),
             "elapsed_s": round(time.perf_counter() - self._start, 3),
         }
         entry.update({k: _plain(v) for k, v in extra.items()})
         self._write(entry)
-        heads = " ".join(f"{k}={_fmt(v)}" for k, v in entry["exit_losses"].items())
+        heads = " ".join(f"{k}={_fmt(v)}" for k, v in self._heads(entry).items())
         message = f"step {step} validation loss={_fmt(entry['loss'])} {heads}".rstrip()
         if self._bar is not None:
             self._bar.write(message, file=sys.stderr)
@@ -249,10 +289,11 @@ def plot_metrics(run_dir: str | os.PathLike[str], out: str | os.PathLike[str] | 
     fig = Figure(figsize=(5.5 * (len(panels) + has_lr), 4))
     axes = fig.subplots(1, len(panels) + has_lr, squeeze=False)[0]
     for ax, (name, entries) in zip(axes, panels, strict=False):
-        heads = list(dict.fromkeys(k for e in entries for k in (e.get("exit_losses") or {})))
+        per_head = [head_losses(e) for e in entries]
+        heads = list(dict.fromkeys(k for losses in per_head for k in losses))
         for head in heads:
-            points = [(e["step"], e["exit_losses"][head]) for e in entries
-                      if e.get("exit_losses", {}).get(head) is not None]
+            points = [(e["step"], losses[head]) for e, losses in zip(entries, per_head, strict=True)
+                      if losses.get(head) is not None]
             if points:
                 ax.plot(*zip(*points, strict=True), label=head, marker="o" if name == "validation" else None,
                         markersize=3)

@@ -165,9 +165,11 @@ class ParallelTrainer:
 
     # -- training --------------------------------------------------------------------------------------------
 
-    def train_step(self, step: int, input_ids: torch.Tensor, labels: torch.Tensor) -> StepResult:
+    def train_step(self, step: int, input_ids: torch.Tensor, labels: torch.Tensor,
+                   total_steps: int | None = None) -> StepResult:
         """One optimizer step on a global batch (``(global_batch_size, seq_len)`` tensors, the same on every
-        rank). ``step`` is 0-based (learning-rate and exit-weight schedules)."""
+        rank). ``step`` is 0-based (learning-rate and exit-weight schedules); ``total_steps``: the length of
+        the learning-rate schedule (default ``train.steps``)."""
         train, model, ctx = self.train_config, self.model, self.ctx
         start = time.perf_counter()
         micro_batches = self._rank_micro_batches(input_ids, labels)
@@ -185,7 +187,7 @@ class ParallelTrainer:
         max_norm = train.grad_clip if train.grad_clip is not None else math.inf
         grad_norm = clip_grad_norm(ctx.mp_pg, self.named_trainable, max_norm=max_norm,
                                    grad_accumulator=self.grad_accumulator, device=self.device)
-        lr = train.lr_at(step)
+        lr = train.lr_at(step, total_steps)
         self.set_lr(lr)
         if self.optimizer is not None:
             self.optimizer.step()
@@ -290,8 +292,25 @@ def _packed_rows(cfg: TrainerConfig, ctx: ParallelContext) -> np.ndarray:
     return PackedDataset.load(cache).rows
 
 
+def _fix_total_steps(ctx: ParallelContext, train: TrainConfig, done: int, elapsed_s: float,
+                     step_times: Sequence[float]) -> tuple[int, float]:
+    """The number of steps of a time-budgeted run (``train.time_budget_minutes``), decided by global rank 0 from
+    its timings and broadcast (collective: every rank calls it after the same step, and all get rank 0's
+    answer): :meth:`TrainConfig.budgeted_total_steps` with the mean of ``step_times``. Returns
+    ``(total, step_time_s)``."""
+    step_time = sum(step_times) / len(step_times)
+    total = train.budgeted_total_steps(done, elapsed_s, step_time)
+    decision = torch.tensor([float(total), step_time], dtype=torch.float64, device=ctx.device)
+    dist.broadcast(decision, src=0, group=ctx.world_pg)  # world rank 0 is rank 0 of world_pg
+    return int(decision[0].item()), float(decision[1].item())
+
+
 def run(cfg: TrainerConfig) -> list[StepResult]:
-    """Train as ``cfg`` says (every rank calls it): data, steps, validation, metrics, checkpoints, export."""
+    """Train as ``cfg`` says (every rank calls it): data, steps, validation, metrics, checkpoints, export.
+
+    With ``train.time_budget_minutes`` the number of steps is fixed after the calibration steps (see
+    :class:`~eellm_hf.trainer.config.TrainConfig`) and kept by a resumed run (checkpoint ``state["total_steps"]``).
+    """
     from .checkpoint import (
         capture_rng_state,
         flatten_optimizer_state,
@@ -301,11 +320,12 @@ def run(cfg: TrainerConfig) -> list[StepResult]:
         save_checkpoint,
         unflatten_optimizer_state,
     )
+    from .config import TIME_BUDGET_CALIBRATION_STEPS, TIME_BUDGET_WARMUP_STEPS
     from .data import PackedDataset, global_batch_indices, train_val_split
     from .metrics import MetricsLogger
 
     par, train, data = cfg.parallelism, cfg.train, cfg.data
-    ctx = make_parallel_context(par.tp, par.pp, par.dp)
+    ctx = make_parallel_context(par.tp, par.pp, par.dp, timeout_s=par.timeout_s)
     world_rank = dist.get_rank(ctx.world_pg)
     model_config = cfg.model_config()
     rows = _packed_rows(cfg, ctx)
@@ -318,6 +338,10 @@ def run(cfg: TrainerConfig) -> list[StepResult]:
 
     start_step = 0
     resumed = False
+    # total: the number of steps of this run; `steps`, or with a time budget the total fixed after calibration
+    # (None until then: `steps` bounds the loop and the learning-rate schedule meanwhile)
+    budget = train.time_budget_minutes
+    fixed_total: int | None = None
     ckpt = cfg.checkpoint
     if ckpt is not None and ckpt.resume and (path := latest_checkpoint(ckpt.dir)) is not None:
         tensors, state = load_checkpoint(path, world_rank, world_size=par.world_size, layout=layout,
@@ -327,6 +351,8 @@ def run(cfg: TrainerConfig) -> list[StepResult]:
             trainer.optimizer.load_state_dict(unflatten_optimizer_state(tensors, state["optimizer"]))
         restore_rng_state(state["rng"])
         start_step, resumed = int(state["step"]), True
+        if budget is not None and state.get("total_steps") is not None:
+            fixed_total = min(int(state["total_steps"]), train.steps)
 
     def save(step: int) -> None:
         opt_tensors, opt_state = ({}, None) if trainer.optimizer is None else flatten_optimizer_state(
@@ -334,33 +360,49 @@ def run(cfg: TrainerConfig) -> list[StepResult]:
         save_checkpoint(ckpt.dir, step, world_rank, par.world_size,
                         tensors={**trainer.state_tensors(), **opt_tensors},
                         state={"step": step, "consumed_sequences": step * train.global_batch_size,
-                               "optimizer": opt_state, "rng": capture_rng_state()},
+                               "total_steps": fixed_total, "optimizer": opt_state, "rng": capture_rng_state()},
                         barrier=ctx.world_pg, layout=layout, config_hash=cfg.fingerprint(),
                         keep_last=ckpt.keep_last)
 
-    logger = MetricsLogger(cfg.run_dir, train.steps, enabled=world_rank == 0,
+    total = fixed_total if fixed_total is not None else train.steps
+    logger = MetricsLogger(cfg.run_dir, total, enabled=world_rank == 0,
                            exit_layers=model_config.exit_layers, resume_step=start_step if resumed else None)
     val_rows = _validation_batch(val_set, train, par.dp)
     tokens_per_step = train.global_batch_size * data.seq_len
     results = []
+    step_times: list[float] = []  # time-budget calibration: durations of the timed steps
+    loop_start = time.perf_counter()
     try:
-        for step in range(start_step, train.steps):
+        step = start_step
+        while step < total:
+            step_start = time.perf_counter()
             batch = train_set.batch(global_batch_indices(step, train.global_batch_size, len(train_set),
                                                          seed=data.shuffle_seed))
-            result = trainer.train_step(step, batch["input_ids"], batch["labels"])
+            result = trainer.train_step(step, batch["input_ids"], batch["labels"], total_steps=fixed_total)
             results.append(result)
             done = step + 1
-            if done % train.log_interval == 0 or done == train.steps:
+            step = done
+            if done % train.log_interval == 0 or done == total:
                 logger.log_train(done, result.loss, exit_losses=result.exit_losses, lr=result.lr,
                                  tokens=tokens_per_step, grad_norm=result.grad_norm,
                                  exit_weights=result.exit_weights)
+            if budget is not None and fixed_total is None:
+                if done - start_step > TIME_BUDGET_WARMUP_STEPS:
+                    step_times.append(time.perf_counter() - step_start)
+                if done - start_step == TIME_BUDGET_CALIBRATION_STEPS:
+                    fixed_total, step_time = _fix_total_steps(ctx, train, done, time.perf_counter() - loop_start,
+                                                              step_times)
+                    total = fixed_total
+                    logger.set_total_steps(total)
+                    logger.log_event("time_budget", done, steps=total, step_time_s=round(step_time, 6),
+                                     budget_minutes=budget, max_steps=train.steps)
             if val_rows is not None and train.val_interval > 0 and (
-                    done % train.val_interval == 0 or done == train.steps):
+                    done % train.val_interval == 0 or done == total):
                 val = trainer.evaluate(val_rows["input_ids"], val_rows["labels"])
-                weights = train.exit_loss_weights_at(step, model_config.exit_loss_weights)
+                weights = train.exit_loss_weights_at(done - 1, model_config.exit_loss_weights)
                 logger.log_validation(done, val[-1] + sum(w * x for w, x in zip(weights, val[:-1])),
                                       exit_losses=val)
-            if ckpt is not None and ((ckpt.interval > 0 and done % ckpt.interval == 0) or done == train.steps):
+            if ckpt is not None and ((ckpt.interval > 0 and done % ckpt.interval == 0) or done == total):
                 save(done)
     finally:
         logger.close()

@@ -1,0 +1,499 @@
+"""``eellm-sweep``: speed against quality of early-exit generation over a range of confidence thresholds.
+
+For one model and one prompt set (a ``generate_until`` lm-eval task, by default from the offline ``kjv_pack``, or
+a prompt file) it generates greedily at full depth and then at each threshold, in the same process, and records
+per setting: wall time and speedup against full depth, tokens per exit and mean exit layer, recomputed tokens,
+token agreement with the full-depth output (the fraction of positions, over the longer of the two outputs, whose
+token equals the full-depth token), and quality (the task's own metrics, and ROUGE-L against the references).
+
+It writes ``sweep.csv``, ``sweep.json``, ``speed_quality.png`` (quality and agreement against speedup, as in
+EE-LLM's figure 9) and ``exit_histogram.png`` (the share of tokens produced at each layer, per threshold)::
+
+    eellm-sweep MODEL_DIR --task kjv_completion --limit 50 --thresholds 1.0 0.9 0.8 --out sweep/
+    eellm-sweep MODEL_DIR --prompts-file prompts.jsonl --max-new-tokens 64 --batch-size 8 --out sweep/
+
+Generation stops at EOS or after ``--max-new-tokens`` (the task's ``max_gen_toks`` by default); the task's stop
+strings (``until``) only cut the text before it is scored, so every setting generates comparable token counts.
+A prompt file is JSON lines (``prompt``, optional ``reference``; ``text``/``context`` and
+``continuation``/``target`` are accepted too) or plain text, one prompt per line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import time
+from collections import Counter, defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from tqdm.auto import tqdm
+
+DEFAULT_THRESHOLDS: list[float] = [round(1.0 - 0.1 * step, 1) for step in range(11)]
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+FULL = "full"
+
+
+@dataclass
+class Prompt:
+    """One prompt, with its reference continuation and lm-eval document when known."""
+
+    text: str
+    reference: str | None = None
+    doc: dict[str, Any] | None = None
+
+
+@dataclass
+class PromptSet:
+    """Prompts plus how to score generated texts (metric name -> value over the whole set)."""
+
+    name: str
+    prompts: list[Prompt]
+    stop: list[str] = field(default_factory=list)
+    score: Callable[[list[Prompt], list[str]], dict[str, float]] | None = None
+    max_new_tokens: int | None = None
+
+
+@dataclass
+class Generation:
+    """Greedy outputs of one setting: real generated tokens and the layer that produced each."""
+
+    tokens: list[list[int]]
+    layers: list[list[int]]
+    wall_time_s: float
+    recomputed_tokens: int
+
+
+def real_token_layers(new_tokens: torch.Tensor, eos_token_ids: list[int], layer: int) -> torch.Tensor:
+    """``exit_layers`` of a full-depth ``generate``: ``layer`` up to each row's first EOS (inclusive), then -1."""
+    if not eos_token_ids:
+        return torch.full_like(new_tokens, layer)
+    is_eos = torch.isin(new_tokens, torch.tensor(eos_token_ids, device=new_tokens.device)).long()
+    after_eos = (is_eos.cumsum(dim=1) - is_eos) > 0
+    return torch.where(after_eos, torch.full_like(new_tokens, -1), torch.full_like(new_tokens, layer))
+
+
+def eos_token_ids(generation_config: Any) -> list[int]:
+    """The EOS ids of a generation config, as a list."""
+    eos = getattr(generation_config, "eos_token_id", None)
+    if eos is None:
+        return []
+    return [int(eos)] if isinstance(eos, int) else [int(token) for token in eos]
+
+
+def _normalize(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _rouge_l(prompts: list[Prompt], texts: list[str]) -> float:
+    from eellm_hf.eval.tasks.utils import rouge_l
+
+    pairs = [(text, p.reference) for p, text in zip(prompts, texts) if p.reference is not None]
+    return sum(rouge_l(_normalize(text), _normalize(ref)) for text, ref in pairs) / len(pairs)
+
+
+def load_prompts_file(path: str | Path, limit: int | None = None) -> PromptSet:
+    """Prompts from a JSON-lines file (``prompt`` [+ ``reference``]) or a text file (one prompt per line)."""
+    path = Path(path)
+    lines = [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    prompts = []
+    if path.suffix in (".jsonl", ".json"):
+        for number, line in enumerate(lines, 1):
+            row = json.loads(line)
+            text = next((row[key] for key in ("prompt", "text", "context") if key in row), None)
+            if not isinstance(text, str):
+                raise ValueError(f"{path}:{number}: expected a 'prompt' string, got keys {sorted(row)}.")
+            reference = next((row[key] for key in ("reference", "continuation", "target") if key in row), None)
+            prompts.append(Prompt(text, reference))
+    else:
+        prompts = [Prompt(line) for line in lines]
+    prompts = prompts[:limit] if limit is not None else prompts
+    if not prompts:
+        raise ValueError(f"No prompts in {path}.")
+    has_references = all(p.reference is not None for p in prompts)
+    return PromptSet(
+        name=path.name,
+        prompts=prompts,
+        score=(lambda ps, texts: {"rougeL": _rouge_l(ps, texts)}) if has_references else None,
+    )
+
+
+def load_task(task_name: str, limit: int | None = None, include_path: str | Path | None = None) -> PromptSet:
+    """The documents of a ``generate_until`` lm-eval task (the offline task pack is searched first)."""
+    from lm_eval.tasks import TaskManager, get_task_dict
+
+    from eellm_hf.eval.tasks import TASKS_DIR
+
+    include = str(include_path or TASKS_DIR)
+    manager = TaskManager(include_path=include, include_defaults=False)
+    if task_name not in manager.all_tasks:
+        manager = TaskManager(include_path=include)
+    if hasattr(manager, "load"):  # lm-eval >= 0.4.10
+        loaded = manager.load(task_name)
+        tasks = {} if loaded["groups"] else loaded["tasks"]
+    else:
+        tasks = get_task_dict([task_name], manager)
+    if len(tasks) != 1 or not hasattr(next(iter(tasks.values())), "process_results"):
+        raise ValueError(f"--task takes a single generate_until task, got {task_name!r}.")
+    task = next(iter(tasks.values()))
+    if task.OUTPUT_TYPE != "generate_until":
+        raise ValueError(f"Task {task_name!r} is {task.OUTPUT_TYPE}; the sweep needs a generate_until task.")
+    docs = list(task.eval_docs)
+    docs = docs[:limit] if limit is not None else docs
+    prompts = []
+    for doc in docs:
+        context = task.fewshot_context(doc, num_fewshot=0)
+        target = task.doc_to_target(doc)
+        prompts.append(Prompt(str(context), target if isinstance(target, str) else None, doc))
+    generation_kwargs = dict(task.config.generation_kwargs or {})
+    until = generation_kwargs.get("until") or []
+    aggregation = task.aggregation()
+
+    def score(ps: list[Prompt], texts: list[str]) -> dict[str, float]:
+        values: dict[str, list[float]] = defaultdict(list)
+        for prompt, text in zip(ps, texts):
+            for metric, value in task.process_results(prompt.doc, [text]).items():
+                values[metric].append(value)
+        scores = {
+            metric: float(aggregation[metric](vals) if metric in aggregation else sum(vals) / len(vals))
+            for metric, vals in values.items()
+        }
+        if "rougeL" not in scores and all(p.reference is not None for p in ps):
+            scores["rougeL"] = _rouge_l(ps, texts)
+        return scores
+
+    return PromptSet(
+        name=task_name,
+        prompts=prompts,
+        stop=[until] if isinstance(until, str) else list(until),
+        score=score,
+        max_new_tokens=generation_kwargs.get("max_gen_toks"),
+    )
+
+
+def generate(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    threshold: float | None,
+    max_new_tokens: int,
+    batch_size: int,
+    early_exit_kwargs: dict[str, Any] | None = None,
+    progress: tqdm | None = None,
+) -> Generation:
+    """Greedy generation for every prompt at one threshold (``None``: full depth), timed batch by batch."""
+    eos = eos_token_ids(model.generation_config)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+    kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                                  return_dict_in_generate=True)
+    if threshold is not None:
+        kwargs.update(early_exit_threshold=threshold, **(early_exit_kwargs or {}))
+    num_layers = int(model.config.num_hidden_layers)
+    tokens: list[list[int]] = []
+    layers: list[list[int]] = []
+    seconds, recomputed = 0.0, 0
+    for start in range(0, len(prompts), batch_size):
+        batch = tokenizer([p.text for p in prompts[start:start + batch_size]], return_tensors="pt", padding=True)
+        batch = batch.to(model.device)
+        begin = time.perf_counter()
+        with torch.no_grad():
+            output = model.generate(**batch, **kwargs)
+        if model.device.type == "cuda":
+            torch.cuda.synchronize(model.device)
+        seconds += time.perf_counter() - begin
+        new = output.sequences[:, batch["input_ids"].shape[1]:]
+        exit_layers = getattr(output, "exit_layers", None)
+        if exit_layers is None:
+            exit_layers = real_token_layers(new, eos, num_layers)
+        recomputed += int(getattr(getattr(output, "early_exit_stats", None), "recomputed_tokens", 0) or 0)
+        for row_tokens, row_layers in zip(new.tolist(), exit_layers.tolist()):
+            keep = [i for i, layer in enumerate(row_layers) if layer >= 0]
+            tokens.append([row_tokens[i] for i in keep])
+            layers.append([row_layers[i] for i in keep])
+        if progress is not None:
+            progress.update(1)
+    return Generation(tokens, layers, seconds, recomputed)
+
+
+def agreement(tokens: list[list[int]], reference: list[list[int]]) -> float:
+    """Matching positions over the longer of each pair of token sequences, summed over prompts."""
+    matches = sum(sum(a == b for a, b in zip(x, y)) for x, y in zip(tokens, reference))
+    positions = sum(max(len(x), len(y)) for x, y in zip(tokens, reference))
+    return matches / positions if positions else 1.0
+
+
+def _cut(text: str, stop: list[str]) -> str:
+    for sequence in stop:
+        if sequence:
+            text = text.split(sequence)[0]
+    return text
+
+
+def run_sweep(
+    model: Any,
+    tokenizer: Any,
+    prompt_set: PromptSet,
+    thresholds: Sequence[float],
+    max_new_tokens: int,
+    batch_size: int = 8,
+    early_exit_kwargs: dict[str, Any] | None = None,
+    warmup: int = 1,
+    repeats: int = 1,
+) -> list[dict[str, Any]]:
+    """One row per setting (full depth first, then each threshold) with speed, exit and quality statistics."""
+    prompts = prompt_set.prompts
+    settings: list[float | None] = [None, *thresholds]
+    num_batches = -(-len(prompts) // batch_size)
+    if warmup > 0:  # first calls pay one-off costs: warm up both decoding loops, untimed
+        head = prompts[: warmup * batch_size]
+        generate(model, tokenizer, head, None, max_new_tokens, batch_size)
+        if thresholds:
+            middle = sorted(thresholds)[len(thresholds) // 2]
+            generate(model, tokenizer, head, middle, max_new_tokens, batch_size, early_exit_kwargs)
+
+    rows: list[dict[str, Any]] = []
+    full: Generation | None = None
+    with tqdm(total=len(settings) * num_batches * repeats, desc="eellm-sweep", unit="batch") as progress:
+        for threshold in settings:
+            label = FULL if threshold is None else f"{threshold:g}"
+            progress.set_postfix_str(f"threshold={label}")
+            runs = [generate(model, tokenizer, prompts, threshold, max_new_tokens, batch_size, early_exit_kwargs,
+                             progress) for _ in range(repeats)]
+            result = min(runs, key=lambda run: run.wall_time_s)
+            if full is None:
+                full = result
+            counts = Counter(layer for row in result.layers for layer in row)
+            num_tokens = sum(counts.values())
+            mean_layer = sum(layer * n for layer, n in counts.items()) / num_tokens if num_tokens else None
+            texts = [_cut(tokenizer.decode(row, skip_special_tokens=True), prompt_set.stop) for row in result.tokens]
+            row: dict[str, Any] = {
+                "threshold": threshold,
+                "wall_time_s": result.wall_time_s,
+                "speedup": full.wall_time_s / result.wall_time_s if result.wall_time_s > 0 else float("nan"),
+                "tokens": num_tokens,
+                "tokens_per_s": num_tokens / result.wall_time_s if result.wall_time_s > 0 else float("nan"),
+                "mean_exit_layer": mean_layer,
+                "mean_depth_fraction": None if mean_layer is None else mean_layer / model.config.num_hidden_layers,
+                "recomputed_tokens": result.recomputed_tokens,
+                "agreement": agreement(result.tokens, full.tokens),
+                "tokens_per_exit": {str(layer): counts[layer] for layer in sorted(counts)},
+            }
+            if prompt_set.score is not None:
+                row.update(prompt_set.score(prompts, texts))
+            rows.append(row)
+    return rows
+
+
+def write_csv(rows: list[dict[str, Any]], path: Path, layers: list[int]) -> None:
+    """``rows`` as CSV: ``tokens_per_exit`` becomes one ``tokens_layer_<L>`` column per layer."""
+    scalar = [key for key in rows[0] if key != "tokens_per_exit"]
+    extra = sorted({key for row in rows for key in row} - set(scalar) - {"tokens_per_exit"})
+    fields = scalar + extra + [f"tokens_layer_{layer}" for layer in layers]
+    with path.open("w", newline="", encoding="utf-8") as fh:
+        writer = csv.DictWriter(fh, fieldnames=fields)
+        writer.writeheader()
+        for row in rows:
+            flat = {key: row.get(key) for key in scalar + extra}
+            flat["threshold"] = FULL if row["threshold"] is None else row["threshold"]
+            flat.update({f"tokens_layer_{layer}": row["tokens_per_exit"].get(str(layer), 0) for layer in layers})
+            writer.writerow(flat)
+
+
+def _label(threshold: float | None) -> str:
+    return FULL if threshold is None else f"{threshold:g}"
+
+
+def plot_speed_quality(rows: list[dict[str, Any]], path: Path, metric: str | None, title: str) -> None:
+    """Quality (``metric``) and token agreement against speedup, one point per setting."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    speedups = [row["speedup"] for row in rows]
+    series = [("agreement", "token agreement with full depth", "s--")]
+    if metric is not None and all(row.get(metric) is not None for row in rows):
+        series.insert(0, (metric, metric, "o-"))
+    for key, name, style in series:
+        values = [row[key] for row in rows]
+        ax.plot(speedups, values, style, label=name)
+        for x, y, row in zip(speedups, values, rows):
+            ax.annotate(_label(row["threshold"]), (x, y), textcoords="offset points", xytext=(3, 4), fontsize=7)
+    ax.axvline(1.0, color="grey", linewidth=0.5)
+    ax.set_xlabel("speedup against full depth (wall clock)")
+    ax.set_ylabel("quality")
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def plot_exit_histogram(rows: list[dict[str, Any]], path: Path, layers: list[int], num_layers: int,
+                        title: str) -> None:
+    """Stacked bars: per setting, the share of generated tokens produced at each layer."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(5.0, 0.55 * len(rows) + 2.5), 4.4))
+    labels = [_label(row["threshold"]) for row in rows]
+    bottoms = [0.0] * len(rows)
+    colors = plt.get_cmap("viridis")
+    for position, layer in enumerate(layers):
+        shares = [row["tokens_per_exit"].get(str(layer), 0) / row["tokens"] if row["tokens"] else 0.0
+                  for row in rows]
+        name = f"layer {layer}" + (" (final head)" if layer == num_layers else "")
+        ax.bar(labels, shares, bottom=bottoms, label=name, color=colors(position / max(1, len(layers) - 1)))
+        bottoms = [b + s for b, s in zip(bottoms, shares)]
+    ax.set_xlabel("early-exit threshold")
+    ax.set_ylabel("share of generated tokens")
+    ax.set_ylim(0, 1)
+    ax.set_title(title, fontsize=10)
+    ax.legend(fontsize=8, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The ``eellm-sweep`` argument parser."""
+    parser = argparse.ArgumentParser(
+        prog="eellm-sweep", description="Sweep early-exit thresholds: speedup against quality, in one run."
+    )
+    parser.add_argument("model", help="folder (or Hub id) of an EarlyExitGPT model and its tokenizer")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompts-file", type=Path, help="JSON lines (prompt[, reference]) or one prompt a line")
+    source.add_argument("--task", help="a generate_until lm-eval task, e.g. kjv_completion")
+    parser.add_argument("--include-path", default=None, help="extra lm-eval task folder (default: the kjv pack)")
+    parser.add_argument("--limit", type=int, default=None, help="use the first N prompts")
+    parser.add_argument("--thresholds", type=float, nargs="+", default=DEFAULT_THRESHOLDS,
+                        help="confidence thresholds in [0, 1] (default: 1.0 down to 0.0 in steps of 0.1)")
+    parser.add_argument("--exit-confidence", default="max_prob", choices=("max_prob", "top2_margin"))
+    parser.add_argument("--active-exits", type=int, nargs="+", default=None, help="exit layers allowed to fire")
+    parser.add_argument("--max-recompute-tokens", type=int, default=None)
+    parser.add_argument("--max-new-tokens", type=int, default=None,
+                        help="tokens to generate per prompt (default: the task's max_gen_toks, else 32)")
+    parser.add_argument("--batch-size", type=int, default=8)
+    parser.add_argument("--quality-metric", default="rougeL", help="metric plotted against speedup")
+    parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up batches per decoding loop")
+    parser.add_argument("--repeats", type=int, default=1, help="time each setting N times and keep the fastest")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
+    parser.add_argument("--trust-remote-code", action="store_true")
+    parser.add_argument("--out", type=Path, default=Path("eellm_sweep"), help="output folder")
+    return parser
+
+
+def sweep_from_args(argv: list[str] | None = None) -> dict[str, Any]:
+    """Run ``eellm-sweep`` on ``argv``; returns what ``sweep.json`` holds."""
+    args = build_parser().parse_args(argv)
+    if any(not 0.0 <= t <= 1.0 for t in args.thresholds):
+        raise SystemExit(f"eellm-sweep: thresholds must be in [0, 1], got {args.thresholds}")
+    if args.batch_size < 1 or args.repeats < 1 or args.warmup < 0:
+        raise SystemExit("eellm-sweep: --batch-size and --repeats must be >= 1, --warmup >= 0")
+
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    import eellm_hf  # noqa: F401  (registers EarlyExitGPT with the Auto classes)
+
+    if args.task is not None:
+        prompt_set = load_task(args.task, args.limit, args.include_path)
+        source: dict[str, Any] = {"task": args.task}
+    else:
+        prompt_set = load_prompts_file(args.prompts_file, args.limit)
+        source = {"prompts_file": str(args.prompts_file)}
+    max_new_tokens = args.max_new_tokens or prompt_set.max_new_tokens or 32
+
+    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype],
+                                                 trust_remote_code=args.trust_remote_code)
+    model = model.to(args.device).eval()
+    config = model.config
+    exits = [int(layer) for layer in getattr(config, "exit_layers", None) or []]
+    if not exits:
+        raise SystemExit(f"eellm-sweep: {args.model} has no early exits (config.exit_layers).")
+
+    early_exit_kwargs: dict[str, Any] = {"exit_confidence": args.exit_confidence}
+    if args.active_exits is not None:
+        early_exit_kwargs["active_exits"] = args.active_exits
+    if args.max_recompute_tokens is not None:
+        early_exit_kwargs["max_recompute_tokens"] = args.max_recompute_tokens
+
+    rows = run_sweep(model, tokenizer, prompt_set, args.thresholds, max_new_tokens, args.batch_size,
+                     early_exit_kwargs, warmup=args.warmup, repeats=args.repeats)
+
+    num_layers = int(config.num_hidden_layers)
+    active = sorted(set(args.active_exits)) if args.active_exits is not None else exits
+    layers = sorted({*active, num_layers} | {int(k) for row in rows for k in row["tokens_per_exit"]})
+    metric = args.quality_metric if any(args.quality_metric in row for row in rows) else None
+    summary = {
+        "model": str(args.model),
+        **source,
+        "num_prompts": len(prompt_set.prompts),
+        "max_new_tokens": max_new_tokens,
+        "batch_size": args.batch_size,
+        "device": args.device,
+        "dtype": args.dtype,
+        "num_hidden_layers": num_layers,
+        "exit_layers": exits,
+        "active_exits": active,
+        **{key: value for key, value in early_exit_kwargs.items() if key != "active_exits"},
+        "stop": prompt_set.stop,
+        "quality_metric": metric,
+        "runs": rows,
+    }
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "sweep.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    write_csv(rows, out / "sweep.csv", layers)
+    title = f"{Path(str(args.model)).name} on {prompt_set.name} ({len(prompt_set.prompts)} prompts)"
+    plot_speed_quality(rows, out / "speed_quality.png", metric, title)
+    plot_exit_histogram(rows, out / "exit_histogram.png", layers, num_layers, title)
+
+    for row in rows:
+        quality = f", {metric} {row[metric]:.3f}" if metric else ""
+        mean = f"{row['mean_exit_layer']:.2f}" if row["mean_exit_layer"] is not None else "-"
+        print(f"threshold {_label(row['threshold']):>4}: speedup {row['speedup']:.2f}x, mean exit layer {mean}, "
+              f"agreement {row['agreement']:.3f}{quality}")
+    print(f"wrote {out / 'sweep.csv'}, sweep.json, speed_quality.png, exit_histogram.png")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``eellm-sweep`` console entry point."""
+    sweep_from_args(argv)
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = [
+    "DEFAULT_THRESHOLDS",
+    "Generation",
+    "Prompt",
+    "PromptSet",
+    "agreement",
+    "build_parser",
+    "generate",
+    "load_prompts_file",
+    "load_task",
+    "main",
+    "plot_exit_histogram",
+    "plot_speed_quality",
+    "real_token_layers",
+    "run_sweep",
+    "sweep_from_args",
+    "write_csv",
+]
