@@ -6,6 +6,8 @@ import sys
 
 from transformers import AutoModelForCausalLM
 
+from eellm_hf.trainer.metrics import read_metrics
+
 PHASES = ("data", "train", "generate", "evaluate", "sweep", "report")
 
 
@@ -22,8 +24,7 @@ def test_demo_pipeline_runs_end_to_end_and_reuses_phases(tmp_path):
         assert (out / f"{phase}.json").exists(), phase
     train = json.loads((out / "train.json").read_text())
     assert train["steps"] == 4 and train["final_train"]["loss"] > 0
-    metrics = [json.loads(line) for line in (out / "train" / "metrics.jsonl").read_text().splitlines()]
-    assert [row["step"] for row in metrics if row.get("split", "train") == "train"] == [1, 2, 3, 4]
+    assert [row["step"] for row in read_metrics(out / "train", split="train")] == [1, 2, 3, 4]
 
     model = AutoModelForCausalLM.from_pretrained(out / "model", trust_remote_code=True)
     assert model.config.exit_layers == [1, 2]

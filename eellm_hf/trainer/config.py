@@ -253,7 +253,8 @@ class TrainConfig:
     the same step. The budget counts training steps only: start-up (data, tokenizer, model) is before it, and the
     time of later validations and checkpoints is not in ``step_time``: leave room for them. From then on the
     learning-rate decay and the progress bar use that total; it is logged (``metrics.jsonl`` line ``{"event":
-    "time_budget", ...}``) and saved in checkpoints, and a resumed run keeps it. The learning rate of the
+    "time_budget", ...}``) and saved in checkpoints, and a resumed run keeps it (a run resumed from a checkpoint
+    saved before the total was fixed calibrates again, from its first step). The learning rate of the
     calibration steps (the total not known yet) follows the schedule for the ``steps`` upper bound: identical to
     the final schedule when ``warmup_steps >= TIME_BUDGET_CALIBRATION_STEPS`` or ``lr_decay: constant`` (the
     warm-up does not depend on the total), else a slightly different decay for those few steps.
