@@ -73,10 +73,10 @@ class Demo:
     """Runs the phases in order, skipping those whose result file exists."""
 
     def __init__(self, out: Path, settings: DemoSettings):
-        self.out = out
+        self.out = out.resolve()
         self.settings = settings
-        self.data_dir = out / "data"
-        self.model_dir = out / "model"
+        self.data_dir = self.out / "data"
+        self.model_dir = self.out / "model"
         self.results: dict[str, Any] = {}
 
     # -- plumbing ---------------------------------------------------------------------------------------------
