@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 
 .PHONY: install test lint demo
 
-DEMO_MINUTES ?= 6
+DEMO_MINUTES ?= 5
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)

@@ -42,7 +42,7 @@ DEFAULT_PROMPTS = (
 class DemoSettings:
     """What the demo trains and measures. The defaults are the ``make demo`` run; :meth:`smoke` is a tiny one."""
 
-    minutes: float = 6.0
+    minutes: float = 5.0
     max_steps: int = 100_000
     vocab_size: int = 4096
     model: dict[str, Any] = field(default_factory=lambda: dict(
@@ -54,10 +54,11 @@ class DemoSettings:
     global_batch_size: int = 32
     micro_batch_size: int = 8
     lr: float = 2.0e-3
-    eval_limit: int = 40
+    eval_limit: int = 16
     new_tokens: int = 48
     threshold: float = 0.8
-    sweep_thresholds: tuple[float, ...] = tuple(round(1.0 - 0.1 * i, 1) for i in range(11))
+    sweep_prompts: int = 8
+    sweep_thresholds: tuple[float, ...] = (1.0, 0.9, 0.8, 0.6, 0.4, 0.2, 0.0)
 
     @classmethod
     def smoke(cls) -> DemoSettings:
@@ -66,7 +67,7 @@ class DemoSettings:
                    model=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
                               max_position_embeddings=64, tie_word_embeddings=True, exit_layers=[1, 2],
                               exit_loss_weights=[0.5, 0.5]),
-                   eval_limit=2, new_tokens=4, sweep_thresholds=(1.0, 0.0))
+                   eval_limit=2, new_tokens=4, sweep_prompts=2, sweep_thresholds=(1.0, 0.0))
 
 
 class Demo:
@@ -220,18 +221,19 @@ class Demo:
         from .eval.tasks import TASKS_DIR
 
         config = json.loads((self.model_dir / "config.json").read_text())
-        runs = {"full depth": "", "early exit 0.8": ",early_exit_threshold=0.8"}
-        runs |= {f"exit {layer}": f",exit_layer={layer}" for layer in config["exit_layers"]}
+        pack, scoring = ["kjv_pack"], ["kjv_perplexity", "kjv_cloze"]  # per-exit runs score loglikelihood only
+        runs = {"full depth": ("", pack), "early exit 0.8": (",early_exit_threshold=0.8", pack)}
+        runs |= {f"exit {layer}": (f",exit_layer={layer}", scoring) for layer in config["exit_layers"]}
         scores = {}
-        for name, extra in runs.items():
+        for name, (extra, tasks) in runs.items():
             results = simple_evaluate(
                 model="eellm", model_args=f"pretrained={self.model_dir},dtype=float32{extra}",
-                tasks=["kjv_pack"], task_manager=TaskManager(include_path=str(TASKS_DIR), include_defaults=False),
+                tasks=tasks, task_manager=TaskManager(include_path=str(TASKS_DIR), include_defaults=False),
                 limit=self.settings.eval_limit, device="cpu", batch_size=8, log_samples=False, bootstrap_iters=0,
             )
             metrics = {
                 task: {key.split(",")[0]: value for key, value in values.items()
-                       if isinstance(value, float) and not key.endswith("_stderr,none") and "stderr" not in key}
+                       if isinstance(value, float) and "stderr" not in key}
                 for task, values in results["results"].items() if task != "kjv_pack"
             }
             scores[name] = {"metrics": metrics, "cost": results.get("eellm_cost", {})}
@@ -242,7 +244,7 @@ class Demo:
 
         out = self.out / "sweep"
         summary = sweep_from_args([
-            str(self.model_dir), "--task", "kjv_completion", "--limit", str(self.settings.eval_limit),
+            str(self.model_dir), "--task", "kjv_completion", "--limit", str(self.settings.sweep_prompts),
             "--max-new-tokens", str(self.settings.new_tokens), "--batch-size", "8", "--out", str(out),
             "--thresholds", *map(str, self.settings.sweep_thresholds),
         ])
@@ -283,7 +285,8 @@ def write_report(out: Path, results: dict[str, Any]) -> int:
     ]
     for sample in gen["samples"]:
         lines.append(f"- *{sample['prompt']}*{sample['text']!r} (exit layers {sample['exit_layers']})")
-    lines += ["", f"## lm-eval on the task pack (limit {evaluation['limit']} per task)", ""]
+    lines += ["", f"## lm-eval on the task pack (first {evaluation['limit']} documents per task)", "",
+              "Per-exit rows score the loglikelihood tasks with that exit's head.", ""]
     header_done = False
     for name, run in evaluation["runs"].items():
         flat = {f"{task}/{metric}": value
@@ -293,7 +296,7 @@ def write_report(out: Path, results: dict[str, Any]) -> int:
             lines += ["| run | " + " | ".join(keys) + " | mean exit layer |",
                       "|---|" + "---|" * (len(keys) + 1)]
             header_done = True
-        lines.append(f"| {name} | " + " | ".join(_fmt(flat.get(key)) for key in keys)
+        lines.append(f"| {name} | " + " | ".join(_fmt(flat.get(key, "-")) for key in keys)
                      + f" | {_fmt(run['cost'].get('mean_exit_layer'))} |")
     lines += ["", "## Speed against quality (kjv_completion)", "",
               "![speed and quality](sweep/speed_quality.png) ![exit layers](sweep/exit_histogram.png)", ""]
@@ -312,8 +315,8 @@ def write_report(out: Path, results: dict[str, Any]) -> int:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m eellm_hf.demo", description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", type=Path, default=Path("runs/demo"))
-    parser.add_argument("--minutes", type=float, default=float(os.environ.get("DEMO_MINUTES", 6)),
-                        help="training time budget (default 6, or $DEMO_MINUTES)")
+    parser.add_argument("--minutes", type=float, default=float(os.environ.get("DEMO_MINUTES", 5)),
+                        help="training time budget (default 5, or $DEMO_MINUTES)")
     parser.add_argument("--smoke", action="store_true", help="a tiny model and a few steps (seconds), for tests")
     args = parser.parse_args(argv)
     settings = DemoSettings.smoke() if args.smoke else DemoSettings(minutes=args.minutes)
