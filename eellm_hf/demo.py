@@ -256,6 +256,8 @@ class Demo:
 
 
 def _fmt(value: Any, digits: int = 3) -> str:
+    if value is None:
+        return "-"
     if isinstance(value, float):
         return f"{value:.{digits}f}" if math.isfinite(value) else "n/a"
     return str(value)
@@ -273,7 +275,10 @@ def write_report(out: Path, results: dict[str, Any]) -> int:
         f"KJV training text: {data['corpus_bytes'] / 1e6:.1f} MB; BPE vocabulary {data['vocab_size']}.",
         f"Trained {train['steps']} steps ({train['tokens'] / 1e6:.2f}M tokens) on 2 processes at pp=2 "
         f"(~{train['tokens_per_s']:.0f} tokens/s).",
-        f"Final training loss {_fmt(final['loss'])}; validation loss {_fmt(val.get('loss'))}.",
+        f"Final training loss {_fmt(final['loss'])} (weighted total); per head "
+        f"(exits after layers {final['exit_layers']}, then the final head): training "
+        f"{[round(x, 3) for x in final['exit_losses']]}, validation "
+        f"{[round(x, 3) for x in val.get('exit_losses', [])]} nats/token.",
         "",
         "![training curves](train/metrics.png)",
         "",
