@@ -232,6 +232,8 @@ def bench_trained(model_dir: Path, thresholds: list[float], batch_sizes: list[in
                     mean_exit_layer=sum(layer * n for layer, n in tokens_per_exit.items()) / total,
                     tokens_per_exit=tokens_per_exit,
                     recomputed=sum(stat.recomputed_tokens for stat in stats),
+                    padding=sum(stat.padding_token_layers for stat in stats)
+                    / sum(stat.layer_tokens + stat.padding_token_layers for stat in stats),
                     ideal=ideal,
                     efficiency=row["speedup"] / ideal,
                     agreement=statistics.mean(agree),
@@ -277,17 +279,19 @@ def bench_speed_limits(new_tokens: int, repeats: int, batch_sizes: list[int]) ->
 
 def print_table(rows: list[dict[str, Any]]) -> None:
     header = (f"{'batch':>5} {'threshold':>9} {'tok/s':>8} {'speedup':>7} {'mean exit':>9} {'tokens per exit':>22} "
-              f"{'recomp':>6} {'ideal':>6} {'effic.':>6} {'agree':>6}")
+              f"{'recomp':>6} {'pad':>5} {'ideal':>6} {'effic.':>6} {'agree':>6}")
     print(header)
     print("-" * len(header))
+    print("(recomp: backlog tokens recomputed; pad: share of decoder-layer compute spent aligning the rows of a batch,"
+          " counted in the ideal)")
     for row in rows:
         if row["threshold"] == "full":
             print(f"{row['batch']:>5} {'full':>9} {row['tokens_per_s']:8.1f} {1.0:7.2f}")
             continue
         per_exit = " ".join(f"L{layer}:{count}" for layer, count in row["tokens_per_exit"].items())
         print(f"{row['batch']:>5} {row['threshold']:>9} {row['tokens_per_s']:8.1f} {row['speedup']:7.2f} "
-              f"{row['mean_exit_layer']:9.2f} {per_exit:>22} {row['recomputed']:6d} {row['ideal']:6.2f} "
-              f"{row['efficiency']:6.2f} {row['agreement']:6.2f}")
+              f"{row['mean_exit_layer']:9.2f} {per_exit:>22} {row['recomputed']:6d} {row['padding']:5.2f} "
+              f"{row['ideal']:6.2f} {row['efficiency']:6.2f} {row['agreement']:6.2f}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -296,7 +300,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("runs/bench_generate_model"),
                         help="where to save (or reuse) the trained model when --model is not given")
     parser.add_argument("--train-steps", type=int, default=400)
-    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.3, 0.5, 0.7, 0.9, 1.0])
+    parser.add_argument("--thresholds", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
     parser.add_argument("--new-tokens", type=int, default=48)
     parser.add_argument("--repeats", type=int, default=5)

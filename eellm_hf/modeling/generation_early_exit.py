@@ -416,7 +416,6 @@ class EarlyExitDecoder:
         self.model, self.backbone, self.settings, self.config = model, model.model, settings, config
         self.num_layers = config.num_hidden_layers
         self.exit_layers = list(config.exit_layers)
-        self.active_exits = settings.active_exits
         self.exit_after = {self.exit_layers[index] - 1: index for index in settings.active_exits}
         batch_size, prompt_length = input_ids.shape
         self.batch_size, self.prompt_length = batch_size, prompt_length
@@ -594,13 +593,7 @@ class EarlyExitDecoder:
                 block_filled = self.filled[self.num_layers + exit_index]
                 for row in work:
                     block_filled[row] = end
-                useful = sum(end - row_start for row_start in starts)
-                stats.exit_block_tokens[exit_index] += useful
-                stats.padding_token_layers += len(work) * (end - start) - useful
-                if kind == "decode":
-                    stats.recomputed_token_layers += useful - len(work)
-                elif kind == "completion":
-                    stats.completion_token_layers += useful
+                self._count(kind, work, starts, start, end, exit_block=exit_index)
             if not undecided:
                 continue
 
@@ -750,14 +743,20 @@ class EarlyExitDecoder:
             confidence = top2[:, 0] - top2[:, 1]
         return (confidence >= threshold).tolist()
 
-    def _count(self, kind: str, work: list[int], starts: list[int], start: int, end: int) -> None:
+    def _count(
+        self, kind: str, work: list[int], starts: list[int], start: int, end: int, exit_block: int | None = None
+    ) -> None:
+        """Account one layer (or exit block) run over `work` rows, columns `start:end`, in the stats."""
         stats = self.stats
         useful = sum(end - row_start for row_start in starts)
-        stats.padding_token_layers += len(work) * (end - start) - useful
         if kind == "completion":
             stats.completion_token_layers += useful
             return
-        stats.layer_tokens += useful
+        stats.padding_token_layers += len(work) * (end - start) - useful
+        if exit_block is None:
+            stats.layer_tokens += useful
+        else:
+            stats.exit_block_tokens[exit_block] += useful
         if kind == "decode":
             stats.recomputed_token_layers += useful - len(work)
 
