@@ -16,10 +16,11 @@ Part 2 (speed limits, untrained weights): a 12-layer model whose only exit sits 
 (every token leaves there) against full depth, and the overhead of early exit when nothing exits (threshold 1.0)
 against full depth plus the exit heads' share of the FLOPs.
 
-Timings are the best of `--repeats` interleaved runs, single-threaded by default (`--threads`): the machines this
-runs on are shared, and multi-threaded timings swing by an order of magnitude under load. Tokens/s are wall-clock;
-speedups compare process CPU time (equal to wall-clock time on an idle machine at one thread, and unaffected by
-other processes), unless `--wall-clock` is given.
+Timing runs single-threaded by default (`--threads`): the machines this runs on are shared, and multi-threaded
+timings swing by an order of magnitude under load. Every configuration runs once per round, `--repeats` rounds.
+Tokens/s are the best round's wall-clock rate. A speedup is the median over rounds of the ratio of full-depth to
+early-exit process CPU time within the round (wall-clock with `--wall-clock`), which cancels the slow drifts of
+a shared machine's speed.
 """
 
 from __future__ import annotations
@@ -160,19 +161,27 @@ class FlopModel:
 # ------------------------------------------------------------------------------------------------ measurement
 
 
-def best_times(runs: dict[str, Any], repeats: int) -> tuple[dict[str, float], dict[str, float]]:
-    """Best wall-clock and best CPU time of each callable over `repeats` interleaved rounds (after a warm-up)."""
+def time_runs(runs: dict[str, Any], repeats: int) -> tuple[dict[str, float], dict[str, float]]:
+    """Time callables in `repeats` interleaved rounds (after a warm-up round); `runs["full"]` is the baseline.
+
+    Returns each run's best wall-clock time, and its speedup over the baseline: the median over rounds of the
+    ratio of their times within the round (process CPU time unless `WALL_CLOCK`), which cancels the slow drifts
+    of a shared machine's speed.
+    """
     wall: dict[str, list[float]] = {name: [] for name in runs}
-    cpu: dict[str, list[float]] = {name: [] for name in runs}
+    measured: dict[str, list[float]] = {name: [] for name in runs}
     for round_index in range(repeats + 1):
         for name, run in runs.items():
             started, started_cpu = time.perf_counter(), time.process_time()
             run()
             if round_index:
                 wall[name].append(time.perf_counter() - started)
-                cpu[name].append(time.process_time() - started_cpu)
-    return ({name: min(values) for name, values in wall.items()},
-            {name: min(values) for name, values in (wall if WALL_CLOCK else cpu).items()})
+                measured[name].append(wall[name][-1] if WALL_CLOCK else time.process_time() - started_cpu)
+    speedups = {
+        name: statistics.median(full / own for full, own in zip(measured["full"], values))
+        for name, values in measured.items()
+    }
+    return {name: min(values) for name, values in wall.items()}, speedups
 
 
 def prompts_from_held_out(tokenizer: Any, count: int, words: int = 8) -> list[str]:
@@ -207,14 +216,14 @@ def bench_trained(model_dir: Path, thresholds: list[float], batch_sizes: list[in
                     for encoded in inputs]
 
         settings: dict[str, float | None] = {"full": None, **{f"{t:g}": t for t in thresholds}}
-        wall, times = best_times({name: (lambda t=t: generate(t)) for name, t in settings.items()}, repeats)
+        wall, speedups = time_runs({name: (lambda t=t: generate(t)) for name, t in settings.items()}, repeats)
         reference = generate(None)
         generated = sum(batch.shape[0] for batch in reference) * new_tokens
         full_flops = sum(flops.full_depth(encoded["input_ids"].shape[0], encoded["input_ids"].shape[1], new_tokens)
                          for encoded in inputs)
         for name, threshold in settings.items():
             row: dict[str, Any] = {"batch": batch_size, "threshold": name,
-                                   "tokens_per_s": generated / wall[name], "speedup": times["full"] / times[name]}
+                                   "tokens_per_s": generated / wall[name], "speedup": speedups[name]}
             if threshold is not None:
                 outputs = generate(threshold, return_dict_in_generate=True)
                 stats = [output.early_exit_stats for output in outputs]
@@ -263,14 +272,14 @@ def bench_speed_limits(new_tokens: int, repeats: int, batch_sizes: list[int]) ->
             "0": lambda ids=input_ids, common=common: model.generate(ids, early_exit_threshold=0.0, **common),
             "1": lambda ids=input_ids, common=common: model.generate(ids, early_exit_threshold=1.0, **common),
         }
-        wall, times = best_times(runs, repeats)
+        wall, speedups = time_runs(runs, repeats)
         full = flops.full_depth(batch_size, 16, new_tokens)
         for name, threshold in (("0", 0.0), ("1", 1.0)):
             stats = model.generate(input_ids, early_exit_threshold=threshold, return_dict_in_generate=True,
                                    **common).early_exit_stats
             ideal = full / flops.early_exit(stats)
-            rows.append({"batch": batch_size, "threshold": name, "speedup": times["full"] / times[name],
-                         "ideal": ideal, "efficiency": times["full"] / times[name] / ideal,
+            rows.append({"batch": batch_size, "threshold": name, "speedup": speedups[name],
+                         "ideal": ideal, "efficiency": speedups[name] / ideal,
                          "mean_exit_layer": stats.mean_exit_layer, "heads_share": flops.heads_share(stats, full),
                          "tokens_per_s": batch_size * new_tokens / wall[name],
                          "full_tokens_per_s": batch_size * new_tokens / wall["full"]})
@@ -302,8 +311,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--train-steps", type=int, default=400)
     parser.add_argument("--thresholds", type=float, nargs="+", default=[0.1, 0.2, 0.3, 0.5, 0.7, 0.9, 1.0])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[1, 8])
-    parser.add_argument("--new-tokens", type=int, default=48)
-    parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--new-tokens", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=15, help="interleaved timing rounds (best one kept)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads while timing (default 1)")
     parser.add_argument("--wall-clock", action="store_true", help="speedups from wall-clock instead of CPU time")
     parser.add_argument("--skip-trained", action="store_true", help="only run the speed-limit checks")
