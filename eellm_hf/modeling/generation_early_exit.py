@@ -516,7 +516,11 @@ class EarlyExitDecoder:
         return logits, layers
 
     def write_cache(self, cache: Cache, length: int) -> None:
-        """Complete every row's KV up to column `length - 1` and append what `cache` lacks to it."""
+        """Complete every row's KV up to column `length - 1` and append what `cache` lacks to it.
+
+        Backbone layers and the active exits' blocks are completed; the block KV of exits turned off by
+        `active_exits` is not computed (a later early-exit call that uses them catches it up from the cache).
+        """
         rows = [
             row for row in range(self.batch_size)
             if any(self.filled[layer][row] < length for layer in self.cache_layers)
