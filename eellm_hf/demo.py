@@ -54,6 +54,8 @@ class DemoSettings:
     global_batch_size: int = 32
     micro_batch_size: int = 8
     lr: float = 2.0e-3
+    warmup_steps: int = 10
+    train_extra: dict[str, Any] = field(default_factory=dict)  # more ``train:`` keys (e.g. a weight schedule)
     eval_limit: int = 16
     new_tokens: int = 48
     threshold: float = 0.8
@@ -64,6 +66,7 @@ class DemoSettings:
     def smoke(cls) -> DemoSettings:
         """A few seconds of everything, for tests."""
         return cls(minutes=0.0, max_steps=4, vocab_size=512, seq_len=32, global_batch_size=8, micro_batch_size=2,
+                   warmup_steps=1,
                    model=dict(hidden_size=32, intermediate_size=64, num_hidden_layers=4, num_attention_heads=2,
                               max_position_embeddings=64, tie_word_embeddings=True, exit_layers=[1, 2],
                               exit_loss_weights=[0.5, 0.5]),
@@ -112,8 +115,8 @@ class Demo:
         settings = self.settings
         train = {"steps": settings.max_steps, "global_batch_size": settings.global_batch_size,
                  "micro_batch_size": settings.micro_batch_size, "lr": settings.lr, "min_lr": settings.lr / 10,
-                 "warmup_steps": 10 if settings.minutes else 1, "weight_decay": 0.01, "seed": 0,
-                 "val_interval": 50, "val_batches": 2}
+                 "warmup_steps": settings.warmup_steps, "weight_decay": 0.01, "seed": 0,
+                 "val_interval": 50, "val_batches": 2, **settings.train_extra}
         if settings.minutes:
             train["time_budget_minutes"] = settings.minutes
         config = {

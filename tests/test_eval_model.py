@@ -210,7 +210,7 @@ def test_sweep_writes_files(tiny_early_exit_dir: Path, tmp_path: Path) -> None:
     out = tmp_path / "sweep"
     sweep.main([
         str(tiny_early_exit_dir), "--task", "kjv_completion", "--limit", "4", "--thresholds", "1.0", "0.5", "0.0",
-        "--max-new-tokens", "8", "--batch-size", "2", "--out", str(out), "--device", "cpu",
+        "--max-new-tokens", "8", "--batch-size", "3", "--out", str(out), "--device", "cpu", "--repeats", "2",
     ])
     for name in ("sweep.csv", "sweep.json", "speed_quality.png", "exit_histogram.png"):
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
@@ -224,6 +224,8 @@ def test_sweep_writes_files(tiny_early_exit_dir: Path, tmp_path: Path) -> None:
     assert zero["mean_exit_layer"] == 1.0 and set(zero["tokens_per_exit"]) == {"1"}
     for run in data["runs"]:
         assert 0.0 <= run["agreement"] <= 1.0 and run["speedup"] > 0
+        if run["threshold"] is not None:  # timed next to full depth on the same batches
+            assert run["full_depth_wall_time_s"] > 0 and run["wall_time_s"] > 0
         assert 0.0 <= run["rougeL"] <= 1.0 and 0.0 <= run["exact_match"] <= 1.0
         assert sum(run["tokens_per_exit"].values()) == run["tokens"] > 0
 

@@ -1,13 +1,15 @@
 """``eellm-sweep``: speed against quality of early-exit generation over a range of confidence thresholds.
 
 For one model and one prompt set (a ``generate_until`` lm-eval task, by default from the offline ``kjv_pack``, or
-a prompt file) it generates greedily at full depth and then at each threshold, in the same process, and records
+a prompt file) it generates greedily at each threshold and at full depth, in the same process, and records
 per setting: wall time and speedup against full depth, tokens per exit and mean exit layer, recomputed tokens,
 token agreement with the full-depth output (the fraction of positions, over the longer of the two outputs, whose
 token equals the full-depth token), and quality (the task's own metrics, and ROUGE-L against the references).
 
 It writes ``sweep.csv``, ``sweep.json``, ``speed_quality.png`` (quality and agreement against speedup, as in
-EE-LLM's figure 9) and ``exit_histogram.png`` (the share of tokens produced at each layer, per threshold)::
+EE-LLM's figure 9) and ``exit_histogram.png`` (the share of tokens produced at each layer, per threshold).
+Each threshold is timed next to full depth on the same batch, over ``--repeats`` rounds, and its speedup is the
+median of the paired ratios, so load from other jobs slows both sides instead of faking a speedup::
 
     eellm-sweep MODEL_DIR --task kjv_completion --limit 50 --thresholds 1.0 0.9 0.8 --out sweep/
     eellm-sweep MODEL_DIR --prompts-file prompts.jsonl --max-new-tokens 64 --batch-size 8 --out sweep/
@@ -23,6 +25,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import statistics
 import time
 from collections import Counter, defaultdict
 from collections.abc import Callable, Sequence
@@ -175,6 +178,56 @@ def load_task(task_name: str, limit: int | None = None, include_path: str | Path
     )
 
 
+def _generation_kwargs(model: Any, tokenizer: Any, threshold: float | None, max_new_tokens: int,
+                       early_exit_kwargs: dict[str, Any] | None) -> dict[str, Any]:
+    eos = eos_token_ids(model.generation_config)
+    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
+    kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
+                                  return_dict_in_generate=True)
+    if threshold is not None:
+        kwargs.update(early_exit_threshold=threshold, **(early_exit_kwargs or {}))
+    return kwargs
+
+
+def generate_batch(
+    model: Any,
+    tokenizer: Any,
+    prompts: Sequence[Prompt],
+    threshold: float | None,
+    max_new_tokens: int,
+    early_exit_kwargs: dict[str, Any] | None = None,
+) -> Generation:
+    """Greedy generation for one batch of prompts at one threshold (``None``: full depth), timed."""
+    kwargs = _generation_kwargs(model, tokenizer, threshold, max_new_tokens, early_exit_kwargs)
+    batch = tokenizer([p.text for p in prompts], return_tensors="pt", padding=True).to(model.device)
+    begin = time.perf_counter()
+    with torch.no_grad():
+        output = model.generate(**batch, **kwargs)
+    if model.device.type == "cuda":
+        torch.cuda.synchronize(model.device)
+    seconds = time.perf_counter() - begin
+    new = output.sequences[:, batch["input_ids"].shape[1]:]
+    exit_layers = getattr(output, "exit_layers", None)
+    if exit_layers is None:
+        exit_layers = real_token_layers(new, eos_token_ids(model.generation_config), model.config.num_hidden_layers)
+    recomputed = int(getattr(getattr(output, "early_exit_stats", None), "recomputed_tokens", 0) or 0)
+    tokens, layers = [], []
+    for row_tokens, row_layers in zip(new.tolist(), exit_layers.tolist()):
+        keep = [i for i, layer in enumerate(row_layers) if layer >= 0]
+        tokens.append([row_tokens[i] for i in keep])
+        layers.append([row_layers[i] for i in keep])
+    return Generation(tokens, layers, seconds, recomputed)
+
+
+def _concat(parts: Sequence[Generation]) -> Generation:
+    return Generation(
+        tokens=[row for part in parts for row in part.tokens],
+        layers=[row for part in parts for row in part.layers],
+        wall_time_s=sum(part.wall_time_s for part in parts),
+        recomputed_tokens=sum(part.recomputed_tokens for part in parts),
+    )
+
+
 def generate(
     model: Any,
     tokenizer: Any,
@@ -186,37 +239,13 @@ def generate(
     progress: tqdm | None = None,
 ) -> Generation:
     """Greedy generation for every prompt at one threshold (``None``: full depth), timed batch by batch."""
-    eos = eos_token_ids(model.generation_config)
-    pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
-    kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
-                                  return_dict_in_generate=True)
-    if threshold is not None:
-        kwargs.update(early_exit_threshold=threshold, **(early_exit_kwargs or {}))
-    num_layers = int(model.config.num_hidden_layers)
-    tokens: list[list[int]] = []
-    layers: list[list[int]] = []
-    seconds, recomputed = 0.0, 0
+    parts = []
     for start in range(0, len(prompts), batch_size):
-        batch = tokenizer([p.text for p in prompts[start:start + batch_size]], return_tensors="pt", padding=True)
-        batch = batch.to(model.device)
-        begin = time.perf_counter()
-        with torch.no_grad():
-            output = model.generate(**batch, **kwargs)
-        if model.device.type == "cuda":
-            torch.cuda.synchronize(model.device)
-        seconds += time.perf_counter() - begin
-        new = output.sequences[:, batch["input_ids"].shape[1]:]
-        exit_layers = getattr(output, "exit_layers", None)
-        if exit_layers is None:
-            exit_layers = real_token_layers(new, eos, num_layers)
-        recomputed += int(getattr(getattr(output, "early_exit_stats", None), "recomputed_tokens", 0) or 0)
-        for row_tokens, row_layers in zip(new.tolist(), exit_layers.tolist()):
-            keep = [i for i, layer in enumerate(row_layers) if layer >= 0]
-            tokens.append([row_tokens[i] for i in keep])
-            layers.append([row_layers[i] for i in keep])
+        parts.append(generate_batch(model, tokenizer, prompts[start:start + batch_size], threshold, max_new_tokens,
+                                    early_exit_kwargs))
         if progress is not None:
             progress.update(1)
-    return Generation(tokens, layers, seconds, recomputed)
+    return _concat(parts)
 
 
 def agreement(tokens: list[list[int]], reference: list[list[int]]) -> float:
@@ -242,12 +271,17 @@ def run_sweep(
     batch_size: int = 8,
     early_exit_kwargs: dict[str, Any] | None = None,
     warmup: int = 1,
-    repeats: int = 1,
+    repeats: int = 3,
 ) -> list[dict[str, Any]]:
-    """One row per setting (full depth first, then each threshold) with speed, exit and quality statistics."""
+    """One row per setting (full depth first, then each threshold) with speed, exit and quality statistics.
+
+    Timing is paired so that a busy machine cannot fake a speedup: each threshold is timed batch by batch right
+    next to full depth on the same batch (alternating which goes first), for ``repeats`` rounds, and its speedup
+    is the median over rounds of (full-depth time / early-exit time) summed over the batches of the round.
+    Outputs (greedy, deterministic) and exit statistics come from the first round.
+    """
     prompts = prompt_set.prompts
-    settings: list[float | None] = [None, *thresholds]
-    num_batches = -(-len(prompts) // batch_size)
+    batches = [prompts[start:start + batch_size] for start in range(0, len(prompts), batch_size)]
     if warmup > 0:  # first calls pay one-off costs: warm up both decoding loops, untimed
         head = prompts[: warmup * batch_size]
         generate(model, tokenizer, head, None, max_new_tokens, batch_size)
@@ -255,37 +289,68 @@ def run_sweep(
             middle = sorted(thresholds)[len(thresholds) // 2]
             generate(model, tokenizer, head, middle, max_new_tokens, batch_size, early_exit_kwargs)
 
-    rows: list[dict[str, Any]] = []
-    full: Generation | None = None
-    with tqdm(total=len(settings) * num_batches * repeats, desc="eellm-sweep", unit="batch") as progress:
-        for threshold in settings:
-            label = FULL if threshold is None else f"{threshold:g}"
-            progress.set_postfix_str(f"threshold={label}")
-            runs = [generate(model, tokenizer, prompts, threshold, max_new_tokens, batch_size, early_exit_kwargs,
-                             progress) for _ in range(repeats)]
-            result = min(runs, key=lambda run: run.wall_time_s)
-            if full is None:
-                full = result
-            counts = Counter(layer for row in result.layers for layer in row)
-            num_tokens = sum(counts.values())
-            mean_layer = sum(layer * n for layer, n in counts.items()) / num_tokens if num_tokens else None
-            texts = [_cut(tokenizer.decode(row, skip_special_tokens=True), prompt_set.stop) for row in result.tokens]
-            row: dict[str, Any] = {
-                "threshold": threshold,
-                "wall_time_s": result.wall_time_s,
-                "speedup": full.wall_time_s / result.wall_time_s if result.wall_time_s > 0 else float("nan"),
-                "tokens": num_tokens,
-                "tokens_per_s": num_tokens / result.wall_time_s if result.wall_time_s > 0 else float("nan"),
-                "mean_exit_layer": mean_layer,
-                "mean_depth_fraction": None if mean_layer is None else mean_layer / model.config.num_hidden_layers,
-                "recomputed_tokens": result.recomputed_tokens,
-                "agreement": agreement(result.tokens, full.tokens),
-                "tokens_per_exit": {str(layer): counts[layer] for layer in sorted(counts)},
-            }
-            if prompt_set.score is not None:
-                row.update(prompt_set.score(prompts, texts))
-            rows.append(row)
+    def timed(threshold: float | None, batch: Sequence[Prompt]) -> Generation:
+        return generate_batch(model, tokenizer, batch, threshold, max_new_tokens, early_exit_kwargs)
+
+    outputs: dict[float | None, Generation] = {}
+    full_times: dict[float | None, list[float]] = defaultdict(list)  # per setting: full-depth time of each round
+    own_times: dict[float | None, list[float]] = defaultdict(list)
+    settings: list[float | None] = list(thresholds) or [None]
+    with tqdm(total=repeats * len(settings) * len(batches) * (2 if thresholds else 1), desc="eellm-sweep",
+              unit="batch") as progress:
+        for round_index in range(repeats):
+            for threshold in settings:
+                progress.set_postfix_str(f"round={round_index + 1} threshold={_label(threshold)}")
+                full_parts, own_parts = [], []
+                for index, batch in enumerate(batches):
+                    if threshold is None:
+                        full_parts.append(timed(None, batch))
+                        progress.update(1)
+                        continue
+                    full_first = (index + round_index) % 2 == 0
+                    first = timed(None if full_first else threshold, batch)
+                    second = timed(threshold if full_first else None, batch)
+                    full_parts.append(first if full_first else second)
+                    own_parts.append(second if full_first else first)
+                    progress.update(2)
+                full, own = _concat(full_parts), _concat(own_parts or full_parts)
+                outputs.setdefault(None, full)
+                outputs.setdefault(threshold, own)
+                full_times[threshold].append(full.wall_time_s)
+                own_times[threshold].append(own.wall_time_s)
+
+    all_full_times = [t for times in full_times.values() for t in times]
+    rows = [_row(model, tokenizer, prompt_set, None, outputs[None], outputs[None], statistics.median(all_full_times),
+                 1.0)]
+    for threshold in thresholds:
+        ratios = [f / o if o > 0 else float("nan") for f, o in zip(full_times[threshold], own_times[threshold])]
+        rows.append(_row(model, tokenizer, prompt_set, threshold, outputs[threshold], outputs[None],
+                         statistics.median(own_times[threshold]), statistics.median(ratios)))
+        rows[-1]["full_depth_wall_time_s"] = statistics.median(full_times[threshold])
     return rows
+
+
+def _row(model: Any, tokenizer: Any, prompt_set: PromptSet, threshold: float | None, result: Generation,
+         full: Generation, wall_time_s: float, speedup: float) -> dict[str, Any]:
+    counts = Counter(layer for row in result.layers for layer in row)
+    num_tokens = sum(counts.values())
+    mean_layer = sum(layer * n for layer, n in counts.items()) / num_tokens if num_tokens else None
+    texts = [_cut(tokenizer.decode(row, skip_special_tokens=True), prompt_set.stop) for row in result.tokens]
+    row: dict[str, Any] = {
+        "threshold": threshold,
+        "wall_time_s": wall_time_s,
+        "speedup": speedup,
+        "tokens": num_tokens,
+        "tokens_per_s": num_tokens / wall_time_s if wall_time_s > 0 else float("nan"),
+        "mean_exit_layer": mean_layer,
+        "mean_depth_fraction": None if mean_layer is None else mean_layer / model.config.num_hidden_layers,
+        "recomputed_tokens": result.recomputed_tokens,
+        "agreement": agreement(result.tokens, full.tokens),
+        "tokens_per_exit": {str(layer): counts[layer] for layer in sorted(counts)},
+    }
+    if prompt_set.score is not None:
+        row.update(prompt_set.score(prompt_set.prompts, texts))
+    return row
 
 
 def write_csv(rows: list[dict[str, Any]], path: Path, layers: list[int]) -> None:
@@ -384,7 +449,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--quality-metric", default="rougeL", help="metric plotted against speedup")
     parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up batches per decoding loop")
-    parser.add_argument("--repeats", type=int, default=1, help="time each setting N times and keep the fastest")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="timing rounds; each threshold is timed next to full depth, median ratio reported")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--trust-remote-code", action="store_true")
@@ -487,6 +553,7 @@ __all__ = [
     "agreement",
     "build_parser",
     "generate",
+    "generate_batch",
     "load_prompts_file",
     "load_task",
     "main",
