@@ -39,6 +39,8 @@ RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
                       {"train_extra": {"exit_loss_weight_schedule": {"init": 1.0, "warmup_steps": "HALF"}}}),
     "exit_warmup": ("early-exit curriculum: exit weights start at 0 and rise to 0.5 over the first half",
                     {"train_extra": {"exit_loss_weight_schedule": {"init": 0.0, "warmup_steps": "HALF"}}}),
+    "layer_dropout": ("LayerSkip's layer dropout: sequences skip layer l with rate 0.2 * (2^((l-1)/7) - 1)",
+                      {"train_extra": {"layer_dropout": {"max_rate": 0.2}}}),
     "deeper_exits": ("exits after layers 3 and 5 (of 8) instead of 2 and 4", {"model": _model(exit_layers=[3, 5])}),
 }
 THRESHOLDS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.4, 0.2, 0.0)

@@ -122,6 +122,40 @@ def test_exit_weight_schedule_init_is_absolute_and_may_cool_down(workdir: Path) 
     assert _load(workdir, raw).train.exit_loss_weights_at(0, [0.2, 1.5]) == [0.2, 1.5]
 
 
+def test_layer_dropout_rates_follow_layerskip(workdir: Path) -> None:
+    """p_l = S(t) * D(l) * max_rate: D rises exponentially from 0 (first layer) to 1 (last layer); S is 1, or 0 at the
+    first step rising exponentially to 1 at the last step of the curriculum (the total it is given)."""
+    raw = _raw()
+    raw["train"]["steps"] = 5
+    assert _load(workdir, raw).train.layer_skip_rates_at(0, 4) == [0.0] * 4  # off by default
+    raw["train"]["layer_dropout"] = {"max_rate": 0.2}
+    train = _load(workdir, raw).train
+    expected = [0.2 * (2 ** (i / 3) - 1) for i in range(4)]
+    assert train.layer_skip_rates_at(0, 4) == pytest.approx(expected) == train.layer_skip_rates_at(4, 4)
+    assert expected[0] == 0.0 and expected[-1] == pytest.approx(0.2)
+    raw["train"]["layer_dropout"] = {"max_rate": 0.2, "curriculum": "exponential"}
+    train = _load(workdir, raw).train
+    assert train.layer_skip_rates_at(0, 4) == [0.0] * 4
+    assert train.layer_skip_rates_at(2, 4) == pytest.approx([(2 ** 0.5 - 1) * r for r in expected])
+    assert train.layer_skip_rates_at(4, 4) == pytest.approx(expected)
+    assert train.layer_skip_rates_at(5, 4, total_steps=11) == pytest.approx([(2 ** 0.5 - 1) * r for r in expected])
+
+
+def test_layer_keep_mask_is_deterministic_and_matches_the_rates() -> None:
+    from eellm_hf.trainer.layer_dropout import layer_keep_mask
+
+    rates = [0.0, 0.1, 0.5, 0.9]
+    mask = layer_keep_mask(seed=3, step=7, batch_size=4000, rates=rates)
+    assert mask.shape == (4000, 4) and mask.dtype.is_floating_point is False
+    assert mask[:, 0].all()  # rate 0: never skipped
+    skipped = 1.0 - mask.double().mean(dim=0)
+    assert skipped.tolist() == pytest.approx(rates, abs=0.03)
+    assert (layer_keep_mask(3, 7, 4000, rates) == mask).all()  # the same on every rank
+    assert (layer_keep_mask(3, 7, 8, rates) == mask[:8]).all()  # a row depends on its position only
+    assert not (layer_keep_mask(3, 8, 4000, rates) == mask).all()  # a fresh draw each step
+    assert not (layer_keep_mask(4, 7, 4000, rates) == mask).all()  # and each seed
+
+
 def test_time_budget_total_steps(workdir: Path) -> None:
     """steps is an upper bound; the total is what fits in the rest of the budget, at least one more step; the
     learning-rate decay follows the total it is given."""
@@ -243,6 +277,10 @@ INVALID = [
     ("train.exit_loss_weight_schedule", {"type": "step"}, None, ValueError, r"type` must be one of .*'step'"),
     ("train.exit_loss_weight_schedule", {"init": -0.5}, None, ValueError, r"init` must be >= 0, got -0\.5"),
     ("train.exit_loss_weight_schedule", {"init": 2.0, "warmup_steps": 3}, None, None, None),  # valid: cool-down
+    ("train.layer_dropout", {"max_rate": 1.0}, None, ValueError, r"max_rate` must be in \[0, 1\), got 1\.0"),
+    ("train.layer_dropout", {"curriculum": "linear"}, None, ValueError, r"curriculum` must be one of .*'linear'"),
+    ("train.layer_dropout", {"max_rate": 0.2, "rate": 1}, None, ValueError, r"layer_dropout\.rate"),
+    ("train.layer_dropout", {"max_rate": 0.2, "curriculum": "exponential"}, None, None, None),  # valid
     ("train.time_budget_minutes", 0, None, ValueError, r"time_budget_minutes` must be > 0 .*got 0"),
     ("train.time_budget_minutes", "1h", None, ValueError, r"time_budget_minutes` must be a finite number"),
     ("train.time_budget_minutes", 0.5, None, None, None),  # valid

@@ -51,11 +51,12 @@ CASES = {
         layouts=[dict(tp=2, pp=2, dp=1), dict(tp=1, pp=2, dp=2), dict(tp=2, pp=1, dp=2),
                  dict(tp=1, pp=4, dp=1, layer_split=[1, 1, 1, 1])],
     ),
-    # Untied heads with exit blocks and MLPs, biases everywhere (row-parallel biases on TP rank 0), ZeRO-1.
+    # Untied heads with exit blocks and MLPs, biases everywhere (row-parallel biases on TP rank 0), ZeRO-1;
+    # LayerSkip's layer dropout (sequences skip layers 2-4 at rates up to 0.6, on both pipeline stages).
     "untied": dict(
         model=dict(vocab_size=64, exit_layers=[2], exit_loss_weights=[0.5], exit_block=True, exit_mlp=True,
                    attention_bias=True, mlp_bias=True),
-        train=dict(zero_stage=1),
+        train=dict(zero_stage=1, layer_dropout=dict(max_rate=0.6)),
         layouts=[dict(tp=2, pp=2, dp=1), dict(tp=1, pp=2, dp=2), dict(tp=2, pp=1, dp=2)],
     ),
     # EE-Tuning: only the exits train; with pp=4 the last stage (after the last exit) is forward-only.
@@ -87,12 +88,15 @@ def _import_trainer_without_transformers() -> None:
 
 
 def _train_config(spec: dict):
-    from eellm_hf.trainer.config import ExitLossWeightSchedule, TrainConfig
+    from eellm_hf.trainer.config import ExitLossWeightSchedule, LayerDropout, TrainConfig
 
     kwargs = dict(spec)
     schedule = kwargs.pop("exit_loss_weight_schedule", None)
     if schedule is not None:
         kwargs["exit_loss_weight_schedule"] = ExitLossWeightSchedule(**schedule)
+    layer_dropout = kwargs.pop("layer_dropout", None)
+    if layer_dropout is not None:
+        kwargs["layer_dropout"] = LayerDropout(**layer_dropout)
     return TrainConfig(**kwargs)
 
 
@@ -185,10 +189,20 @@ def _reference_run(config, train, batches: list, freeze: bool):
     import torch.nn.functional as F
 
     from eellm_hf.modeling import EarlyExitGPTForCausalLM
+    from eellm_hf.trainer.layer_dropout import layer_keep_mask
     from eellm_hf.trainer.weights import init_hf_state_dict
 
     torch.manual_seed(0)
     model = EarlyExitGPTForCausalLM(config)
+    keep: dict[str, torch.Tensor] = {}  # layer dropout: the step's (batch, layers) mask
+
+    def skip_layer(index: int):
+        def hook(module, args, output):  # a skipped layer hands its input on unchanged
+            return torch.where(keep["mask"][:, index].view(-1, 1, 1), output, args[0])
+        return hook
+
+    if train.layer_dropout is not None:
+        hooks = [layer.register_forward_hook(skip_layer(i)) for i, layer in enumerate(model.model.layers)]
     model.load_state_dict(init_hf_state_dict(config, train.seed))
     model.train()
     params = [p for n, p in model.named_parameters()
@@ -198,7 +212,12 @@ def _reference_run(config, train, batches: list, freeze: bool):
     optimizer = torch.optim.AdamW(params, lr=train.lr, betas=(train.adam_beta1, train.adam_beta2),
                                   eps=train.adam_eps, weight_decay=train.weight_decay, foreach=False)
     steps = []
+    skipped = 0
     for step, (ids, labels) in enumerate(batches):
+        if train.layer_dropout is not None:
+            rates = train.layer_skip_rates_at(step, config.num_hidden_layers)
+            keep["mask"] = layer_keep_mask(train.seed, step, ids.shape[0], rates)
+            skipped += int((~keep["mask"]).sum())
         out = model(input_ids=ids)
         n = int((labels != -100).sum())
 
@@ -216,7 +235,10 @@ def _reference_run(config, train, batches: list, freeze: bool):
         optimizer.step()
         optimizer.zero_grad()
         steps.append({"loss": loss.item(), "exit_losses": [x.item() for x in per_head], "grad_norm": norm.item(),
-                      "exit_weights": weights})
+                      "exit_weights": weights, "skipped_layers": skipped})
+    if train.layer_dropout is not None:
+        for handle in hooks:
+            handle.remove()
     return model, steps
 
 
@@ -282,6 +304,12 @@ def test_parallel_training_equals_single_process_hf(equivalence, case):
         for key, value in ref["state"].items():
             assert got["state"][key].shape == value.shape, f"{where} {key}"
             assert _rel(got["state"][key], value) < RTOL, f"{where}: {key} differs after {STEPS} steps"
+
+
+def test_layer_dropout_case_skips_layers(equivalence):
+    """The layer-dropout case really skips layers: over its steps, some sequences skipped some layers."""
+    assert equivalence["references"]["untied"]["steps"][-1]["skipped_layers"] > 0
+    assert equivalence["references"]["tied"]["steps"][-1]["skipped_layers"] == 0  # off by default
 
 
 @pytest.mark.parametrize("case", list(CASES))

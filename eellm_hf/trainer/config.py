@@ -48,6 +48,8 @@ YAML layout (defaults in brackets; only the keys without a default are required)
       exit_loss_weight_schedule: null   # or {init: 0.0, warmup_steps: 100, type: linear|cosine}: every exit's
                                         # weight starts at `init` (absolute, >= 0) and reaches its target
                                         # model.exit_loss_weights[i] at warmup_steps; init > target: a cool-down
+      layer_dropout: null               # or {max_rate: 0.1, curriculum: constant|exponential}: LayerSkip's
+                                        # per-sequence layer skipping while training (see LayerDropout)
       time_budget_minutes: null         # or a time budget: `steps` becomes an upper bound (see TrainConfig)
       exit_temperature: 1.0, freeze_backbone: false, zero_stage: 0 (0|1)
       val_interval: 0 (0: never), val_batches: null (batches of global_batch_size sequences; null: the whole
@@ -94,6 +96,7 @@ __all__ = [
     "CheckpointConfig",
     "DataConfig",
     "ExitLossWeightSchedule",
+    "LayerDropout",
     "ModelSection",
     "ParallelismConfig",
     "TrainConfig",
@@ -242,6 +245,29 @@ class ExitLossWeightSchedule:
 
 
 @dataclasses.dataclass
+class LayerDropout:
+    """``train.layer_dropout`` (LayerSkip's layer dropout, Elhoushi et al. 2024): while training, each sequence
+    skips decoder layer ``l`` (1-based, of ``L``) with probability ``p_l(t) = S(t) * D(l) * max_rate``: the skipped
+    layer passes its input through unchanged (no rescaling; exits after it still compute). ``D(l) = 2 ** ((l - 1)
+    / (L - 1)) - 1`` rises from 0 (the first layer is never skipped) to 1 (the last layer). ``S(t)`` is 1
+    (``curriculum: constant``) or ``2 ** (t / (T - 1)) - 1`` (``exponential``: 0 at the first of the ``T`` steps, 1
+    at the last). Validation, evaluation and exported models run every layer."""
+
+    max_rate: float = 0.1
+    curriculum: Literal["constant", "exponential"] = "constant"
+
+    def rates_at(self, step: int, total_steps: int, num_layers: int) -> list[float]:
+        """Skip probability of each decoder layer (1..``num_layers``) at optimizer step ``step`` (0-based)."""
+        if self.curriculum == "exponential":
+            scale = 2.0 ** (min(max(step, 0), total_steps - 1) / (total_steps - 1)) - 1.0 if total_steps > 1 else 1.0
+        else:
+            scale = 1.0
+        if num_layers == 1:
+            return [0.0]
+        return [scale * self.max_rate * (2.0 ** (layer / (num_layers - 1)) - 1.0) for layer in range(num_layers)]
+
+
+@dataclasses.dataclass
 class TrainConfig:
     """``train:`` optimisation settings. ``global_batch_size`` and ``micro_batch_size`` count sequences.
 
@@ -274,6 +300,7 @@ class TrainConfig:
     adam_eps: float = 1.0e-8
     grad_clip: float | None = 1.0
     exit_loss_weight_schedule: ExitLossWeightSchedule | None = None
+    layer_dropout: LayerDropout | None = None
     time_budget_minutes: float | None = None
     exit_temperature: float = 1.0
     freeze_backbone: bool = False
@@ -304,6 +331,13 @@ class TrainConfig:
         if schedule is None:
             return [float(w) for w in weights]
         return [schedule.weight_at(step, w) for w in weights]
+
+    def layer_skip_rates_at(self, step: int, num_layers: int, total_steps: int | None = None) -> list[float]:
+        """Per decoder layer, the probability that a sequence skips it at step ``step`` (``layer_dropout``; all 0
+        without it). ``total_steps``: the length of the curriculum (default ``steps``)."""
+        if self.layer_dropout is None:
+            return [0.0] * num_layers
+        return self.layer_dropout.rates_at(step, self.steps if total_steps is None else total_steps, num_layers)
 
     def budgeted_total_steps(self, done: int, elapsed_s: float, step_time_s: float) -> int:
         """The total number of steps under ``time_budget_minutes`` after ``done`` steps that took ``elapsed_s``
@@ -585,14 +619,21 @@ def _parse_data(section: Any, base: Path) -> DataConfig:
 def _parse_train(section: Any, base: Path) -> TrainConfig:
     section = _check_keys("train", section, [f.name for f in dataclasses.fields(TrainConfig)])
     schedule_raw = section.pop("exit_loss_weight_schedule", None)
-    kwargs = _build(TrainConfig, "train", section, base, skip=("exit_loss_weight_schedule",))
+    dropout_raw = section.pop("layer_dropout", None)
+    kwargs = _build(TrainConfig, "train", section, base, skip=("exit_loss_weight_schedule", "layer_dropout"))
     schedule = None
     if schedule_raw is not None:
         where = "train.exit_loss_weight_schedule"
         schedule = ExitLossWeightSchedule(**_build(ExitLossWeightSchedule, where, schedule_raw, base))
         _need(schedule.init >= 0.0, f"`{where}.init` must be >= 0, got {schedule.init}")
         _need(schedule.warmup_steps >= 0, f"`{where}.warmup_steps` must be >= 0, got {schedule.warmup_steps}")
-    train = TrainConfig(**kwargs, exit_loss_weight_schedule=schedule)
+    layer_dropout = None
+    if dropout_raw is not None:
+        where = "train.layer_dropout"
+        layer_dropout = LayerDropout(**_build(LayerDropout, where, dropout_raw, base))
+        _need(0.0 <= layer_dropout.max_rate < 1.0,
+              f"`{where}.max_rate` must be in [0, 1), got {layer_dropout.max_rate}")
+    train = TrainConfig(**kwargs, exit_loss_weight_schedule=schedule, layer_dropout=layer_dropout)
     for name in ("steps", "global_batch_size", "micro_batch_size", "log_interval"):
         value = getattr(train, name)
         _need(value >= 1, f"`train.{name}` must be a positive integer, got {value}")

@@ -321,9 +321,13 @@ class ParallelDecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = ParallelMLP(config, tp_pg)
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        hidden_states = hidden_states + self.self_attn(self.input_layernorm(hidden_states))
-        return hidden_states + self.mlp(self.post_attention_layernorm(hidden_states))
+    def forward(self, hidden_states: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
+        """``keep`` (layer dropout, training only): per sequence, False to pass ``hidden_states`` through."""
+        output = hidden_states + self.self_attn(self.input_layernorm(hidden_states))
+        output = output + self.mlp(self.post_attention_layernorm(output))
+        if keep is None:
+            return output
+        return torch.where(keep.view(-1, 1, 1), output, hidden_states)
 
 
 class ParallelExit(nn.Module):
@@ -457,7 +461,8 @@ class ParallelEarlyExitGPT(nn.Module):
             {"input_ids"}, hidden,
         )
         self.model.layers = nn.ModuleList(
-            PipelineBlock(p2p, ParallelDecoderLayer, dict(config=config, tp_pg=tp_pg), hidden, hidden)
+            PipelineBlock(p2p, ParallelDecoderLayer, dict(config=config, tp_pg=tp_pg), {"hidden_states", "keep"},
+                          hidden)
             for _ in range(config.num_hidden_layers)
         )
         self.model.norm = PipelineBlock(p2p, RMSNorm, dict(hidden_size=h, eps=config.rms_norm_eps), hidden, hidden)
@@ -527,20 +532,27 @@ class ParallelEarlyExitGPT(nn.Module):
 
     # -- forward ---------------------------------------------------------------------------------------------
 
-    def _on_stage(self, block: PipelineBlock, tensor: torch.Tensor | TensorPointer) -> torch.Tensor | TensorPointer:
+    def _on_stage(self, block: PipelineBlock, tensor: torch.Tensor | TensorPointer | None
+                  ) -> torch.Tensor | TensorPointer | None:
         """``tensor`` where ``block`` runs, a pointer to the block's stage elsewhere (every rank has the batch, so
-        inputs never travel between stages)."""
+        inputs never travel between stages; an optional input that is None stays None where the block runs)."""
         if block.rank == self.pp_rank or isinstance(tensor, TensorPointer):
             return tensor
         return TensorPointer(group_rank=block.rank)
 
     def forward(
-        self, input_ids: torch.Tensor | TensorPointer, labels: torch.Tensor | TensorPointer
+        self,
+        input_ids: torch.Tensor | TensorPointer,
+        labels: torch.Tensor | TensorPointer,
+        layer_keep: torch.Tensor | None = None,
     ) -> dict[str, torch.Tensor | TensorPointer]:
+        """``layer_keep``: optional ``(batch, num_hidden_layers)`` bool, False where a sequence skips a layer
+        (layer dropout, :mod:`.layer_dropout`)."""
         hidden = self.model.embed_tokens(input_ids=self._on_stage(self.model.embed_tokens, input_ids))
         hidden = hidden["hidden_states"]
         for index, layer in enumerate(self.model.layers, start=1):
-            hidden = layer(hidden_states=hidden)["hidden_states"]
+            keep = self._on_stage(layer, None if layer_keep is None else layer_keep[:, index - 1])
+            hidden = layer(hidden_states=hidden, keep=keep)["hidden_states"]
             for j in self.exits_after.get(index, ()):
                 exit_hidden = self.model.exits[j](hidden_states=hidden)["hidden_states"]
                 head = self.exit_lm_heads[j]

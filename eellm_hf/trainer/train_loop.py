@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from .layer_dropout import layer_keep_mask
 from .loss import count_label_tokens, reduce_head_sums, summarize_losses
 from .nanotron_compat import (
     AllForwardAllBackwardPipelineEngine,
@@ -149,8 +150,10 @@ class ParallelTrainer:
 
     # -- batches ---------------------------------------------------------------------------------------------
 
-    def _rank_micro_batches(self, input_ids: torch.Tensor, labels: torch.Tensor) -> list[dict[str, torch.Tensor]]:
-        """This DP rank's contiguous block of a global batch, split into micro-batches (on the device)."""
+    def _rank_micro_batches(self, input_ids: torch.Tensor, labels: torch.Tensor,
+                            layer_keep: torch.Tensor | None = None) -> list[dict[str, torch.Tensor]]:
+        """This DP rank's contiguous block of a global batch, split into micro-batches (on the device);
+        ``layer_keep`` (layer dropout: ``(batch, num_hidden_layers)`` bool) is split alongside."""
         dp, dp_rank = self.ctx.dp_pg.size(), dist.get_rank(self.ctx.dp_pg)
         mbs = self.train_config.micro_batch_size
         if input_ids.shape[0] % (dp * mbs):
@@ -158,10 +161,14 @@ class ParallelTrainer:
                              f"micro-batches of {mbs}")
         per_rank = input_ids.shape[0] // dp
         start = dp_rank * per_rank
-        return [
-            {"input_ids": input_ids[i : i + mbs].to(self.device), "labels": labels[i : i + mbs].to(self.device)}
-            for i in range(start, start + per_rank, mbs)
-        ]
+        micro_batches = []
+        for i in range(start, start + per_rank, mbs):
+            micro_batch = {"input_ids": input_ids[i : i + mbs].to(self.device),
+                           "labels": labels[i : i + mbs].to(self.device)}
+            if layer_keep is not None:
+                micro_batch["layer_keep"] = layer_keep[i : i + mbs].to(self.device)
+            micro_batches.append(micro_batch)
+        return micro_batches
 
     # -- training --------------------------------------------------------------------------------------------
 
@@ -172,7 +179,11 @@ class ParallelTrainer:
         the learning-rate schedule (default ``train.steps``)."""
         train, model, ctx = self.train_config, self.model, self.ctx
         start = time.perf_counter()
-        micro_batches = self._rank_micro_batches(input_ids, labels)
+        layer_keep = None
+        if train.layer_dropout is not None:
+            rates = train.layer_skip_rates_at(step, self.config.num_hidden_layers, total_steps)
+            layer_keep = layer_keep_mask(train.seed, step, input_ids.shape[0], rates)
+        micro_batches = self._rank_micro_batches(input_ids, labels, layer_keep)
         num_tokens = count_label_tokens(labels)
         weights = train.exit_loss_weights_at(step, self.config.exit_loss_weights or [])
         model.loss.begin_step(num_tokens, len(micro_batches), weights, train.exit_temperature)
