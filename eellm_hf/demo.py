@@ -16,6 +16,7 @@ Phases (each leaves its result under ``runs/demo/``; a rerun reuses the phases t
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -92,7 +93,7 @@ class Demo:
             ("generate", self.generate), ("evaluate", self.evaluate), ("sweep", self.sweep),
             ("report", self.report),
         ]
-        self.out.mkdir(parents=True, exist_ok=True)
+        self._check_settings()
         with tqdm(phases, desc="demo", unit="phase", file=sys.stdout) as bar:
             for name, phase in bar:
                 bar.set_postfix_str(name)
@@ -110,6 +111,21 @@ class Demo:
                 os.replace(tmp, marker)
                 tqdm.write(f"[demo] {name}: {result['seconds']} s")
         print(f"\nReport: {self.out / 'report.md'}")
+
+    def _check_settings(self) -> None:
+        """Record the settings in ``settings.json``; refuse to reuse phases made with other settings."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        path = self.out / "settings.json"
+        current = json.loads(json.dumps(dataclasses.asdict(self.settings)))
+        if path.exists():
+            saved = json.loads(path.read_text())
+            changed = {key: (saved.get(key), value) for key, value in current.items() if saved.get(key) != value}
+            if changed:
+                details = ", ".join(f"{key}: {old!r} there, {new!r} now" for key, (old, new) in changed.items())
+                raise SystemExit(f"{self.out} holds a demo run made with other settings ({details}): pass another "
+                                 f"--out, or remove {self.out} to start over.")
+        else:
+            path.write_text(json.dumps(current, indent=2))
 
     def _train_config(self, run_dir: Path) -> Path:
         settings = self.settings
@@ -322,13 +338,20 @@ def write_report(out: Path, results: dict[str, Any]) -> int:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m eellm_hf.demo", description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path("runs/demo"))
+    parser.add_argument("--out", type=Path, default=None,
+                        help="output folder (default runs/demo, or runs/demo-<N>min for another --minutes)")
     parser.add_argument("--minutes", type=float, default=float(os.environ.get("DEMO_MINUTES", 5)),
                         help="training time budget (default 5, or $DEMO_MINUTES)")
     parser.add_argument("--smoke", action="store_true", help="a tiny model and a few steps (seconds), for tests")
     args = parser.parse_args(argv)
+    if args.minutes <= 0:
+        parser.error(f"--minutes must be > 0, got {args.minutes}")
     settings = DemoSettings.smoke() if args.smoke else DemoSettings(minutes=args.minutes)
-    Demo(args.out, settings).run()
+    out = args.out
+    if out is None:
+        default = args.smoke or args.minutes == DemoSettings.minutes
+        out = Path("runs/demo" if default else f"runs/demo-{args.minutes:g}min")
+    Demo(out, settings).run()
 
 
 if __name__ == "__main__":

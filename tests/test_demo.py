@@ -11,8 +11,8 @@ from eellm_hf.trainer.metrics import read_metrics
 PHASES = ("data", "train", "generate", "evaluate", "sweep", "report")
 
 
-def run_demo(out) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "eellm_hf.demo", "--smoke", "--out", str(out)],
+def run_demo(out, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "eellm_hf.demo", *(args or ("--smoke",)), "--out", str(out)],
                           capture_output=True, text=True, timeout=600)
 
 
@@ -45,3 +45,8 @@ def test_demo_pipeline_runs_end_to_end_and_reuses_phases(tmp_path):
     second = run_demo(out)
     assert second.returncode == 0, second.stderr[-3000:]
     assert all(f"[demo] {phase}: done before, reused" in second.stdout for phase in PHASES), second.stdout
+
+    # the full demo's settings in a folder made by the smoke run: refused up front, nothing is reused or lost
+    other = run_demo(out, "--minutes", "7")
+    assert other.returncode != 0 and "other settings" in other.stderr and "minutes: 0.0 there, 7.0 now" in other.stderr
+    assert json.loads((out / "train.json").read_text())["steps"] == 4
