@@ -2,8 +2,8 @@
 
 Every recipe trains the same number of optimizer steps (so a busy machine changes the wall time, not the
 result) with the demo's trainer (nanotron, 2 processes, pp=2), then sweeps early-exit thresholds on the held-out
-``kjv_completion`` prompts with ``eellm-sweep``'s paired timing. Printed per recipe: validation loss per head,
-and at each threshold the speedup against full depth, mean exit layer and token agreement with full depth.
+``kjv_completion`` prompts with ``eellm-sweep``'s paired timing (one round). Printed per recipe: validation loss
+per head, and at each threshold the speedup against full depth, mean exit layer and token agreement with full depth.
 Writes ``explore.json``, ``explore.md`` and ``explore.png`` (agreement against speedup, one curve per recipe)::
 
     python benchmarks/explore_exit_recipes.py --steps 100 --out runs/explore
@@ -34,7 +34,6 @@ RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
                    {"vocab_size": 2048}),
     "tied_exit_heads": ("exits share the final head (tied to the embedding), as LayerSkip and CALM do",
                         {"model": _model(tie_exit_heads=True)}),
-    "exit_weights_1": ("exit loss weights 1.0/1.0 instead of 0.5/0.5", {"model": _model(exit_loss_weights=[1.0, 1.0])}),
     "exit_cooldown": ("EE-LLM weight schedule: exit weights start at 1.0 and fall to 0.5 over the first half",
                       {"train_extra": {"exit_loss_weight_schedule": {"init": 1.0, "warmup_steps": "HALF"}}}),
     "exit_warmup": ("early-exit curriculum: exit weights start at 0 and rise to 0.5 over the first half",
@@ -54,7 +53,7 @@ def recipe_settings(name: str, steps: int, prompts: int) -> DemoSettings:
     if schedule and schedule.get("warmup_steps") == "HALF":
         extra = {**extra, "exit_loss_weight_schedule": {**schedule, "warmup_steps": steps // 2}}
     return replace(DemoSettings(), minutes=0.0, max_steps=steps, warmup_steps=min(10, steps // 5),
-                   sweep_prompts=prompts, sweep_thresholds=THRESHOLDS,
+                   sweep_prompts=prompts, sweep_thresholds=THRESHOLDS, sweep_repeats=1,
                    train_extra={"val_interval": steps, "val_batches": 8, **extra}, **changes)
 
 

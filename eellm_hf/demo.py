@@ -61,6 +61,7 @@ class DemoSettings:
     new_tokens: int = 48
     threshold: float = 0.8
     sweep_prompts: int = 8
+    sweep_repeats: int = 3
     sweep_thresholds: tuple[float, ...] = (1.0, 0.9, 0.8, 0.6, 0.4, 0.2, 0.0)
 
     @classmethod
@@ -265,6 +266,7 @@ class Demo:
         summary = sweep_from_args([
             str(self.model_dir), "--task", "kjv_completion", "--limit", str(self.settings.sweep_prompts),
             "--max-new-tokens", str(self.settings.new_tokens), "--batch-size", "8", "--out", str(out),
+            "--repeats", str(self.settings.sweep_repeats),
             "--thresholds", *map(str, self.settings.sweep_thresholds),
         ])
         return {"dir": str(out), "quality_metric": summary["quality_metric"], "runs": summary["runs"]}
