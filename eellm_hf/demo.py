@@ -202,19 +202,23 @@ class Demo:
         for index, layer in enumerate(layers):
             legend.append(f"[{layer}] ", style=colors[index % len(colors)])
         console.print(legend)
-        samples, timings = [], {"full_depth": 0.0, "early_exit": 0.0}
+        samples, rounds = [], 3
+        timings = {"full_depth": [0.0] * rounds, "early_exit": [0.0] * rounds}
         with torch.inference_mode():
             for prompt in DEFAULT_PROMPTS:
                 inputs = tokenizer(prompt, return_tensors="pt")
                 common = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
-                model.generate(**inputs, **common)  # warm-up
-                start = time.perf_counter()
-                model.generate(**inputs, **common)
-                timings["full_depth"] += time.perf_counter() - start
-                start = time.perf_counter()
-                out = model.generate(**inputs, **common, early_exit_threshold=threshold,
-                                     return_dict_in_generate=True)
-                timings["early_exit"] += time.perf_counter() - start
+                model.generate(**inputs, **common)  # warm-up, both decoding loops
+                model.generate(**inputs, **common, early_exit_threshold=threshold)
+                for index in range(rounds):  # full depth and early exit side by side, alternating which goes first
+                    order = ("full_depth", "early_exit") if index % 2 == 0 else ("early_exit", "full_depth")
+                    for name in order:
+                        extra = dict(early_exit_threshold=threshold) if name == "early_exit" else {}
+                        start = time.perf_counter()
+                        output = model.generate(**inputs, **common, **extra, return_dict_in_generate=True)
+                        timings[name][index] += time.perf_counter() - start
+                        if name == "early_exit":
+                            out = output
                 new = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
                 exits = out.exit_layers[0].tolist()
                 text = Text(prompt, style="bold")
@@ -225,7 +229,7 @@ class Demo:
         all_layers = [layer for sample in samples for layer in sample["exit_layers"]]
         result = {
             "threshold": threshold,
-            "speedup": timings["full_depth"] / timings["early_exit"],
+            "speedup": statistics.median(f / e for f, e in zip(timings["full_depth"], timings["early_exit"])),
             "mean_exit_layer": sum(all_layers) / len(all_layers),
             "tokens_per_exit": {str(layer): all_layers.count(layer) for layer in layers},
             "samples": samples,
