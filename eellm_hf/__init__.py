@@ -13,6 +13,8 @@ from .modeling import (
     EarlyExitGPTForCausalLM,
     EarlyExitGPTModel,
     EarlyExitModelOutputWithPast,
+    EarlyExitStats,
+    GenerateEarlyExitDecoderOnlyOutput,
 )
 
 AutoConfig.register(EarlyExitGPTConfig.model_type, EarlyExitGPTConfig, exist_ok=True)
@@ -30,4 +32,6 @@ __all__ = [
     "EarlyExitGPTForCausalLM",
     "EarlyExitGPTModel",
     "EarlyExitModelOutputWithPast",
+    "EarlyExitStats",
+    "GenerateEarlyExitDecoderOnlyOutput",
 ]

@@ -1,6 +1,7 @@
 """Hugging Face modeling of early-exit LLMs: config, model with exit heads, conversion."""
 
 from .configuration_early_exit_gpt import EarlyExitGPTConfig
+from .generation_early_exit import EarlyExitStats, GenerateEarlyExitDecoderOnlyOutput
 from .modeling_early_exit_gpt import (
     EarlyExitCausalLMOutputWithPast,
     EarlyExitGPTForCausalLM,
@@ -16,4 +17,6 @@ __all__ = [
     "EarlyExitGPTModel",
     "EarlyExitGPTPreTrainedModel",
     "EarlyExitModelOutputWithPast",
+    "EarlyExitStats",
+    "GenerateEarlyExitDecoderOnlyOutput",
 ]
