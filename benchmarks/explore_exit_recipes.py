@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -70,6 +71,7 @@ def run_recipe(name: str, out: Path, steps: int, prompts: int, data: dict[int, t
             marker.write_text(json.dumps(shared.data()))
         data[settings.vocab_size] = (shared.out, json.loads(marker.read_text()))
     demo.data_dir, demo.results["data"] = data[settings.vocab_size]
+    bytes_per_token = _bytes_per_token(demo.data_dir)
     for phase in ("train", "sweep"):
         marker = demo.out / f"{phase}.json"
         if marker.exists():
@@ -87,9 +89,22 @@ def run_recipe(name: str, out: Path, steps: int, prompts: int, data: dict[int, t
         "tokens_per_s": train["tokens_per_s"],
         "exit_layers": train["final_train"]["exit_layers"],
         "validation_loss_per_head": val.get("exit_losses"),
+        "bytes_per_token": bytes_per_token,
+        "validation_bits_per_byte": [loss / math.log(2) / bytes_per_token for loss in val.get("exit_losses", [])],
         "sweep": [{key: row[key] for key in ("threshold", "speedup", "mean_exit_layer", "agreement")}
                   | {"rougeL": row.get("rougeL")} for row in sweep["runs"]],
     }
+
+
+def _bytes_per_token(data_dir: Path) -> float:
+    """UTF-8 bytes per token of the corpus under its tokenizer (to compare losses across vocabularies)."""
+    from transformers import AutoTokenizer
+
+    text = (data_dir / "kjv.txt").read_text(encoding="utf-8")
+    tokenizer = AutoTokenizer.from_pretrained(data_dir / "tokenizer")
+    lines = text.splitlines()
+    tokens = sum(len(ids) for ids in tokenizer(lines)["input_ids"])
+    return len("\n".join(lines).encode("utf-8")) / tokens
 
 
 def best_speedup(summary: dict[str, Any], min_agreement: float) -> tuple[float, float | None]:
@@ -109,15 +124,17 @@ def write_outputs(out: Path, summaries: list[dict[str, Any]]) -> None:
     import matplotlib.pyplot as plt
 
     (out / "explore.json").write_text(json.dumps(summaries, indent=2) + "\n")
-    lines = ["| recipe | val loss per head (exits, final) | mean exit layer @0.8 | agreement @0.8 | speedup @0.8 "
-             "| best speedup, agreement >= 0.9 |", "|---|---|---|---|---|---|"]
+    lines = ["| recipe | validation bits/byte per head (exits, final) | ROUGE-L full depth | mean exit layer @0.8 "
+             "| agreement @0.8 | speedup @0.8 | best speedup, agreement >= 0.9 |", "|---|---|---|---|---|---|---|"]
     fig, ax = plt.subplots(figsize=(6.8, 4.6))
     for summary in summaries:
         at = {row["threshold"]: row for row in summary["sweep"]}
         row = at.get(0.8, {})
         speedup, threshold = best_speedup(summary, 0.9)
-        losses = [round(x, 3) for x in summary["validation_loss_per_head"] or []]
-        lines.append(f"| {summary['recipe']} | {losses} | {row.get('mean_exit_layer', float('nan')):.2f} | "
+        losses = [round(x, 3) for x in summary["validation_bits_per_byte"]]
+        full_rouge = at[None]["rougeL"]
+        lines.append(f"| {summary['recipe']} | {losses} | {full_rouge:.3f} | "
+                     f"{row.get('mean_exit_layer', float('nan')):.2f} | "
                      f"{row.get('agreement', float('nan')):.3f} | {row.get('speedup', float('nan')):.2f}x | "
                      f"{speedup:.2f}x (threshold {threshold}) |")
         points = [r for r in summary["sweep"] if r["threshold"] is not None]
