@@ -13,6 +13,7 @@ Writes ``explore.json``, ``explore.md`` and ``explore.png`` (agreement against s
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import sys
@@ -96,6 +97,7 @@ def run_recipe(name: str, out: Path, steps: int, prompts: int, data: dict[int, t
     }
 
 
+@functools.cache
 def _bytes_per_token(data_dir: Path) -> float:
     """UTF-8 bytes per token of the corpus under its tokenizer (to compare losses across vocabularies)."""
     from transformers import AutoTokenizer
@@ -150,7 +152,7 @@ def write_outputs(out: Path, summaries: list[dict[str, Any]]) -> None:
     fig.savefig(out / "explore.png", dpi=120)
     plt.close(fig)
     (out / "explore.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    print(lines[-1], flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -167,6 +169,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"== {name}: {RECIPES[name][0]}", flush=True)
         summaries.append(run_recipe(name, args.out.resolve(), args.steps, args.prompts, data))
         write_outputs(args.out, summaries)
+    print((args.out / "explore.md").read_text())
 
 
 if __name__ == "__main__":
