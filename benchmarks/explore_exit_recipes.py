@@ -128,7 +128,7 @@ def write_outputs(out: Path, summaries: list[dict[str, Any]]) -> None:
     (out / "explore.json").write_text(json.dumps(summaries, indent=2) + "\n")
     lines = ["| recipe | validation bits/byte per head (exits, final) | ROUGE-L full depth | mean exit layer @0.8 "
              "| agreement @0.8 | speedup @0.8 | best speedup, agreement >= 0.9 |", "|---|---|---|---|---|---|---|"]
-    fig, ax = plt.subplots(figsize=(6.8, 4.6))
+    fig, (ax, depth_ax) = plt.subplots(1, 2, figsize=(12.0, 4.6))
     for summary in summaries:
         at = {row["threshold"]: row for row in summary["sweep"]}
         row = at.get(0.8, {})
@@ -142,12 +142,19 @@ def write_outputs(out: Path, summaries: list[dict[str, Any]]) -> None:
         points = [r for r in summary["sweep"] if r["threshold"] is not None]
         ax.plot([r["speedup"] for r in points], [r["agreement"] for r in points], "o-", label=summary["recipe"],
                 markersize=3)
+        depth_ax.plot([r["threshold"] for r in points], [r["mean_exit_layer"] for r in points], "o-",
+                      label=summary["recipe"], markersize=3)
     ax.axvline(1.0, color="grey", linewidth=0.5)
     ax.set_xlabel("speedup against full depth (paired wall clock)")
     ax.set_ylabel("token agreement with full depth")
     ax.set_title("Early-exit recipes, same steps each (thresholds 1.0 .. 0.0)", fontsize=10)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
+    depth_ax.set_xlabel("early-exit threshold")
+    depth_ax.set_ylabel("mean exit layer (lower: exits confident more often)")
+    depth_ax.invert_xaxis()
+    depth_ax.set_title("How deep tokens go, per threshold", fontsize=10)
+    depth_ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(out / "explore.png", dpi=120)
     plt.close(fig)
