@@ -60,8 +60,8 @@ class DemoSettings:
     eval_limit: int = 16
     new_tokens: int = 48
     threshold: float = 0.8
-    sweep_prompts: int = 8
-    sweep_repeats: int = 3
+    sweep_prompts: int = 16
+    sweep_repeats: int = 2
     sweep_thresholds: tuple[float, ...] = (1.0, 0.9, 0.8, 0.6, 0.4, 0.2, 0.0)
 
     @classmethod
@@ -204,19 +204,21 @@ class Demo:
         console.print(legend)
         samples, rounds = [], 3
         timings = {"full_depth": [0.0] * rounds, "early_exit": [0.0] * rounds}
+        tokens = {"full_depth": [0] * rounds, "early_exit": [0] * rounds}
         with torch.inference_mode():
             for prompt in DEFAULT_PROMPTS:
                 inputs = tokenizer(prompt, return_tensors="pt")
                 common = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
                 model.generate(**inputs, **common)  # warm-up, both decoding loops
                 model.generate(**inputs, **common, early_exit_threshold=threshold)
-                for index in range(rounds):  # full depth and early exit side by side, alternating which goes first
-                    order = ("full_depth", "early_exit") if index % 2 == 0 else ("early_exit", "full_depth")
-                    for name in order:
+                for index in range(rounds):  # side by side, A B B A, alternating which side is A
+                    pair = ("full_depth", "early_exit") if index % 2 == 0 else ("early_exit", "full_depth")
+                    for name in (*pair, *reversed(pair)):
                         extra = dict(early_exit_threshold=threshold) if name == "early_exit" else {}
                         start = time.perf_counter()
                         output = model.generate(**inputs, **common, **extra, return_dict_in_generate=True)
                         timings[name][index] += time.perf_counter() - start
+                        tokens[name][index] += output.sequences.shape[1] - inputs["input_ids"].shape[1]
                         if name == "early_exit":
                             out = output
                 new = out.sequences[0, inputs["input_ids"].shape[1]:].tolist()
@@ -226,10 +228,14 @@ class Demo:
                     text.append(tokenizer.decode([token]), style=colors[layers.index(layer) % len(colors)])
                 console.print(text)
                 samples.append({"prompt": prompt, "text": tokenizer.decode(new), "exit_layers": exits})
+        def throughput(name: str, index: int) -> float:  # per generated token: the two may stop at other lengths
+            return tokens[name][index] / timings[name][index]
+
         all_layers = [layer for sample in samples for layer in sample["exit_layers"]]
         result = {
             "threshold": threshold,
-            "speedup": statistics.median(f / e for f, e in zip(timings["full_depth"], timings["early_exit"])),
+            "speedup": statistics.median(throughput("early_exit", i) / throughput("full_depth", i)
+                                         for i in range(rounds)),
             "mean_exit_layer": sum(all_layers) / len(all_layers),
             "tokens_per_exit": {str(layer): all_layers.count(layer) for layer in layers},
             "samples": samples,

@@ -8,14 +8,15 @@ token equals the full-depth token), and quality (the task's own metrics, and ROU
 
 It writes ``sweep.csv``, ``sweep.json``, ``speed_quality.png`` (quality and agreement against speedup, as in
 EE-LLM's figure 9) and ``exit_histogram.png`` (the share of tokens produced at each layer, per threshold).
-Each threshold is timed next to full depth on the same batch, over ``--repeats`` rounds, and its speedup is the
-median of the paired ratios, so load from other jobs slows both sides instead of faking a speedup::
+Each threshold is timed next to full depth on the same batch (A B B A), over ``--repeats`` rounds, so load from
+other jobs slows both sides instead of faking a speedup; the speedup is per generated token (the median paired
+time ratio times the ratio of generated tokens: an exit can end a text sooner or later than full depth)::
 
     eellm-sweep MODEL_DIR --task kjv_completion --limit 50 --thresholds 1.0 0.9 0.8 --out sweep/
     eellm-sweep MODEL_DIR --prompts-file prompts.jsonl --max-new-tokens 64 --batch-size 8 --out sweep/
 
 Generation stops at EOS or after ``--max-new-tokens`` (the task's ``max_gen_toks`` by default); the task's stop
-strings (``until``) only cut the text before it is scored, so every setting generates comparable token counts.
+strings (``until``) only cut the text before it is scored.
 A prompt file is JSON lines (``prompt``, optional ``reference``; ``text``/``context`` and
 ``continuation``/``target`` are accepted too) or plain text, one prompt per line.
 """
@@ -276,9 +277,11 @@ def run_sweep(
     """One row per setting (full depth first, then each threshold) with speed, exit and quality statistics.
 
     Timing is paired so that a busy machine cannot fake a speedup: each threshold is timed batch by batch right
-    next to full depth on the same batch (alternating which goes first), for ``repeats`` rounds, and its speedup
-    is the median over rounds of (full-depth time / early-exit time) summed over the batches of the round.
-    Outputs (greedy, deterministic) and exit statistics come from the first round.
+    next to full depth on the same batch, in the order A B B A (full depth and early exit alternating as A), for
+    ``repeats`` rounds. ``wall_time_speedup`` is the median over rounds of (full-depth time / early-exit time),
+    each summed over the batches of the round; ``speedup`` is the throughput ratio, ``wall_time_speedup`` times
+    (early-exit tokens / full-depth tokens): outputs may differ in length (an exit can miss or add an EOS), and
+    the speedup counts time per generated token. Outputs (greedy, deterministic) come from the first round.
     """
     prompts = prompt_set.prompts
     batches = [prompts[start:start + batch_size] for start in range(0, len(prompts), batch_size)]
@@ -296,7 +299,7 @@ def run_sweep(
     full_times: dict[float | None, list[float]] = defaultdict(list)  # per setting: full-depth time of each round
     own_times: dict[float | None, list[float]] = defaultdict(list)
     settings: list[float | None] = list(thresholds) or [None]
-    with tqdm(total=repeats * len(settings) * len(batches) * (2 if thresholds else 1), desc="eellm-sweep",
+    with tqdm(total=repeats * len(settings) * len(batches) * (4 if thresholds else 1), desc="eellm-sweep",
               unit="batch") as progress:
         for round_index in range(repeats):
             for threshold in settings:
@@ -307,12 +310,15 @@ def run_sweep(
                         full_parts.append(timed(None, batch))
                         progress.update(1)
                         continue
-                    full_first = (index + round_index) % 2 == 0
-                    first = timed(None if full_first else threshold, batch)
-                    second = timed(threshold if full_first else None, batch)
-                    full_parts.append(first if full_first else second)
-                    own_parts.append(second if full_first else first)
-                    progress.update(2)
+                    # A B B A: each side runs once early and once late in the pair, so neither drift nor being
+                    # first costs one side more than the other; a side's time is the mean of its two runs
+                    first, second = (None, threshold) if (index + round_index) % 2 == 0 else (threshold, None)
+                    runs: dict[float | None, list[Generation]] = {None: [], threshold: []}
+                    for setting in (first, second, second, first):
+                        runs[setting].append(timed(setting, batch))
+                    full_parts.append(_mean_time(runs[None]))
+                    own_parts.append(_mean_time(runs[threshold]))
+                    progress.update(4)
                 full, own = _concat(full_parts), _concat(own_parts or full_parts)
                 outputs.setdefault(None, full)
                 outputs.setdefault(threshold, own)
@@ -321,17 +327,30 @@ def run_sweep(
 
     all_full_times = [t for times in full_times.values() for t in times]
     rows = [_row(model, tokenizer, prompt_set, None, outputs[None], outputs[None], statistics.median(all_full_times),
-                 1.0)]
+                 1.0, 1.0)]
+    full_tokens = _num_tokens(outputs[None])
     for threshold in thresholds:
-        ratios = [f / o if o > 0 else float("nan") for f, o in zip(full_times[threshold], own_times[threshold])]
+        wall_ratios = [f / o if o > 0 else float("nan") for f, o in zip(full_times[threshold], own_times[threshold])]
+        token_ratio = _num_tokens(outputs[threshold]) / full_tokens if full_tokens else float("nan")
         rows.append(_row(model, tokenizer, prompt_set, threshold, outputs[threshold], outputs[None],
-                         statistics.median(own_times[threshold]), statistics.median(ratios)))
+                         statistics.median(own_times[threshold]), token_ratio * statistics.median(wall_ratios),
+                         statistics.median(wall_ratios)))
         rows[-1]["full_depth_wall_time_s"] = statistics.median(full_times[threshold])
     return rows
 
 
+def _num_tokens(generation: Generation) -> int:
+    return sum(len(row) for row in generation.tokens)
+
+
+def _mean_time(runs: Sequence[Generation]) -> Generation:
+    """The first of identical (greedy) generations, with the mean wall time of all of them."""
+    return Generation(runs[0].tokens, runs[0].layers, sum(run.wall_time_s for run in runs) / len(runs),
+                      runs[0].recomputed_tokens)
+
+
 def _row(model: Any, tokenizer: Any, prompt_set: PromptSet, threshold: float | None, result: Generation,
-         full: Generation, wall_time_s: float, speedup: float) -> dict[str, Any]:
+         full: Generation, wall_time_s: float, speedup: float, wall_time_speedup: float) -> dict[str, Any]:
     counts = Counter(layer for row in result.layers for layer in row)
     num_tokens = sum(counts.values())
     mean_layer = sum(layer * n for layer, n in counts.items()) / num_tokens if num_tokens else None
@@ -340,6 +359,7 @@ def _row(model: Any, tokenizer: Any, prompt_set: PromptSet, threshold: float | N
         "threshold": threshold,
         "wall_time_s": wall_time_s,
         "speedup": speedup,
+        "wall_time_speedup": wall_time_speedup,
         "tokens": num_tokens,
         "tokens_per_s": num_tokens / wall_time_s if wall_time_s > 0 else float("nan"),
         "mean_exit_layer": mean_layer,
@@ -390,7 +410,7 @@ def plot_speed_quality(rows: list[dict[str, Any]], path: Path, metric: str | Non
         for x, y, row in zip(speedups, values, rows):
             ax.annotate(_label(row["threshold"]), (x, y), textcoords="offset points", xytext=(3, 4), fontsize=7)
     ax.axvline(1.0, color="grey", linewidth=0.5)
-    ax.set_xlabel("speedup against full depth (wall clock)")
+    ax.set_xlabel("speedup against full depth (per generated token, paired wall clock)")
     ax.set_ylabel("quality")
     ax.set_title(title, fontsize=10)
     ax.grid(alpha=0.3)
@@ -450,7 +470,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--quality-metric", default="rougeL", help="metric plotted against speedup")
     parser.add_argument("--warmup", type=int, default=1, help="untimed warm-up batches per decoding loop")
     parser.add_argument("--repeats", type=int, default=3,
-                        help="timing rounds; each threshold is timed next to full depth, median ratio reported")
+                        help="timing rounds (A B B A next to full depth on each batch); the median is reported")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--dtype", default="float32", choices=sorted(DTYPES))
     parser.add_argument("--trust-remote-code", action="store_true")
