@@ -226,6 +226,9 @@ def test_sweep_writes_files(tiny_early_exit_dir: Path, tmp_path: Path) -> None:
         assert 0.0 <= run["agreement"] <= 1.0 and run["speedup"] > 0
         if run["threshold"] is not None:  # timed next to full depth on the same batches
             assert run["full_depth_wall_time_s"] > 0 and run["wall_time_s"] > 0
+            # per generated token: the paired time ratio scaled by how many tokens each side produced
+            per_token = run["wall_time_speedup"] * run["tokens"] / full["tokens"]
+            assert run["speedup"] == pytest.approx(per_token, rel=1e-12)
         assert 0.0 <= run["rougeL"] <= 1.0 and 0.0 <= run["exact_match"] <= 1.0
         assert sum(run["tokens_per_exit"].values()) == run["tokens"] > 0
 
