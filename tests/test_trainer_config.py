@@ -288,6 +288,8 @@ INVALID = [
     ("parallelism.timeout_s", 30, None, None, None),  # valid
     ("train.dtype", "float16", None, ValueError, r"dtype` must be one of float32, bfloat16; got 'float16'"),
     ("train.freeze_backbone", "yes", None, ValueError, r"freeze_backbone` must be true or false, got 'yes'"),
+    ("train.exit_distillation", 1.5, None, ValueError, r"exit_distillation` must be in \[0, 1\], got 1\.5"),
+    ("train.exit_distillation", 0.5, None, ValueError, r"exit_distillation`=0\.5 needs `train\.freeze_backbone"),
     ("train.val_interval", 5, None, ValueError, r"val_interval`=5 needs a validation set"),
     ("checkpoint.keep_last", 0, None, ValueError, r"keep_last` must be >= 1.*got 0"),
     ("run_dir", _DELETE, None, ValueError, r"missing required section `run_dir`"),

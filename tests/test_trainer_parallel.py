@@ -67,6 +67,20 @@ CASES = {
         layouts=[dict(tp=1, pp=4, dp=1, layer_split=[1, 1, 1, 1]), dict(tp=2, pp=2, dp=1),
                  dict(tp=1, pp=2, dp=2, pp_engine="afab")],
     ),
+    # EE-Tuning with self-distillation: exit loss = w * KL(final head || exit / T) + (1 - w) * CE. The teacher
+    # comes from the last stage to exits on every earlier stage (pp=4), TP-sharded over a padded vocabulary.
+    "distill_tied": dict(
+        model=dict(vocab_size=61, exit_layers=[1, 3], exit_loss_weights=[0.5, 1.0], exit_mlp=True,
+                   tie_word_embeddings=True, tie_exit_heads=True),
+        train=dict(freeze_backbone=True, exit_distillation=0.6, exit_temperature=1.5),
+        layouts=[dict(tp=2, pp=2, dp=1), dict(tp=1, pp=2, dp=2), dict(tp=1, pp=4, dp=1, layer_split=[1, 1, 1, 1]),
+                 dict(tp=2, pp=1, dp=2)],
+    ),
+    "distill_untied": dict(
+        model=dict(vocab_size=64, exit_layers=[2], exit_loss_weights=[1.0], exit_block=True),
+        train=dict(freeze_backbone=True, exit_distillation=1.0),
+        layouts=[dict(tp=2, pp=2, dp=1), dict(tp=1, pp=4, dp=1, layer_split=[1, 1, 1, 1])],
+    ),
 }
 
 
@@ -225,7 +239,17 @@ def _reference_run(config, train, batches: list, freeze: bool):
             return F.cross_entropy(logits.float().reshape(-1, config.vocab_size), labels.reshape(-1),
                                    ignore_index=-100, reduction="sum") / n
 
-        per_head = [ce(x / train.exit_temperature) for x in out.exit_logits] + [ce(out.logits)]
+        teacher = out.logits.detach()
+
+        def exit_loss(logits, teacher=teacher, labels=labels, n=n, w=train.exit_distillation):
+            logits = logits / train.exit_temperature
+            if w == 0.0:
+                return ce(logits)
+            kl = F.kl_div(F.log_softmax(logits.float(), -1), F.log_softmax(teacher.float(), -1), log_target=True,
+                          reduction="none").sum(-1)
+            return w * (kl * (labels != -100)).sum() / n + (1 - w) * ce(logits)
+
+        per_head = [exit_loss(x) for x in out.exit_logits] + [ce(out.logits)]
         weights = train.exit_loss_weights_at(step, config.exit_loss_weights)
         loss = per_head[-1] + sum(w * x for w, x in zip(weights, per_head[:-1]))
         loss.backward()

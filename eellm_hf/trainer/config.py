@@ -22,9 +22,12 @@ YAML layout (defaults in brackets; only the keys without a default are required)
 
     model:                  # EarlyExitGPTConfig fields (vocab_size, hidden_size, ..., exit_layers,
                             # exit_loss_weights, exit_norm, exit_mlp, exit_block, tie_exit_heads, ...)
-      init_from: HF_DIR     # OR an EarlyExitGPT folder (e.g. from eellm-convert) to start from its weights;
-                            # other model keys then override its config, except the ones that change the
-                            # parameter shapes (SHAPE_FIELDS), which must be left out or equal
+      init_from: HF_DIR     # OR start from a checkpoint's weights (see eellm_hf.trainer.init_model): an
+                            # EarlyExitGPT folder (e.g. from eellm-convert), whose config the other model keys
+                            # override, except the ones that change the parameter shapes (SHAPE_FIELDS), which
+                            # must be left out or equal; or a pretrained Llama / Mistral / Qwen2 checkpoint (a
+                            # folder, a .gguf file, or smollm2-135m) converted on the fly with the exits the
+                            # model keys give (exit_layers required; backbone shape keys not allowed)
     parallelism:
       tp: 1, pp: 1, dp: 1   # [1 each]; tp*pp*dp must equal the world size
       layer_split: [2, 2]   # [null: cost-balanced split, parallel_model.balanced_layer_split] decoder layers per
@@ -35,7 +38,8 @@ YAML layout (defaults in brackets; only the keys without a default are required)
                             # rank 0 tokenizes the data at start-up: raise it for a big corpus)
     data:
       files: [corpus.txt]   # .txt / .jsonl / .json / .parquet (see eellm_hf.trainer.data.load_text_dataset)
-      tokenizer: TOKENIZER_DIR                 # a Hugging Face tokenizer folder, or
+      tokenizer: TOKENIZER_DIR                 # a Hugging Face tokenizer folder (default with model.init_from:
+                                               # the checkpoint's own tokenizer), or
       # tokenizer: {train_bpe: {vocab_size: 4096, out_dir: DIR, min_frequency: 2}}  trained on `files` by
       #            ensure_tokenizer() when DIR holds no tokenizer yet
       seq_len: 64
@@ -52,6 +56,8 @@ YAML layout (defaults in brackets; only the keys without a default are required)
                                         # per-sequence layer skipping while training (see LayerDropout)
       time_budget_minutes: null         # or a time budget: `steps` becomes an upper bound (see TrainConfig)
       exit_temperature: 1.0, freeze_backbone: false, zero_stage: 0 (0|1)
+      exit_distillation: 0.0            # w in [0, 1], with freeze_backbone: each exit's loss is
+                                        # w * KL(final head || exit) + (1 - w) * CE(labels) (self-distillation)
       val_interval: 0 (0: never), val_batches: null (batches of global_batch_size sequences; null: the whole
       validation set), log_interval: 1 (steps between logged training entries)
       dtype: float32 (float32|bfloat16)
@@ -142,7 +148,23 @@ class ModelSection:
     """``model:``. ``fields`` are EarlyExitGPTConfig keyword arguments (overrides when ``init_from`` is set)."""
 
     fields: dict[str, Any]
-    init_from: Path | None = None
+    init_from: Path | str | None = None  # a folder, a .gguf file, or a bundled model's name (kept as a string)
+    _pretrained_config: Any = dataclasses.field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def converts(self) -> bool:
+        """Whether ``init_from`` is a pretrained checkpoint converted on the fly (not an EarlyExitGPT folder)."""
+        from .init_model import is_early_exit_folder
+
+        return self.init_from is not None and not is_early_exit_folder(self.init_from)
+
+    def pretrained_config(self) -> Any:
+        """The transformers config of the checkpoint to convert (read once)."""
+        if self._pretrained_config is None:
+            from .init_model import pretrained_config
+
+            self._pretrained_config = pretrained_config(self.init_from)
+        return self._pretrained_config
 
 
 @dataclasses.dataclass
@@ -304,6 +326,7 @@ class TrainConfig:
     time_budget_minutes: float | None = None
     exit_temperature: float = 1.0
     freeze_backbone: bool = False
+    exit_distillation: float = 0.0
     zero_stage: Literal[0, 1] = 0
     val_interval: int = 0
     val_batches: int | None = None
@@ -384,6 +407,10 @@ class TrainerConfig:
 
         if self.model.init_from is None:
             return EarlyExitGPTConfig(**self.model.fields)
+        if self.model.converts:
+            from eellm_hf.modeling.convert import backbone_fields
+
+            return EarlyExitGPTConfig(**{**backbone_fields(self.model.pretrained_config()), **self.model.fields})
         base = EarlyExitGPTConfig.from_pretrained(str(self.model.init_from))
         merged = base.to_dict()
         merged.update(self.model.fields)
@@ -415,8 +442,8 @@ class TrainerConfig:
         Step counts, learning rates, intervals, paths and the parallel layout (checked separately) may change."""
         data = self.data
         key = {
-            "model": self.to_dict()["model"] | ({"init_from": self.model.init_from.name} if self.model.init_from
-                                                else {}),
+            "model": self.to_dict()["model"] | ({"init_from": Path(self.model.init_from).name}
+                                                if self.model.init_from else {}),
             "data": [data.seq_len, data.shuffle_seed, data.validation_fraction, data.validation_sequences],
             "train": [self.train.global_batch_size, self.train.seed, self.train.dtype],
         }
@@ -554,7 +581,8 @@ def load_config(
 
     model = _parse_model(raw["model"], base)
     parallelism = ParallelismConfig(**_build(ParallelismConfig, "parallelism", raw.get("parallelism"), base))
-    data = _parse_data(raw["data"], base)
+    run_dir = _resolve("run_dir", raw["run_dir"], base)
+    data = _parse_data(raw["data"], base, default_tokenizer=_model_tokenizer(model, run_dir))
     train = _parse_train(raw["train"], base)
     checkpoint = None
     if raw.get("checkpoint") is not None:
@@ -564,7 +592,7 @@ def load_config(
         parallelism=parallelism,
         data=data,
         train=train,
-        run_dir=_resolve("run_dir", raw["run_dir"], base),
+        run_dir=run_dir,
         checkpoint=checkpoint,
         export_hf=None if raw.get("export_hf") is None else _resolve("export_hf", raw["export_hf"], base),
         source=source,
@@ -578,17 +606,31 @@ def _parse_model(section: Any, base: Path) -> ModelSection:
 
     allowed = [*EarlyExitGPTConfig.__annotations__, *_EXTRA_MODEL_KEYS, "init_from"]
     fields = _check_keys("model", section, allowed)
+    from eellm_hf.modeling.sources import BUNDLED_MODELS
+
     init_from = fields.pop("init_from", None)
-    return ModelSection(
-        fields=fields, init_from=None if init_from is None else _resolve("model.init_from", init_from, base)
-    )
+    if init_from is not None and not (isinstance(init_from, str) and init_from in BUNDLED_MODELS):
+        init_from = _resolve("model.init_from", init_from, base)
+    return ModelSection(fields=fields, init_from=init_from)
 
 
-def _parse_data(section: Any, base: Path) -> DataConfig:
+def _model_tokenizer(model: ModelSection, run_dir: Path) -> Path | None:
+    """The default ``data.tokenizer``: the ``init_from`` checkpoint's own (its converted folder's), if any."""
+    from .init_model import converted_dir
+
+    if model.init_from is None:
+        return None
+    return converted_dir(run_dir) if model.converts else Path(model.init_from)
+
+
+def _parse_data(section: Any, base: Path, default_tokenizer: Path | None = None) -> DataConfig:
     section = _check_keys("data", section, [f.name for f in dataclasses.fields(DataConfig) if f.name != "train_bpe"])
     tokenizer = section.pop("tokenizer", None)
     if tokenizer is None:
-        raise ValueError("missing required key `data.tokenizer`")
+        if default_tokenizer is None:
+            raise ValueError("missing required key `data.tokenizer` (it defaults to model.init_from's tokenizer "
+                             "only when model.init_from is set)")
+        tokenizer = default_tokenizer
     spec = None
     if isinstance(tokenizer, Mapping):
         spec_raw = _check_keys("data.tokenizer", tokenizer, ["train_bpe"])
@@ -648,6 +690,11 @@ def _parse_train(section: Any, base: Path) -> TrainConfig:
     _need(train.grad_clip is None or train.grad_clip > 0,
           f"`train.grad_clip` must be > 0 (or null for no clipping), got {train.grad_clip}")
     _need(train.exit_temperature > 0, f"`train.exit_temperature` must be > 0, got {train.exit_temperature}")
+    _need(0.0 <= train.exit_distillation <= 1.0,
+          f"`train.exit_distillation` must be in [0, 1], got {train.exit_distillation}")
+    _need(train.exit_distillation == 0.0 or train.freeze_backbone,
+          f"`train.exit_distillation`={train.exit_distillation} needs `train.freeze_backbone: true` (the final "
+          "head is the teacher of the exits only while the backbone is frozen)")
     _need(train.val_interval >= 0, f"`train.val_interval` must be >= 0 (0: never), got {train.val_interval}")
     _need(train.val_batches is None or train.val_batches >= 1,
           f"`train.val_batches` must be >= 1 (or null for all), got {train.val_batches}")
@@ -721,13 +768,23 @@ def _validate(cfg: TrainerConfig, world_size: int | None, check_files: bool) -> 
         missing = [str(f) for f in data.files if not f.is_file()]
         if missing:
             raise FileNotFoundError(f"`data.files`: missing data files: {', '.join(missing)}")
-        if data.train_bpe is None or _is_tokenizer_dir(data.tokenizer):
+        from eellm_hf.modeling.sources import resolve_source
+
+        from .init_model import converted_dir
+
+        if cfg.model.converts and data.tokenizer == converted_dir(cfg.run_dir):
+            _need(resolve_source(cfg.model.init_from).has_tokenizer(),
+                  f"`model.init_from` {cfg.model.init_from} has no tokenizer: set `data.tokenizer`")
+        elif data.train_bpe is None or _is_tokenizer_dir(data.tokenizer):
             _check_tokenizer(data.tokenizer, model.vocab_size)
 
 
 def _check_init_from(model: ModelSection) -> None:
     folder = model.init_from
     assert folder is not None
+    if model.converts:
+        _check_conversion(model)
+        return
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"`model.init_from`: no config.json in {folder}")
     with open(folder / "config.json", encoding="utf-8") as f:
@@ -743,6 +800,24 @@ def _check_init_from(model: ModelSection) -> None:
                 f"`model.{name}`={model.fields[name]!r} differs from {saved[name]!r} in `model.init_from` "
                 f"({folder}); fields that change parameter shapes cannot be overridden"
             )
+
+
+def _check_conversion(model: ModelSection) -> None:
+    """A pretrained checkpoint to convert: it exists, and the model keys only add exits (and non-shape keys)."""
+    from eellm_hf.modeling.sources import resolve_source
+
+    from .init_model import EXIT_FIELDS
+
+    try:
+        resolve_source(model.init_from)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"`model.init_from`: {exc}") from None
+    _need("exit_layers" in model.fields,
+          f"`model.init_from` {model.init_from} is not an EarlyExitGPT folder, so it is converted on the fly: "
+          "`model.exit_layers` must say where the exits go")
+    backbone = [name for name in SHAPE_FIELDS if name in model.fields and name not in EXIT_FIELDS]
+    _need(not backbone, f"`model.{', model.'.join(backbone)}` cannot be set when converting `model.init_from` "
+          f"{model.init_from}: the checkpoint defines the backbone's shapes")
 
 
 def _is_tokenizer_dir(folder: Path) -> bool:

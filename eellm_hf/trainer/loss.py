@@ -8,6 +8,10 @@ rank because every rank sees the global batch); nanotron's engine then divides t
 Gradients are summed over data-parallel ranks, so the result is exactly the gradient of the global token mean,
 whatever the layout.
 
+Self-distillation (``train.exit_distillation`` w, EE-Tuning only): an exit's per-token loss becomes
+``w * KL(final head || exit) + (1 - w) * CE``, the final head's distribution a constant teacher
+(:func:`vocab_parallel_kl`, on TP-sharded logits).
+
 Each stage registers its exits' losses in nanotron's "activations requiring backward" list, next to the
 activation it sends downstream: backpropagating their sum is the auxiliary loss ``L_i^exit + <x_i, g_i>`` of
 EE-LLM's Proposition 3.1, with no communication beyond normal pipeline parallelism. Vocabulary-sized logits never
@@ -31,6 +35,7 @@ __all__ = [
     "mask_padded_vocab",
     "reduce_head_sums",
     "summarize_losses",
+    "vocab_parallel_kl",
     "vocab_parallel_token_losses",
 ]
 
@@ -70,6 +75,53 @@ def vocab_parallel_token_losses(
     return token_losses * real
 
 
+def _log_softmax(sharded_logits: torch.Tensor, tp_pg: dist.ProcessGroup) -> torch.Tensor:
+    """Log-softmax over the whole (TP-sharded) vocabulary; ``-inf`` entries (padding) stay ``-inf``."""
+    peak = sharded_logits.amax(dim=-1, keepdim=True)
+    if tp_pg.size() > 1:
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX, group=tp_pg)
+    shifted = sharded_logits - peak
+    total = shifted.exp().sum(dim=-1, keepdim=True)
+    if tp_pg.size() > 1:
+        dist.all_reduce(total, op=dist.ReduceOp.SUM, group=tp_pg)
+    return shifted - total.log()
+
+
+class _VocabParallelKL(torch.autograd.Function):
+    """Per-token ``KL(softmax(teacher) || softmax(student))`` over the TP-sharded vocabulary (fp32); the gradient
+    reaches the student's logits only: ``softmax(student) - softmax(teacher)``."""
+
+    @staticmethod
+    def forward(ctx, student: torch.Tensor, teacher: torch.Tensor, tp_pg: dist.ProcessGroup) -> torch.Tensor:
+        log_student = _log_softmax(student, tp_pg)
+        log_teacher = _log_softmax(teacher, tp_pg)
+        teacher_probs = log_teacher.exp()
+        # 0 * log 0 = 0 where the teacher gives no mass (vocabulary padding)
+        terms = torch.where(teacher_probs > 0, teacher_probs * (log_teacher - log_student), 0.0)
+        kl = terms.sum(dim=-1)
+        if tp_pg.size() > 1:
+            dist.all_reduce(kl, op=dist.ReduceOp.SUM, group=tp_pg)
+        ctx.save_for_backward(log_student.exp() - teacher_probs)
+        return kl
+
+    @staticmethod
+    def backward(ctx, grad_kl: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        (probs_difference,) = ctx.saved_tensors
+        return probs_difference * grad_kl.unsqueeze(-1), None, None
+
+
+def vocab_parallel_kl(
+    sharded_teacher: torch.Tensor, sharded_student: torch.Tensor, labels: torch.Tensor, tp_pg: dist.ProcessGroup,
+    vocab_size: int,
+) -> torch.Tensor:
+    """Per-token ``KL(teacher || student)`` (fp32) of TP-sharded logits ``(batch, seq, vocab_padded / tp)``, ``0``
+    where the label is ``IGNORE_INDEX`` (the tokens cross-entropy counts); padding vocabulary entries masked."""
+    tp_rank = dist.get_rank(tp_pg) if tp_pg.size() > 1 else 0
+    student = mask_padded_vocab(sharded_student.float(), vocab_size, tp_rank)
+    teacher = mask_padded_vocab(sharded_teacher.detach().float(), vocab_size, tp_rank)
+    return _VocabParallelKL.apply(student, teacher, tp_pg) * (labels != IGNORE_INDEX)
+
+
 class MultiExitLoss:
     """Loss bookkeeping shared by the heads of one model replica on one rank.
 
@@ -82,6 +134,7 @@ class MultiExitLoss:
         self.num_exits = num_exits
         self.exit_weights = [1.0] * num_exits if exit_weights is None else [float(w) for w in exit_weights]
         self.temperature = 1.0
+        self.distillation = 0.0
         self.num_label_tokens = 1
         self.num_micro_batches = 1
         self._sums: list[torch.Tensor | None] = [None] * (num_exits + 1)
@@ -97,9 +150,10 @@ class MultiExitLoss:
         num_micro_batches: int,
         exit_weights: Sequence[float] | None = None,
         temperature: float | None = None,
+        distillation: float | None = None,
     ) -> None:
-        """Set this step's normaliser (global count of real label tokens), micro-batch count, exit weights and
-        exit temperature, and reset the accumulated sums."""
+        """Set this step's normaliser (global count of real label tokens), micro-batch count, exit weights,
+        exit temperature and distillation weight, and reset the accumulated sums."""
         if len(exit_weights or []) not in (0, self.num_exits):
             raise ValueError(f"expected {self.num_exits} exit weights, got {list(exit_weights or [])}")
         self.num_label_tokens = max(int(num_label_tokens), 1)
@@ -108,6 +162,8 @@ class MultiExitLoss:
             self.exit_weights = [float(w) for w in exit_weights]
         if temperature is not None:
             self.temperature = float(temperature)
+        if distillation is not None:
+            self.distillation = float(distillation)
         self.reset_sums()
 
     def reset_sums(self) -> None:

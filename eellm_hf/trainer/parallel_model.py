@@ -28,7 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .loss import MultiExitLoss, vocab_parallel_token_losses
+from .loss import MultiExitLoss, vocab_parallel_kl, vocab_parallel_token_losses
 from .nanotron_compat import (
     ParallelContext,
     PipelineBlock,
@@ -371,7 +371,8 @@ class VocabParallelHead(TensorParallelColumnLinear):
     """A vocabulary projection (column-parallel over the padded vocabulary) and its cross-entropy.
 
     ``head``: exit index, or ``loss.final_index`` for the final head. Exit logits are divided by the loss's
-    temperature in training mode.
+    temperature in training mode. With ``teacher_logits`` (the final head's sharded logits) and the loss's
+    ``distillation`` weight w > 0, an exit's token losses are ``w * KL(teacher || exit) + (1 - w) * CE``.
     """
 
     def __init__(self, hidden_size: int, padded_vocab: int, vocab_size: int, tp_pg: dist.ProcessGroup,
@@ -381,8 +382,13 @@ class VocabParallelHead(TensorParallelColumnLinear):
         self.loss = loss
         self.head = head
 
-    def forward(self, hidden_states: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        sharded_logits = super().forward(hidden_states)
+    def sharded_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """This TP rank's shard of the logits (padded vocabulary entries not masked)."""
+        return super().forward(hidden_states)
+
+    def forward(self, hidden_states: torch.Tensor, labels: torch.Tensor,
+                teacher_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        sharded_logits = self.sharded_logits(hidden_states)
         if self.loss.captured_logits is not None:
             full = differentiable_all_gather(sharded_logits.transpose(0, -1).contiguous(), group=self.pg)
             self.loss.capture(self.head, full.transpose(0, -1)[..., : self.vocab_size])
@@ -390,6 +396,10 @@ class VocabParallelHead(TensorParallelColumnLinear):
         if is_exit and self.training and self.loss.temperature != 1.0:
             sharded_logits = sharded_logits / self.loss.temperature
         token_losses = vocab_parallel_token_losses(sharded_logits, labels, self.pg, self.vocab_size)
+        weight = self.loss.distillation
+        if is_exit and teacher_logits is not None and weight > 0.0:
+            kl = vocab_parallel_kl(teacher_logits, sharded_logits, labels, self.pg, self.vocab_size)
+            token_losses = weight * kl + (1.0 - weight) * token_losses
         loss = self.loss.head_loss(self.head, token_losses)
         if not is_exit and torch.is_grad_enabled() and not loss.requires_grad:
             # Frozen final head (EE-Tuning): nanotron's engine needs a loss that requires grad.

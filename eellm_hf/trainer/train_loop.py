@@ -26,6 +26,7 @@ import numpy as np
 import torch
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from .ee_tuning import FrozenBackboneStep
 from .layer_dropout import layer_keep_mask
 from .loss import count_label_tokens, reduce_head_sums, summarize_losses
 from .nanotron_compat import (
@@ -99,8 +100,10 @@ class ParallelTrainer:
             init_from_hf(self.model, init_from)
         else:
             initialize_weights(self.model, train.seed)
-        if train.freeze_backbone:
+        self.frozen_step = None
+        if train.freeze_backbone:  # EE-Tuning: forward-only backbone, no pipeline backward (see .ee_tuning)
             self.model.freeze_backbone()
+            self.frozen_step = FrozenBackboneStep(self.model, parallel_context)
         self.engine = (AllForwardAllBackwardPipelineEngine() if pp_engine == "afab"
                        else OneForwardOneBackwardPipelineEngine())
         self.named_trainable = [(n, p) for n, p in named_params_with_correct_tied(self.model) if p.requires_grad]
@@ -186,11 +189,16 @@ class ParallelTrainer:
         micro_batches = self._rank_micro_batches(input_ids, labels, layer_keep)
         num_tokens = count_label_tokens(labels)
         weights = train.exit_loss_weights_at(step, self.config.exit_loss_weights or [])
-        model.loss.begin_step(num_tokens, len(micro_batches), weights, train.exit_temperature)
+        model.loss.begin_step(num_tokens, len(micro_batches), weights, train.exit_temperature,
+                              train.exit_distillation)
         model.train()
         try:
-            self.engine.train_batch_iter(model=model, pg=ctx.pp_pg, batch=iter(micro_batches),
-                                         nb_microbatches=len(micro_batches), grad_accumulator=self.grad_accumulator)
+            if self.frozen_step is not None:
+                self.frozen_step.run(micro_batches, self.grad_accumulator)
+            else:
+                self.engine.train_batch_iter(model=model, pg=ctx.pp_pg, batch=iter(micro_batches),
+                                             nb_microbatches=len(micro_batches),
+                                             grad_accumulator=self.grad_accumulator)
         except BaseException:
             reset_pipeline_state()
             raise
@@ -339,12 +347,18 @@ def run(cfg: TrainerConfig) -> list[StepResult]:
     ctx = make_parallel_context(par.tp, par.pp, par.dp, timeout_s=par.timeout_s)
     world_rank = dist.get_rank(ctx.world_pg)
     model_config = cfg.model_config()
+    init_dir = None
+    if cfg.model.init_from is not None:
+        from .init_model import prepare_init_model
+
+        init_dir = prepare_init_model(cfg.model.init_from, model_config, cfg.run_dir, is_writer=world_rank == 0,
+                                      barrier=lambda: dist.barrier(group=ctx.world_pg))
     rows = _packed_rows(cfg, ctx)
     train_set, val_set = train_val_split(PackedDataset(rows), data.validation, seed=data.shuffle_seed)
     if len(train_set) < 1:
         raise ValueError("no training sequences: more text or a smaller data.seq_len is needed")
     trainer = ParallelTrainer(model_config, ctx, train, layer_split=par.layer_split, pp_engine=par.pp_engine,
-                              init_from=cfg.model.init_from)
+                              init_from=init_dir)
     layout = {"tp": par.tp, "pp": par.pp, "dp": par.dp}
 
     start_step = 0
