@@ -26,6 +26,10 @@ class EarlyExitGPTConfig(PreTrainedConfig):
         exit_norm (`bool`): an RMSNorm before each exit's projection.
         exit_mlp (`bool`): a residual SwiGLU MLP in each exit (after its norm).
         exit_block (`bool`): a whole extra decoder layer at the start of each exit, with its own KV cache.
+        exit_gate (`bool`): a learned confidence gate in each exit (a linear map of the exit's hidden state to one
+            logit, as CALM's classifier): trained to predict that the exit's top token equals the final head's,
+            and read by `generate(..., exit_confidence="gate")` *before* the exit's vocabulary projection, so an
+            exit that does not fire costs no projection.
         tie_exit_heads (`bool`): every exit projects with the final LM head's weight (itself tied to the input
             embedding when `tie_word_embeddings`); otherwise each exit has its own projection.
 
@@ -76,6 +80,7 @@ class EarlyExitGPTConfig(PreTrainedConfig):
     exit_norm: bool = True
     exit_mlp: bool = False
     exit_block: bool = False
+    exit_gate: bool = False
     tie_exit_heads: bool = False
 
     def __post_init__(self, **kwargs):

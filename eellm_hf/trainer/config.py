@@ -37,7 +37,8 @@ YAML layout (defaults in brackets; only the keys without a default are required)
                             # rank fail within this time (it also bounds how long the other ranks wait while
                             # rank 0 tokenizes the data at start-up: raise it for a big corpus)
     data:
-      files: [corpus.txt]   # .txt / .jsonl / .json / .parquet (see eellm_hf.trainer.data.load_text_dataset)
+      files: [corpus.txt]   # .txt / .jsonl / .json / .parquet (see eellm_hf.trainer.data.load_text_dataset),
+                            # or builtin:python-stdlib / builtin:kjv (data.BUILTIN_CORPORA, written to run_dir)
       tokenizer: TOKENIZER_DIR                 # a Hugging Face tokenizer folder (default with model.init_from:
                                                # the checkpoint's own tokenizer), or
       # tokenizer: {train_bpe: {vocab_size: 4096, out_dir: DIR, min_frequency: 2}}  trained on `files` by
@@ -226,6 +227,7 @@ class DataConfig:
     text_field: str = "text"
     sample_by: Literal["line", "paragraph", "document"] = "line"
     cache_dir: Path | None = None
+    builtin_files: dict[str, str] = dataclasses.field(default_factory=dict)  # file -> built-in corpus name
 
     @property
     def validation(self) -> float | int:
@@ -425,6 +427,8 @@ class TrainerConfig:
         out["parallelism"] = _plain(self.parallelism)
         data = _plain(self.data)
         spec = data.pop("train_bpe")
+        builtins = data.pop("builtin_files")
+        data["files"] = [f"builtin:{builtins[f]}" if f in builtins else f for f in data["files"]]
         if spec is not None:
             data["tokenizer"] = {"train_bpe": spec}
         out["data"] = data
@@ -582,7 +586,7 @@ def load_config(
     model = _parse_model(raw["model"], base)
     parallelism = ParallelismConfig(**_build(ParallelismConfig, "parallelism", raw.get("parallelism"), base))
     run_dir = _resolve("run_dir", raw["run_dir"], base)
-    data = _parse_data(raw["data"], base, default_tokenizer=_model_tokenizer(model, run_dir))
+    data = _parse_data(raw["data"], base, run_dir, default_tokenizer=_model_tokenizer(model, run_dir))
     train = _parse_train(raw["train"], base)
     checkpoint = None
     if raw.get("checkpoint") is not None:
@@ -623,8 +627,28 @@ def _model_tokenizer(model: ModelSection, run_dir: Path) -> Path | None:
     return converted_dir(run_dir) if model.converts else Path(model.init_from)
 
 
-def _parse_data(section: Any, base: Path, default_tokenizer: Path | None = None) -> DataConfig:
-    section = _check_keys("data", section, [f.name for f in dataclasses.fields(DataConfig) if f.name != "train_bpe"])
+def _builtin_files(files: Any, run_dir: Path) -> tuple[Any, dict[str, str]]:
+    """``data.files`` with each ``builtin:NAME`` replaced by the run's file of that corpus, and those files."""
+    from .data import BUILTIN_CORPORA, BUILTIN_PREFIX, builtin_corpus_file
+
+    if not isinstance(files, list):
+        return files, {}
+    resolved, builtins = [], {}
+    for entry in files:
+        if isinstance(entry, str) and entry.startswith(BUILTIN_PREFIX):
+            name = entry[len(BUILTIN_PREFIX):]
+            _need(name in BUILTIN_CORPORA,
+                  f"`data.files` entry {entry!r}: unknown built-in corpus, choose from {', '.join(BUILTIN_CORPORA)}")
+            entry = str(builtin_corpus_file(run_dir, name))
+            builtins[entry] = name
+        resolved.append(entry)
+    return resolved, builtins
+
+
+def _parse_data(section: Any, base: Path, run_dir: Path, default_tokenizer: Path | None = None) -> DataConfig:
+    section = _check_keys("data", section, [f.name for f in dataclasses.fields(DataConfig)
+                                            if f.name not in ("train_bpe", "builtin_files")])
+    section["files"], builtins = _builtin_files(section.get("files"), run_dir)
     tokenizer = section.pop("tokenizer", None)
     if tokenizer is None:
         if default_tokenizer is None:
@@ -643,8 +667,9 @@ def _parse_data(section: Any, base: Path, default_tokenizer: Path | None = None)
         tokenizer_dir = spec.out_dir
     else:
         tokenizer_dir = _resolve("data.tokenizer", tokenizer, base)
-    kwargs = _build(DataConfig, "data", {**section, "tokenizer": str(tokenizer_dir)}, base, skip=("train_bpe",))
-    data = DataConfig(**kwargs, train_bpe=spec)
+    kwargs = _build(DataConfig, "data", {**section, "tokenizer": str(tokenizer_dir)}, base,
+                    skip=("train_bpe", "builtin_files"))
+    data = DataConfig(**kwargs, train_bpe=spec, builtin_files=builtins)
     _need(len(data.files) > 0, "`data.files` must list at least one file")
     _need(data.seq_len >= 1, f"`data.seq_len` must be >= 1, got {data.seq_len}")
     _need(0.0 <= data.validation_fraction < 1.0,
@@ -750,6 +775,9 @@ def _validate(cfg: TrainerConfig, world_size: int | None, check_files: bool) -> 
           f"`data.seq_len`={data.seq_len} exceeds model.max_position_embeddings={model.max_position_embeddings}")
     if train.freeze_backbone:
         _need(model.num_exits > 0, "`train.freeze_backbone` is true but the model has no exits to train")
+    _need(not model.exit_gate or train.freeze_backbone,
+          "`model.exit_gate` needs `train.freeze_backbone: true` in this trainer: the gates learn to predict the "
+          "frozen final head's token")
     if train.val_interval > 0:
         _need(data.has_validation,
               f"`train.val_interval`={train.val_interval} needs a validation set: set "
@@ -765,7 +793,7 @@ def _validate(cfg: TrainerConfig, world_size: int | None, check_files: bool) -> 
               f"`data.tokenizer.train_bpe.vocab_size`={data.train_bpe.vocab_size} exceeds "
               f"model.vocab_size={model.vocab_size}")
     if check_files:
-        missing = [str(f) for f in data.files if not f.is_file()]
+        missing = [str(f) for f in data.files if not f.is_file() and str(f) not in data.builtin_files]
         if missing:
             raise FileNotFoundError(f"`data.files`: missing data files: {', '.join(missing)}")
         from eellm_hf.modeling.sources import resolve_source

