@@ -70,4 +70,47 @@ def write_python_corpus(out: str | Path, held_out: bool = False, max_bytes: int 
     return out
 
 
-__all__ = ["python_source_documents", "python_source_files", "stdlib_root", "write_python_corpus"]
+def completion_prompts(count: int = 64, context_lines: int = 24, reference_lines: int = 6, seed: int = 0
+                       ) -> list[dict[str, str]]:
+    """Held-out code completion: ``{"prompt", "reference", "path"}`` where the prompt is ``context_lines`` lines of
+    a held-out file ending just before a line that opens a function body or a statement, and the reference the
+    ``reference_lines`` lines that follow. Deterministic for a given Python version and ``seed``."""
+    import random
+
+    candidates = []
+    for document in python_source_documents(held_out=True):
+        lines = document["text"].splitlines(keepends=True)
+        for index in range(context_lines, len(lines) - reference_lines):
+            if lines[index].strip() and lines[index - 1].rstrip().endswith(":"):
+                candidates.append((document["path"], lines, index))
+    chosen = random.Random(seed).sample(candidates, min(count, len(candidates)))
+    return [{"prompt": "".join(lines[index - context_lines:index]),
+             "reference": "".join(lines[index:index + reference_lines]), "path": path}
+            for path, lines, index in sorted(chosen, key=lambda item: (item[0], item[2]))]
+
+
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    parser = argparse.ArgumentParser(description="Write the Python standard library corpus (train / held out) "
+                                     "or held-out completion prompts as JSON lines.")
+    parser.add_argument("out", type=Path)
+    parser.add_argument("--split", choices=("train", "held_out", "prompts"), default="train")
+    parser.add_argument("--count", type=int, default=64, help="prompts: how many")
+    args = parser.parse_args(argv)
+    if args.split == "prompts":
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        with args.out.open("w", encoding="utf-8") as fh:
+            for prompt in completion_prompts(args.count):
+                fh.write(json.dumps(prompt) + "\n")
+    else:
+        write_python_corpus(args.out, held_out=args.split == "held_out")
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
+
+
+__all__ = ["completion_prompts", "python_source_documents", "python_source_files", "stdlib_root",
+           "write_python_corpus"]

@@ -19,6 +19,8 @@ from pathlib import Path
 
 import torch
 
+from .modeling.generation_early_exit import EXIT_CONFIDENCE_MEASURES
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
@@ -31,7 +33,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, required=True)
     parser.add_argument("--early-exit-threshold", type=float, default=None,
                         help="confidence an exit needs to produce a token, in [0, 1] (default: full depth)")
-    parser.add_argument("--exit-confidence", choices=("max_prob", "top2_margin"), default=None)
+    parser.add_argument("--exit-confidence", choices=EXIT_CONFIDENCE_MEASURES, default=None)
     parser.add_argument("--active-exits", type=int, nargs="+", default=None,
                         help="the exit layers allowed to fire (default: all)")
     parser.add_argument("--max-recompute-tokens", type=int, default=None)

@@ -9,7 +9,7 @@ Early-exit model_args (everything else is ``HFLM``'s, e.g. ``dtype``, ``batch_si
 
 * ``early_exit_threshold``: confidence an exit needs to produce a generated token, in ``[0, 1]``; ``None`` (the
   default, also ``none``/``off``) decodes at full depth, so ``--model eellm`` then gives ``--model hf``'s results.
-* ``exit_confidence``: ``max_prob`` (default) or ``top2_margin``.
+* ``exit_confidence``: ``max_prob`` (default), ``top2_margin`` or ``gate`` (exits with learned gates).
 * ``active_exits``: the exit layers allowed to fire (default: all). lm-eval splits model_args on commas, so
   separate layers with ``|`` or ``;`` (``active_exits=4|8``; quote the model_args in a shell); a list also
   works (``simple_evaluate(model_args={..., "active_exits": [4, 8]})``, or JSON model_args on the command line).
