@@ -166,10 +166,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _refuse_overwriting_source(src_dir: Path, dst_dir: Path) -> None:
+    """The output folder must not be the source folder (saving there would replace the model being read)."""
+    if dst_dir.exists() and src_dir.exists() and src_dir.resolve() == dst_dir.resolve():
+        raise SystemExit(f"eellm-convert: the output folder {dst_dir} is the source folder {src_dir}; "
+                         "choose another output folder")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     if not args.src_dir.is_dir():
         raise SystemExit(f"eellm-convert: source folder {args.src_dir} does not exist")
+    _refuse_overwriting_source(args.src_dir, args.dst_dir)
     model = llama_to_early_exit(
         args.src_dir,
         args.exit_layers,
