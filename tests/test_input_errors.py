@@ -28,12 +28,17 @@ SMALL = dict(num_hidden_layers=4, hidden_size=32, intermediate_size=64, num_atte
     (dict(exit_layers=[True]), r"`exit_layers` entries must be integers, got True"),
     (dict(exit_layers=[1], exit_mlp="false"), r"`exit_mlp` must be true or false, got str 'false'"),
     (dict(exit_layers=[1], exit_norm=1), r"`exit_norm` must be true or false, got int 1"),
-    (dict(exit_layers=[1], exit_loss_weights=[math.inf]), r"finite numbers, got inf in \[inf\]"),
+    (dict(exit_layers=[1], exit_loss_weights=["0.5"]), r"entries must be numbers, got '0\.5'"),
     (dict(exit_layers=[1], exit_loss_weights="0.5"), r"`exit_loss_weights` must be a list, got str '0.5'"),
 ])
 def test_config_refuses_values_of_the_wrong_type(fields, message):
     with pytest.raises(TypeError, match=message):
         EarlyExitGPTConfig(**SMALL, **fields)
+
+
+def test_config_refuses_infinite_exit_loss_weights():
+    with pytest.raises(ValueError, match=r"`exit_loss_weights` entries must be finite, got inf in \[inf\]"):
+        EarlyExitGPTConfig(**SMALL, exit_layers=[1], exit_loss_weights=[math.inf])
 
 
 def test_config_still_accepts_tuples_and_round_trips():

@@ -134,10 +134,12 @@ class EarlyExitGPTConfig(PreTrainedConfig):
             if not isinstance(layer, numbers.Integral) or isinstance(layer, bool):
                 raise TypeError(f"`exit_layers` entries must be integers, got {layer!r} in {self.exit_layers!r}.")
         for weight in self.exit_loss_weights or []:
-            if not isinstance(weight, numbers.Real) or isinstance(weight, bool) or not math.isfinite(weight):
-                raise TypeError(
-                    f"`exit_loss_weights` entries must be finite numbers, got {weight!r} in {self.exit_loss_weights!r}."
-                )
+            if not isinstance(weight, numbers.Real) or isinstance(weight, bool):
+                raise TypeError(f"`exit_loss_weights` entries must be numbers, got {weight!r} in "
+                                f"{self.exit_loss_weights!r}.")
+            if not math.isfinite(weight):
+                raise ValueError(f"`exit_loss_weights` entries must be finite, got {weight!r} in "
+                                 f"{self.exit_loss_weights!r}.")
         for name in ("exit_norm", "exit_mlp", "exit_block", "tie_exit_heads"):
             value = getattr(self, name)
             if not isinstance(value, bool):

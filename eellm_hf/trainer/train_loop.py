@@ -12,7 +12,8 @@ Faults: a step whose loss (any head's) or gradient norm is not finite on any ran
 or export. A resumed run verifies the checkpoint's checksums and falls back to the newest one that verifies.
 
 Precision: fp32 everywhere on CPU; with ``train.dtype: bfloat16`` the model runs in bf16 and nanotron's
-``FP32GradientAccumulator`` keeps fp32 master weights and gradients (GPU only, untested on CPU).
+``FP32GradientAccumulator`` keeps fp32 master weights and gradients (on GPUs; also tested on CPU with the shipped
+GPU configs shrunk, ZeRO-1 and tp=2 included).
 """
 
 from __future__ import annotations
