@@ -308,9 +308,13 @@ def test_checksums_name_the_damaged_file(tmp_path: Path, damage: str) -> None:
         assert str(bad) in str(info.value)
 
 
-def test_truncated_meta_is_named(tmp_path: Path) -> None:
+def test_damaged_meta_is_named(tmp_path: Path) -> None:
     path = _save(tmp_path, 1)
-    (path / "meta.json").write_text('{"format": 2, "st')
+    text = (path / "meta.json").read_text()
+    (path / "meta.json").write_text(text.replace('"step": 1', '"step": 7'))  # still valid JSON
+    with pytest.raises(ckpt.CheckpointCorruptError, match="meta.json does not match the sha256 recorded in it"):
+        load_checkpoint(path, 0)
+    (path / "meta.json").write_text(text[:20])
     with pytest.raises(ckpt.CheckpointCorruptError, match="meta.json is unreadable"):
         load_checkpoint(path, 0)
 

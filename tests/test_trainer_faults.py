@@ -176,8 +176,11 @@ def _worker_faults(tmp_dir: str) -> None:
     _run("all_damaged", _config(tmp, "all_damaged", checkpoint={"resume": True}), expect_error=True)
 
     # resume: true with nothing to resume (a mistyped folder) fails; auto starts from step 0 and says so
-    _run("resume_empty", _config(tmp, "resume_empty", checkpoint={"dir": str(tmp / "no_such_dir"),
-                                                                   "resume": True}), expect_error=True)
+    _run("resume_missing", _config(tmp, "resume_missing", checkpoint={"dir": str(tmp / "no_such_dir"),
+                                                                       "resume": True}), expect_error=True)
+    _on_rank0(lambda: (tmp / "empty_dir").mkdir())
+    _run("resume_empty", _config(tmp, "resume_empty", checkpoint={"dir": str(tmp / "empty_dir"), "resume": True}),
+         expect_error=True)
     _run("resume_auto", _config(tmp, "resume_auto", checkpoint={"resume": "auto"}, train={"steps": 1}))
 
     # the data file rewritten in place (same path, other text): a new cache, other losses
@@ -289,9 +292,13 @@ def test_no_verifying_checkpoint_is_a_clear_error(faults):
 
 
 def test_resume_true_needs_a_checkpoint_and_auto_says_what_it_did(faults):
-    error = faults["results"]["resume_empty"]
+    error = faults["results"]["resume_missing"]
     assert error["error"] == "FileNotFoundError"
     assert f"checkpoint folder {faults['tmp'] / 'no_such_dir'} does not exist" in error["message"]
+    error = faults["results"]["resume_empty"]
+    assert error["error"] == "FileNotFoundError"
+    assert f"checkpoint folder {faults['tmp'] / 'empty_dir'} holds no committed checkpoint" in error["message"]
+    assert not (faults["tmp"] / "resume_empty" / "run").exists()  # no metrics.jsonl replaced
     assert faults["results"]["resume_auto"]["steps"] == [1]
     assert "checkpoint.resume auto: no checkpoint in" in faults["stderr"]
 

@@ -8,8 +8,8 @@ Layout::
         rank_00000.safetensors    # this rank's tensors (model shard, optimizer state, RNG state tensors, ...)
         rank_00000.json           # this rank's non-tensor state (JSON; tensors replaced by references)
         ...                       # one pair per rank
-        meta.json                 # written last: step, world size, layout, config hash, format, and the
-                                  # size and sha256 of every rank file
+        meta.json                 # written last: step, world size, layout, config hash, format, the
+                                  # size and sha256 of every rank file, and the sha256 of its own content
 
 Saving (:func:`save_checkpoint`, called by every rank with the same ``step``):
 
@@ -433,6 +433,7 @@ def save_checkpoint(
             "layout": dict(layout) if layout is not None else None, "config_hash": config_hash,
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "files": _committed_files(tmp, world_size),
         }
+        meta["meta_sha256"] = _json_sha256(meta)
         _write_text(tmp / _META, json.dumps(meta, indent=1))
         _fsync_dir(tmp)
         if final.exists():
@@ -509,7 +510,19 @@ def read_meta(path: str | os.PathLike[str]) -> dict[str, Any]:
     meta_path = Path(path) / _META
     if not meta_path.is_file():
         raise FileNotFoundError(f"{path} is not a complete checkpoint (no {_META})")
-    return _read_json(meta_path)
+    meta = _read_json(meta_path)
+    recorded = meta.pop("meta_sha256", None)
+    if recorded is None and meta.get("format") != 1:
+        raise CheckpointCorruptError(f"checkpoint file {meta_path} has no meta_sha256 (damaged)")
+    if recorded is not None and recorded != _json_sha256(meta):
+        raise CheckpointCorruptError(f"checkpoint file {meta_path} does not match the sha256 recorded in it "
+                                     "(corrupted)")
+    return meta
+
+
+def _json_sha256(obj: Any) -> str:
+    """sha256 of a JSON object's canonical text (a file's own checksum cannot cover its own bytes)."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()
 
 
 def _read_json(path: Path) -> dict[str, Any]:

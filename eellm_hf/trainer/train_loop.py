@@ -413,6 +413,21 @@ def _load_verified_checkpoint(cfg: TrainerConfig, ctx: ParallelContext,
     return None
 
 
+def _skip_or_stop(result: StepResult, skipped: int, train: TrainConfig, exit_layers: Sequence[int],
+                  logger: Any) -> int:
+    """A non-finite step (no update was made): stop with :class:`NonFiniteTrainingError`, or, while fewer than
+    ``train.skip_nonfinite_steps`` were skipped, log it as skipped. Returns the new count of skipped steps."""
+    message = _nonfinite_message(result, exit_layers)
+    if skipped >= train.skip_nonfinite_steps:
+        raise NonFiniteTrainingError(
+            f"{message}; stopped with no update at this step and no checkpoint of it (skipped {skipped} such "
+            f"step(s) before, `train.skip_nonfinite_steps`={train.skip_nonfinite_steps}). Lower `train.lr` or "
+            "resume from the last checkpoint")
+    logger.log_event("nonfinite_step_skipped", result.step + 1, reason=message, skipped=skipped + 1,
+                     max_skipped=train.skip_nonfinite_steps)
+    return skipped + 1
+
+
 def _nonfinite_message(result: StepResult, exit_layers: Sequence[int]) -> str:
     """Which heads' losses (or the gradient norm) were not finite at a step, for errors and events."""
     from .metrics import head_names
@@ -527,15 +542,7 @@ def run(cfg: TrainerConfig) -> list[StepResult]:
             done = step + 1
             step = done
             if not result.finite:
-                message = _nonfinite_message(result, model_config.exit_layers)
-                if skipped_steps >= train.skip_nonfinite_steps:
-                    raise NonFiniteTrainingError(
-                        f"{message}; stopped with no update at this step and no checkpoint of it (skipped "
-                        f"{skipped_steps} such step(s) before, `train.skip_nonfinite_steps`="
-                        f"{train.skip_nonfinite_steps}). Lower `train.lr` or resume from the last checkpoint")
-                skipped_steps += 1
-                logger.log_event("nonfinite_step_skipped", done, reason=message, skipped=skipped_steps,
-                                 max_skipped=train.skip_nonfinite_steps)
+                skipped_steps = _skip_or_stop(result, skipped_steps, train, model_config.exit_layers, logger)
             if result.finite and (done % train.log_interval == 0 or done == total):
                 logger.log_train(done, result.loss, exit_losses=result.exit_losses, lr=result.lr,
                                  tokens=tokens_per_step, grad_norm=result.grad_norm,
