@@ -336,6 +336,9 @@ def test_nonfinite_step_skipped_without_update(faults):
         tensors, _ = load_checkpoint(latest_checkpoint(run_dir.parent / "ckpt"), rank)
         counts = {float(v) for k, v in tensors.items() if k.endswith("/step")}
         assert counts == {5.0}, counts
+    skipped = {step: load_checkpoint(run_dir.parent / "ckpt" / f"step_{step:06d}", 0)[1]["skipped_nonfinite_steps"]
+               for step in (2, 4, 6)}
+    assert skipped == {2: 0, 4: 1, 6: 1}  # a resumed run keeps counting against skip_nonfinite_steps
 
 
 def test_divergent_lr_exits_nonzero_and_never_commits_nonfinite(faults):

@@ -518,7 +518,8 @@ def run(cfg: TrainerConfig) -> list[StepResult]:
         save_checkpoint(ckpt.dir, step, world_rank, par.world_size,
                         tensors={**trainer.state_tensors(), **opt_tensors},
                         state={"step": step, "consumed_sequences": step * train.global_batch_size,
-                               "total_steps": fixed_total, "optimizer": opt_state, "rng": capture_rng_state()},
+                               "total_steps": fixed_total, "optimizer": opt_state, "rng": capture_rng_state(),
+                               "skipped_nonfinite_steps": skipped_steps},
                         barrier=ctx.world_pg, layout=layout, config_hash=cfg.fingerprint(),
                         keep_last=ckpt.keep_last, run_id=run_id)
 
@@ -528,7 +529,8 @@ def run(cfg: TrainerConfig) -> list[StepResult]:
     val_rows = _validation_batch(val_set, train, par.dp)
     tokens_per_step = train.global_batch_size * data.seq_len
     results = []
-    skipped_steps = 0  # non-finite steps skipped so far (train.skip_nonfinite_steps)
+    # non-finite steps skipped so far (train.skip_nonfinite_steps), a resumed run included
+    skipped_steps = int(state.get("skipped_nonfinite_steps", 0)) if resumed else 0
     step_times: list[float] = []  # time-budget calibration: durations of the timed steps
     loop_start = time.perf_counter()
     try:
