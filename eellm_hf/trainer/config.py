@@ -465,18 +465,13 @@ def _convert(name: str, value: Any, hint: Any, base_dir: Path) -> Any:
         if value is None and type(None) in args:
             return None
         inner = [a for a in args if a is not type(None)]
-        if bool in inner and value is not None and isinstance(value, bool):
+        if len(inner) == 2 and bool in inner:  # `bool | Literal[...]`, e.g. checkpoint.resume: true|false|auto
+            (choices,) = [typing.get_args(a) for a in inner if a is not bool]
+            if not isinstance(value, bool) and value not in choices:
+                raise ValueError(f"`{name}` must be true, false or {', '.join(map(str, choices))}; got {value!r}")
             return value
-        inner = [a for a in inner if a is not bool] if len(inner) > 1 else inner
-        if len(inner) > 1:
-            raise TypeError(f"unsupported annotation {hint!r} for {name}")  # pragma: no cover
-        try:
-            return _convert(name, value, inner[0], base_dir)
-        except ValueError:
-            if bool in args:
-                raise ValueError(f"`{name}` must be true, false or {', '.join(map(str, typing.get_args(inner[0])))}"
-                                 f"; got {value!r}") from None
-            raise
+        (inner_hint,) = inner
+        return _convert(name, value, inner_hint, base_dir)
     if origin is Literal:
         choices = typing.get_args(hint)
         if value not in choices or isinstance(value, bool):
