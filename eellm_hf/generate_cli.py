@@ -51,7 +51,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.model_dir.is_dir():
+        parser.error(f"model folder {args.model_dir} does not exist" if not args.model_dir.exists()
+                     else f"{args.model_dir} is not a folder (give the folder a model was saved to)")
+    if args.max_new_tokens < 1:
+        parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     import eellm_hf  # noqa: F401  (registers the model with the Auto classes)
@@ -74,6 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             generate_kwargs[name] = getattr(args, name)
 
     encoded = tokenizer(args.prompt, return_tensors="pt", padding=True).to(args.device)
+    _check_prompt_lengths(parser, args, encoded["attention_mask"].sum(dim=1).tolist(),
+                          model.config.max_position_embeddings)
     output = model.generate(**encoded, **generate_kwargs)
     prompt_length = encoded["input_ids"].shape[1]
     num_layers = model.config.num_hidden_layers
@@ -101,6 +109,19 @@ def main(argv: Sequence[str] | None = None) -> int:
         per_exit = ", ".join(f"layer {layer}: {count}" for layer, count in sorted(counts.items()))
         print(f"-- {total} tokens, mean exit layer {mean:.2f} of {num_layers} ({per_exit})", file=sys.stderr)
     return 0
+
+
+def _check_prompt_lengths(parser: argparse.ArgumentParser, args: argparse.Namespace, lengths: list[int],
+                          max_positions: int) -> None:
+    """Every prompt must encode to at least one token, and it plus the new tokens must fit the model's
+    positions (beyond ``max_position_embeddings`` the model was never trained)."""
+    for index, (prompt, length) in enumerate(zip(args.prompt, lengths), start=1):
+        if length == 0:
+            parser.error(f"prompt {index} ({prompt!r}) is empty: it encodes to no tokens; give some text")
+        if length + args.max_new_tokens > max_positions:
+            parser.error(f"prompt {index} is {length} tokens; with --max-new-tokens {args.max_new_tokens} that is "
+                         f"{length + args.max_new_tokens} positions, more than the model's max_position_embeddings="
+                         f"{max_positions}: shorten the prompt or lower --max-new-tokens")
 
 
 def _as_list(value: int | list[int] | None) -> list[int]:

@@ -80,11 +80,12 @@ def llama_to_early_exit(
             an untrained exit reads the intermediate hidden state exactly as the final head would. `"random"`:
             exits initialised from `initializer_range`.
         **exit_options: other `EarlyExitGPTConfig` early-exit fields (`exit_loss_weights`, `exit_norm`,
-            `exit_mlp`, `exit_block`, `tie_exit_heads`).
+            `exit_mlp`, `exit_block`, `exit_gate`, `tie_exit_heads`).
     """
     if exit_init not in ("copy", "random"):
         raise ValueError(f"exit_init must be 'copy' or 'random', got {exit_init!r}.")
-    unknown = set(exit_options) - {"exit_loss_weights", "exit_norm", "exit_mlp", "exit_block", "tie_exit_heads"}
+    unknown = set(exit_options) - {"exit_loss_weights", "exit_norm", "exit_mlp", "exit_block", "exit_gate",
+                                   "tie_exit_heads"}
     if unknown:
         raise ValueError(f"Unknown early-exit options: {sorted(unknown)}.")
     source = _load(model_or_path)
@@ -166,8 +167,16 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-exit-norm", action="store_true", help="exits without an RMSNorm")
     parser.add_argument("--exit-mlp", action="store_true")
     parser.add_argument("--exit-block", action="store_true")
+    parser.add_argument("--exit-gate", action="store_true", help="learned confidence gates (exit_confidence='gate')")
     parser.add_argument("--tie-exit-heads", action="store_true")
     return parser
+
+
+def _refuse_overwriting_source(src_dir: Path, dst_dir: Path) -> None:
+    """The output folder must not be the source folder (saving there would replace the model being read)."""
+    if dst_dir.exists() and src_dir.exists() and src_dir.resolve() == dst_dir.resolve():
+        raise SystemExit(f"eellm-convert: the output folder {dst_dir} is the source folder {src_dir}; "
+                         "choose another output folder")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -176,6 +185,7 @@ def main(argv: list[str] | None = None) -> None:
         source = resolve_source(args.src)
     except FileNotFoundError as error:
         raise SystemExit(f"eellm-convert: {error}") from None
+    _refuse_overwriting_source(source.folder, args.dst_dir)
     model = llama_to_early_exit(
         source.load_model(torch.float32),
         args.exit_layers,
@@ -184,6 +194,7 @@ def main(argv: list[str] | None = None) -> None:
         exit_norm=not args.no_exit_norm,
         exit_mlp=args.exit_mlp,
         exit_block=args.exit_block,
+        exit_gate=args.exit_gate,
         tie_exit_heads=args.tie_exit_heads,
     )
     model.save_pretrained(args.dst_dir)

@@ -102,6 +102,12 @@ class EarlyExitSettings:
                     f"`early_exit_threshold` must be None (full depth) or a number in [0, 1], got {threshold!r}."
                 )
             threshold = float(threshold)
+            if not model_config.exit_layers:
+                raise ValueError(
+                    f"`early_exit_threshold`={threshold} needs early exits, but this model has none (`exit_layers` "
+                    "is empty, e.g. a Llama folder loaded as EarlyExitGPTForCausalLM): add exits with "
+                    "`eellm-convert SRC DST --exit-layers ...`, or leave the threshold unset for full depth."
+                )
 
         confidence = setting("exit_confidence", None) or "max_prob"
         if confidence not in EXIT_CONFIDENCE_MEASURES:

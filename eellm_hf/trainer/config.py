@@ -50,6 +50,8 @@ YAML layout (defaults in brackets; only the keys without a default are required)
       steps: 3, global_batch_size: 8 (sequences per optimizer step), micro_batch_size: 2, lr: 1.0e-3
       seed: 0, min_lr: 0.0, warmup_steps: 0, lr_decay: cosine (cosine|linear|constant)
       weight_decay: 0.0, adam_beta1: 0.9, adam_beta2: 0.95, adam_eps: 1.0e-8, grad_clip: 1.0 (null: none)
+      skip_nonfinite_steps: 0           # a step whose loss or gradient norm is not finite stops the run (no
+                                        # update, no checkpoint of it); N > 0: skip up to N such steps instead
       exit_loss_weight_schedule: null   # or {init: 0.0, warmup_steps: 100, type: linear|cosine}: every exit's
                                         # weight starts at `init` (absolute, >= 0) and reaches its target
                                         # model.exit_loss_weights[i] at warmup_steps; init > target: a cool-down
@@ -64,6 +66,8 @@ YAML layout (defaults in brackets; only the keys without a default are required)
       dtype: float32 (float32|bfloat16)
     checkpoint:             # optional section
       dir: CKPT_DIR, interval: 0 (0: only at the end), resume: false, keep_last: null (null: keep all)
+      # resume: true: continue from the newest checkpoint of `dir` that verifies (an error if there is none);
+      #         auto: the same when there is a checkpoint, else start from step 0 (it says which it did)
     run_dir: RUN_DIR
     export_hf: HF_OUT_DIR   # optional: save the trained model there with save_pretrained
 
@@ -115,7 +119,7 @@ __all__ = [
 SHAPE_FIELDS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "hidden_act", "tie_word_embeddings", "attention_bias", "mlp_bias",
-    "exit_layers", "exit_norm", "exit_mlp", "exit_block", "tie_exit_heads",
+    "exit_layers", "exit_norm", "exit_mlp", "exit_block", "exit_gate", "tie_exit_heads",
 )
 """Model fields that `init_from` configs may not change (they define the parameters to load)."""
 
@@ -323,6 +327,7 @@ class TrainConfig:
     adam_beta2: float = 0.95
     adam_eps: float = 1.0e-8
     grad_clip: float | None = 1.0
+    skip_nonfinite_steps: int = 0
     exit_loss_weight_schedule: ExitLossWeightSchedule | None = None
     layer_dropout: LayerDropout | None = None
     time_budget_minutes: float | None = None
@@ -380,12 +385,14 @@ class TrainConfig:
 
 @dataclasses.dataclass
 class CheckpointConfig:
-    """``checkpoint:``. ``interval`` 0: save only at the end. ``resume``: continue from ``dir``'s latest
-    checkpoint when there is one. ``keep_last``: prune older checkpoints (None: keep all)."""
+    """``checkpoint:``. ``interval`` 0: save only at the end. ``resume``: ``true`` continues from the newest
+    checkpoint of ``dir`` that verifies and fails when there is none; ``"auto"`` resumes when there is one and
+    starts from step 0 otherwise; ``false`` always starts from step 0. ``keep_last``: prune older checkpoints
+    (None: keep all)."""
 
     dir: Path
     interval: int = 0
-    resume: bool = False
+    resume: bool | Literal["auto"] = False
     keep_last: int | None = None
 
 
@@ -488,8 +495,14 @@ def _convert(name: str, value: Any, hint: Any, base_dir: Path) -> Any:
         args = typing.get_args(hint)
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _convert(name, value, inner, base_dir)
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 2 and bool in inner:  # `bool | Literal[...]`, e.g. checkpoint.resume: true|false|auto
+            (choices,) = [typing.get_args(a) for a in inner if a is not bool]
+            if not isinstance(value, bool) and value not in choices:
+                raise ValueError(f"`{name}` must be true, false or {', '.join(map(str, choices))}; got {value!r}")
+            return value
+        (inner_hint,) = inner
+        return _convert(name, value, inner_hint, base_dir)
     if origin is Literal:
         choices = typing.get_args(hint)
         if value not in choices or isinstance(value, bool):
@@ -723,6 +736,8 @@ def _parse_train(section: Any, base: Path) -> TrainConfig:
     _need(train.val_interval >= 0, f"`train.val_interval` must be >= 0 (0: never), got {train.val_interval}")
     _need(train.val_batches is None or train.val_batches >= 1,
           f"`train.val_batches` must be >= 1 (or null for all), got {train.val_batches}")
+    _need(train.skip_nonfinite_steps >= 0,
+          f"`train.skip_nonfinite_steps` must be >= 0 (0: stop at the first), got {train.skip_nonfinite_steps}")
     _need(train.time_budget_minutes is None or train.time_budget_minutes > 0,
           f"`train.time_budget_minutes` must be > 0 (or null for no budget), got {train.time_budget_minutes}")
     return train
@@ -744,6 +759,12 @@ def _validate(cfg: TrainerConfig, world_size: int | None, check_files: bool) -> 
         model = cfg.model_config()
     except (ValueError, TypeError) as exc:
         raise ValueError(f"invalid `model` section: {exc}") from exc
+
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        for token_id in _as_id_list(getattr(model, name, None)):
+            _need(isinstance(token_id, int) and not isinstance(token_id, bool) and 0 <= token_id < model.vocab_size,
+                  f"model.{name}={getattr(model, name)!r} is outside the vocabulary [0, vocab_size="
+                  f"{model.vocab_size})")
 
     layers = model.num_hidden_layers
     if par.layer_split is not None:
@@ -796,6 +817,8 @@ def _validate(cfg: TrainerConfig, world_size: int | None, check_files: bool) -> 
         missing = [str(f) for f in data.files if not f.is_file() and str(f) not in data.builtin_files]
         if missing:
             raise FileNotFoundError(f"`data.files`: missing data files: {', '.join(missing)}")
+        empty = [str(f) for f in data.files if f.is_file() and f.stat().st_size == 0]
+        _need(not empty, f"`data.files`: empty data files (0 bytes): {', '.join(empty)}")
         from eellm_hf.modeling.sources import resolve_source
 
         from .init_model import converted_dir
@@ -805,6 +828,13 @@ def _validate(cfg: TrainerConfig, world_size: int | None, check_files: bool) -> 
                   f"`model.init_from` {cfg.model.init_from} has no tokenizer: set `data.tokenizer`")
         elif data.train_bpe is None or _is_tokenizer_dir(data.tokenizer):
             _check_tokenizer(data.tokenizer, model.vocab_size)
+
+
+def _as_id_list(value: Any) -> list[Any]:
+    """A token-id field (``eos_token_id`` may be a list) as a list; [] when unset."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def _check_init_from(model: ModelSection) -> None:

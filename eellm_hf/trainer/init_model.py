@@ -18,7 +18,7 @@ from typing import Any
 
 __all__ = ["EXIT_FIELDS", "converted_dir", "is_early_exit_folder", "pretrained_config", "prepare_init_model"]
 
-EXIT_FIELDS = ("exit_layers", "exit_loss_weights", "exit_norm", "exit_mlp", "exit_block", "tie_exit_heads")
+EXIT_FIELDS = ("exit_layers", "exit_loss_weights", "exit_norm", "exit_mlp", "exit_block", "exit_gate", "tie_exit_heads")
 """EarlyExitGPTConfig fields that say which exits a converted checkpoint gets."""
 
 _MARKER = "eellm_init_from.json"

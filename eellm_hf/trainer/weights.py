@@ -360,6 +360,7 @@ def read_hf_tensors(hf_dir: str | Path) -> Callable[[str], torch.Tensor]:
     index = hf_dir / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
+        _check_weight_files_inside(hf_dir, index, weight_map)
     elif (hf_dir / "model.safetensors").is_file():
         with safe_open(str(hf_dir / "model.safetensors"), framework="pt") as f:
             weight_map = {key: "model.safetensors" for key in f.keys()}
@@ -372,6 +373,19 @@ def read_hf_tensors(hf_dir: str | Path) -> Callable[[str], torch.Tensor]:
 
     get.keys = set(weight_map)  # type: ignore[attr-defined]
     return get
+
+
+def _check_weight_files_inside(hf_dir: Path, index: Path, weight_map: Any) -> None:
+    """Every ``weight_map`` entry must name a safetensors file inside ``hf_dir`` (no ``..``, no absolute path)."""
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index}: `weight_map` must be a mapping, got {type(weight_map).__name__}")
+    root = hf_dir.resolve()
+    for name, file in weight_map.items():
+        target = (hf_dir / str(file)).resolve()
+        if not isinstance(file, str) or Path(file).is_absolute() or not target.is_relative_to(root):
+            raise ValueError(f"{index}: the file of {name!r}, {file!r}, is outside the model folder {hf_dir}")
+        if not file.endswith(".safetensors"):
+            raise ValueError(f"{index}: the file of {name!r}, {file!r}, is not a .safetensors file")
 
 
 def init_from_hf(model: ParallelEarlyExitGPT, hf_dir: str | Path) -> None:
