@@ -109,13 +109,14 @@ def test_bundled_smollm2_is_found_without_importing_its_package():
 def _tuning_config(tiny_gguf: dict, tmp: Path, init_from: str) -> dict:
     return {
         "model": {"init_from": init_from, "exit_layers": [1, 3], "exit_loss_weights": [1.0, 1.0],
-                  "exit_mlp": True, "tie_exit_heads": True},
+                  "exit_mlp": True, "tie_exit_heads": True, "exit_gate": True},
         "parallelism": {"pp": 2, "timeout_s": 120},
         "data": {"files": [str(tiny_gguf["corpus"])], "seq_len": 32},
         "train": {"steps": 4, "global_batch_size": 4, "micro_batch_size": 1, "lr": 3e-3, "freeze_backbone": True,
                   "exit_distillation": 0.5, "grad_clip": None},
         "run_dir": str(tmp / "run"),
         "export_hf": str(tmp / "hf"),
+        "export_generation": {"early_exit_threshold": 0.8, "exit_confidence": "gate"},
     }
 
 
@@ -174,9 +175,13 @@ def test_ee_tuning_a_gguf_checkpoint_end_to_end(tiny_gguf, tmp_path):
     tuned = load_file(str(tmp_path / "hf" / "model.safetensors"))
     changed = {name for name in initial if not torch.equal(initial[name], tuned[name])}
     assert changed == {name for name in initial if name.startswith("model.exits.")}, sorted(changed)
+    assert any(".gate." in name for name in changed)
 
     model = AutoModelForCausalLM.from_pretrained(tmp_path / "hf").eval()
     ids = torch.randint(3, model.config.vocab_size, (2, 9))
     with torch.no_grad():
         assert (model(input_ids=ids).logits - _reference(tiny_gguf["path"])(input_ids=ids).logits).abs().max() <= ATOL
     assert AutoTokenizer.from_pretrained(tmp_path / "hf").chat_template == CHAT_TEMPLATE
+    generation = json.loads((tmp_path / "hf" / "generation_config.json").read_text())
+    assert (generation["early_exit_threshold"], generation["exit_confidence"]) == (0.8, "gate")
+    assert all("gate_losses" in entry and len(entry["gate_losses"]) == 2 for entry in train)

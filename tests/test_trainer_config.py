@@ -288,6 +288,12 @@ INVALID = [
     ("parallelism.timeout_s", 30, None, None, None),  # valid
     ("train.dtype", "float16", None, ValueError, r"dtype` must be one of float32, bfloat16; got 'float16'"),
     ("train.freeze_backbone", "yes", None, ValueError, r"freeze_backbone` must be true or false, got 'yes'"),
+    ("export_generation", {"threshold": 0.5}, None, ValueError, r"unknown key `export_generation\.threshold`"),
+    ("export_generation", {"early_exit_threshold": 2}, None, ValueError,
+     r"export_generation`: `early_exit_threshold` must be None .* got 2"),
+    ("export_generation", {"early_exit_threshold": 0.5, "exit_confidence": "gate"}, None, ValueError,
+     r"export_generation`: `exit_confidence='gate'` needs exits with confidence gates"),
+    ("model.exit_gate", True, None, ValueError, r"exit_gate` needs `train\.freeze_backbone: true`"),
     ("train.exit_distillation", 1.5, None, ValueError, r"exit_distillation` must be in \[0, 1\], got 1\.5"),
     ("train.exit_distillation", 0.5, None, ValueError, r"exit_distillation`=0\.5 needs `train\.freeze_backbone"),
     ("train.val_interval", 5, None, ValueError, r"val_interval`=5 needs a validation set"),

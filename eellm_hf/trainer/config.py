@@ -70,6 +70,8 @@ YAML layout (defaults in brackets; only the keys without a default are required)
       #         auto: the same when there is a checkpoint, else start from step 0 (it says which it did)
     run_dir: RUN_DIR
     export_hf: HF_OUT_DIR   # optional: save the trained model there with save_pretrained
+    export_generation:      # optional: early-exit settings the export's generation_config.json carries
+      early_exit_threshold: 0.9, exit_confidence: max_prob (max_prob|top2_margin|gate), active_exits: null
 
 Tensor parallelism needs ``num_attention_heads``, ``num_key_value_heads`` and ``intermediate_size`` divisible by
 ``tp``; the vocabulary need not be (the parallel model pads it to a multiple of ``tp``, ``padded_vocab_size``).
@@ -139,7 +141,10 @@ _YamlLoader.add_implicit_resolver(
     list("-+0123456789"),
 )
 
-_TOP_LEVEL = ("model", "parallelism", "data", "train", "checkpoint", "run_dir", "export_hf")
+EARLY_EXIT_GENERATION_KEYS = ("early_exit_threshold", "exit_confidence", "active_exits", "max_recompute_tokens")
+"""``export_generation`` keys (as ``eellm_hf.modeling.generation_early_exit.EARLY_EXIT_GENERATION_KEYS``; not
+imported, so that reading a config does not import transformers)."""
+_TOP_LEVEL = ("model", "parallelism", "data", "train", "checkpoint", "run_dir", "export_hf", "export_generation")
 _EXTRA_MODEL_KEYS = ("rope_theta", "rope_scaling")  # accepted by EarlyExitGPTConfig, folded into rope_parameters
 
 
@@ -407,6 +412,7 @@ class TrainerConfig:
     run_dir: Path
     checkpoint: CheckpointConfig | None = None
     export_hf: Path | None = None
+    export_generation: dict[str, Any] = dataclasses.field(default_factory=dict)
     source: Path | None = None  # the YAML file, if loaded from one
 
     def model_config(self) -> EarlyExitGPTConfig:
@@ -445,6 +451,8 @@ class TrainerConfig:
         out["run_dir"] = str(self.run_dir)
         if self.export_hf is not None:
             out["export_hf"] = str(self.export_hf)
+        if self.export_generation:
+            out["export_generation"] = dict(self.export_generation)
         return out
 
     def fingerprint(self) -> str:
@@ -612,6 +620,8 @@ def load_config(
         run_dir=run_dir,
         checkpoint=checkpoint,
         export_hf=None if raw.get("export_hf") is None else _resolve("export_hf", raw["export_hf"], base),
+        export_generation=dict(_check_keys("export_generation", raw.get("export_generation") or {},
+                                           EARLY_EXIT_GENERATION_KEYS)),
         source=source,
     )
     _validate(cfg, world_size, check_files)
@@ -796,6 +806,13 @@ def _validate(cfg: TrainerConfig, world_size: int | None, check_files: bool) -> 
           f"`data.seq_len`={data.seq_len} exceeds model.max_position_embeddings={model.max_position_embeddings}")
     if train.freeze_backbone:
         _need(model.num_exits > 0, "`train.freeze_backbone` is true but the model has no exits to train")
+    if cfg.export_generation:
+        from eellm_hf.modeling.generation_early_exit import EarlyExitSettings
+
+        try:
+            EarlyExitSettings.resolve(model, cfg.export_generation, ())
+        except ValueError as exc:
+            raise ValueError(f"`export_generation`: {exc}") from exc
     _need(not model.exit_gate or train.freeze_backbone,
           "`model.exit_gate` needs `train.freeze_backbone: true` in this trainer: the gates learn to predict the "
           "frozen final head's token")

@@ -599,7 +599,7 @@ def run(cfg: TrainerConfig) -> list[StepResult]:
         from .weights import export_hf
 
         _check_finite_weights(trainer, step, "export")
-        export_hf(trainer.model, cfg.export_hf, tokenizer=data.tokenizer)
+        export_hf(trainer.model, cfg.export_hf, tokenizer=data.tokenizer, generation_kwargs=cfg.export_generation)
     dist.barrier(group=ctx.world_pg)
     return results
 
