@@ -100,7 +100,7 @@ class TeacherTargets:
         total = probs.sum(dim=-1, keepdim=True)
         _all_reduce(total, tp_pg)
         probs.div_(total)
-        log_probs = logits.sub_(peak).sub_(total.log())  # in place: the masked copy is not needed any more
+        log_probs = logits - peak - total.log()  # not in place: `logits` may be the tensor a stage is still sending
         neg_entropy = torch.where(probs > 0, probs * log_probs, 0.0).sum(dim=-1)
         _all_reduce(neg_entropy, tp_pg)
         return cls(probs, neg_entropy, vocab_parallel_argmax(probs, tp_pg))
