@@ -172,8 +172,8 @@ def main() -> None:
     for r in json.loads(lines[0]):
         t = {k: v * 1e3 for k, v in r["times"].items()}
         print(f"{r['threshold']:>9.3f} {r['exit_share']:>10.2f} {t['single']:>9.2f} {t['single_1thread']:>8.2f} "
-              f"{t['pipeline']:>7.2f} {t['pipeline_full']:>11.2f} {t['ideal']:>6.2f} {t['pipeline'] / t['single']:>5.2f} "
-              f"{t['pipeline'] / t['single_1thread']:>5.2f} "
+              f"{t['pipeline']:>7.2f} {t['pipeline_full']:>11.2f} {t['ideal']:>6.2f} "
+              f"{t['pipeline'] / t['single']:>5.2f} {t['pipeline'] / t['single_1thread']:>5.2f} "
               f"{t['pipeline'] / t['pipeline_full']:>5.2f} {t['pipeline'] / t['ideal']:>7.2f} "
               f"{str(r['same_tokens']):>11}")
 
