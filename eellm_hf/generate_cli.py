@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu",
+                        help="single process only; with --pp each rank uses cpu (gloo) or cuda:LOCAL_RANK (nccl)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="load the model with its shipped code instead of the installed eellm_hf")
     parser.add_argument("--json", action="store_true", help="print one JSON object per prompt")
