@@ -34,8 +34,8 @@ Messages (point-to-point on the default process group, whose timeout bounds ever
 rank makes the others raise instead of hanging; neighbouring stages' messages stay in order):
 
 * stage s -> s + 1, per step: a float64 header `[kind, rows, start, end, batch, capacity, threshold, confidence,
-  active flag per exit]`, the `(2, rows)` int64 row indices and undecided flags, the `(rows, end - start)` int64
-  positions, at prefill the `(batch, prompt length)` int64 key mask, then the hidden states
+  active flag per exit]`; one int64 tensor of the row indices, their undecided flags, their positions
+  `(rows, end - start)` and, at prefill, the prompt's key mask `(batch, prompt length)`; then the hidden states
   `(rows, end - start, hidden_size)`. Kind STOP ends the service loop.
 * stage s -> rank 0, per step in which rows arrive undecided at a stage that can decide (an active exit, or the
   last stage): the `(undecided rows,)` int64 layer that decided each (0: not here), then the decided rows' raw
@@ -483,13 +483,16 @@ class PipelineEarlyExitGPT:
         self._isend(header, self.stage.stage + 1)
 
     def _send_step(self, step: _Step, hidden: torch.Tensor) -> None:
+        """Header, then one int64 tensor of rows, undecided flags, positions (and the prompt's key mask at
+        prefill), then the hidden states: three messages per hop and step."""
         dst = self.stage.stage + 1
         self._send_header(step.kind, step)
-        meta = torch.tensor([step.rows, [int(flag) for flag in step.undecided]], dtype=torch.long, device=self.device)
-        self._isend(meta, dst)
-        self._isend(step.positions.to(torch.long).contiguous(), dst)
+        parts = [torch.tensor(step.rows, dtype=torch.long, device=self.device),
+                 torch.tensor([int(flag) for flag in step.undecided], dtype=torch.long, device=self.device),
+                 step.positions.to(torch.long).flatten()]
         if step.kind == PREFILL:
-            self._isend(step.key_mask.to(torch.long).contiguous(), dst)
+            parts.append(step.key_mask.to(torch.long).flatten())
+        self._isend(torch.cat(parts), dst)
         self._isend(hidden.contiguous(), dst)
 
     def _receive_step(self) -> tuple[_Step, torch.Tensor | None]:
@@ -505,19 +508,16 @@ class PipelineEarlyExitGPT:
         active = tuple(j for j in range(self.config.num_exits) if values[8 + j] > 0)
         settings = EarlyExitSettings(threshold=threshold, confidence=EXIT_CONFIDENCE_MEASURES[int(values[7])],
                                      active_exits=active)
-        meta = torch.empty(2, num_rows, dtype=torch.long, device=self.device)
-        torch_dist.recv(meta, src=src)
-        positions = torch.empty(num_rows, end - start, dtype=torch.long, device=self.device)
-        torch_dist.recv(positions, src=src)
-        key_mask = None
-        if kind == PREFILL:
-            key_mask = torch.empty(batch_size, end, dtype=torch.long, device=self.device)
-            torch_dist.recv(key_mask, src=src)
-            key_mask = key_mask.bool()
-        hidden = torch.empty(num_rows, end - start, self.config.hidden_size, dtype=self.stage.dtype,
-                             device=self.device)
+        columns = end - start
+        sizes = [num_rows, num_rows, num_rows * columns] + ([batch_size * end] if kind == PREFILL else [])
+        control = torch.empty(sum(sizes), dtype=torch.long, device=self.device)
+        torch_dist.recv(control, src=src)
+        pieces = control.split(sizes)
+        rows, flags = pieces[0].tolist(), pieces[1].tolist()
+        positions = pieces[2].view(num_rows, columns)
+        key_mask = pieces[3].view(batch_size, end).bool() if kind == PREFILL else None
+        hidden = torch.empty(num_rows, columns, self.config.hidden_size, dtype=self.stage.dtype, device=self.device)
         torch_dist.recv(hidden, src=src)
-        rows, flags = meta.tolist()
         step = _Step(kind, rows, start, end, positions, [bool(flag) for flag in flags], settings, batch_size,
                      capacity, key_mask)
         self._current_undecided = [index for index, flag in enumerate(step.undecided) if flag]
