@@ -70,7 +70,14 @@ def _worker_equivalence(spec_path: str, out_dir: str) -> None:
                     outputs.append({"sequences": output.sequences.tolist(),
                                     "exit_layers": output.exit_layers.tolist()})
                 results.append(outputs)
-    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps({"results": results, "stages": stages}))
+    errors = {}
+    for name, kwargs in spec.get("bad", {}).items():
+        try:
+            PipelineEarlyExitGPT.from_pretrained(spec["runs"][0]["dir"], **kwargs)
+        except ValueError as exc:
+            errors[name] = str(exc)
+    report = {"results": results, "stages": stages, "errors": errors}
+    (Path(out_dir) / f"rank{rank}.json").write_text(json.dumps(report))
     if spec.get("cli"):
         from eellm_hf import generate_cli
 
@@ -201,6 +208,7 @@ def _launch(pp: int, scenarios: dict, model_dirs: dict, out: Path) -> tuple[list
     spec = {"runs": runs}
     if pp == 2:
         spec["cli"] = _cli_args(model_dirs["plain"])
+        spec["bad"] = {"pp": {"pp": 3}, "split": {"layer_split": [2, 2]}}
     else:
         spec["fault"] = str(model_dirs["plain"])
     (out / "spec.json").write_text(json.dumps(spec))
@@ -261,6 +269,13 @@ def test_cli_prints_what_single_process_prints(model_dirs, launches, capsys):
     assert results[1].stdout.strip() == "CLI OUTPUT FOLLOWS"
     lines = [json.loads(line) for line in single.splitlines()]
     assert len(lines) == 2 and len({layer for line in lines for layer in line["exit_layers"]}) >= 2
+
+
+def test_bad_layouts_are_refused_with_the_value(launches):
+    _, _, ranks = launches[2]
+    for report in ranks:
+        assert "--pp 3 needs 3 processes" in report["errors"]["pp"] and "got 2" in report["errors"]["pp"]
+        assert "[2, 2]" in report["errors"]["split"]
 
 
 def test_dead_rank_ends_every_rank_with_a_clear_error(launches):
