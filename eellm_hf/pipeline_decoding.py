@@ -421,15 +421,17 @@ class PipelineEarlyExitGPT:
                 break
             if step.kind == PREFILL:
                 stage.start_generation(step.settings, step.batch_size, step.capacity, step.key_mask)
+            arrived_undecided = [index for index, flag in enumerate(step.undecided) if flag]
+            report = functools.partial(self._send_decisions, arrived_undecided)
             hidden, undecided = stage.run(step.rows, step.start, step.end, step.positions, hidden, step.undecided,
-                                          self._send_decisions)
+                                          report)
             if not stage.is_last:
                 self._send_step(dataclasses.replace(step, undecided=undecided), hidden)
         self._finish()
 
-    def _send_decisions(self, groups: list[tuple[list[int], int, torch.Tensor]]) -> None:
-        """To rank 0: the layer that decided each row that arrived undecided (0: none here), then their logits."""
-        step_undecided = self._current_undecided
+    def _send_decisions(self, step_undecided: list[int], groups: list[tuple[list[int], int, torch.Tensor]]) -> None:
+        """To rank 0: the layer that decided each row that arrived undecided (`step_undecided`, indices into the
+        step's rows; 0: not decided here), then the decided rows' logits in that order."""
         layer_of = {}
         for indices, layer, _ in groups:
             for index in indices:
@@ -452,7 +454,9 @@ class PipelineEarlyExitGPT:
     def __enter__(self) -> PipelineEarlyExitGPT:
         return self
 
-    def __exit__(self, *exc_info: Any) -> None:
+    def __exit__(self, exc_type: Any, *exc_info: Any) -> None:
+        if exc_type is not None and (self._broken or not self.is_first):
+            return  # out of step (or never served): let the error end this process; the peers see it go
         if self.is_first:
             self.close()
         else:
@@ -520,7 +524,6 @@ class PipelineEarlyExitGPT:
         torch_dist.recv(hidden, src=src)
         step = _Step(kind, rows, start, end, positions, [bool(flag) for flag in flags], settings, batch_size,
                      capacity, key_mask)
-        self._current_undecided = [index for index, flag in enumerate(step.undecided) if flag]
         return step, hidden
 
 
