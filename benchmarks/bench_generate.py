@@ -103,9 +103,16 @@ class FlopModel:
 
     layer: float
     exit_block: float
-    exit_head: list[float]
+    exit_body: list[float]  # an exit's norm / MLP / gate matmuls: every token that reaches the exit
+    exit_projection: list[float]  # its vocabulary projection: only the tokens whose decision needs it
     final_head: float
     num_layers: int
+
+    @property
+    def exit_head(self) -> list[float]:
+        """An exit's whole head (body and projection), as a token that reaches it and is decided by its logits
+        pays."""
+        return [body + projection for body, projection in zip(self.exit_body, self.exit_projection)]
 
     @classmethod
     def of(cls, model: EarlyExitGPTForCausalLM) -> FlopModel:
@@ -115,11 +122,10 @@ class FlopModel:
         config = model.config
         exits = model.model.exits
         block = matmul_flops(exits[0].block) if config.exit_block and len(exits) else 0.0
-        heads = []
-        for index, exit_module in enumerate(exits):
-            flops = matmul_flops(exit_module) - (matmul_flops(exit_module.block) if config.exit_block else 0.0)
-            heads.append(flops + matmul_flops(model.exit_projection(index)))
-        return cls(matmul_flops(model.model.layers[0]), block, heads, matmul_flops(model.lm_head),
+        bodies = [matmul_flops(exit_module) - (matmul_flops(exit_module.block) if config.exit_block else 0.0)
+                  for exit_module in exits]
+        projections = [matmul_flops(model.exit_projection(index)) for index in range(len(exits))]
+        return cls(matmul_flops(model.model.layers[0]), block, bodies, projections, matmul_flops(model.lm_head),
                    config.num_hidden_layers)
 
     def full_depth(self, batch_size: int, prompt_length: int, new_tokens: int) -> float:
@@ -131,11 +137,18 @@ class FlopModel:
         """What an early-exit run computed, from its `EarlyExitStats` (completing the returned cache excluded)."""
         return ((stats.layer_tokens + stats.padding_token_layers) * self.layer
                 + sum(stats.exit_block_tokens) * self.exit_block
-                + sum(n * flops for n, flops in zip(stats.exit_head_tokens, self.exit_head))
+                + self._exit_heads(stats)
                 + stats.final_head_tokens * self.final_head)
 
+    def _exit_heads(self, stats: Any) -> float:
+        """Exit bodies for every token that reached an exit (the gate's count with `exit_confidence="gate"`,
+        where the projection runs only for the tokens that leave), projections for the tokens that ran them."""
+        reached = [max(gate, head) for gate, head in zip(stats.exit_gate_tokens, stats.exit_head_tokens)]
+        return (sum(n * flops for n, flops in zip(reached, self.exit_body))
+                + sum(n * flops for n, flops in zip(stats.exit_head_tokens, self.exit_projection)))
+
     def heads_share(self, stats: Any, full: float) -> float:
-        return sum(n * flops for n, flops in zip(stats.exit_head_tokens, self.exit_head)) / full
+        return self._exit_heads(stats) / full
 
 
 # ------------------------------------------------------------------------------------------------ measurement

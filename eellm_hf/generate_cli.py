@@ -25,6 +25,8 @@ from typing import Any
 
 import torch
 
+from .modeling.generation_early_exit import EXIT_CONFIDENCE_MEASURES
+
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
 
 
@@ -37,7 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-new-tokens", type=int, required=True)
     parser.add_argument("--early-exit-threshold", type=float, default=None,
                         help="confidence an exit needs to produce a token, in [0, 1] (default: full depth)")
-    parser.add_argument("--exit-confidence", choices=("max_prob", "top2_margin"), default=None)
+    parser.add_argument("--exit-confidence", choices=EXIT_CONFIDENCE_MEASURES, default=None)
     parser.add_argument("--active-exits", type=int, nargs="+", default=None,
                         help="the exit layers allowed to fire (default: all)")
     parser.add_argument("--max-recompute-tokens", type=int, default=None)
@@ -62,9 +64,15 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if not args.model_dir.is_dir():
+        parser.error(f"model folder {args.model_dir} does not exist" if not args.model_dir.exists()
+                     else f"{args.model_dir} is not a folder (give the folder a model was saved to)")
+    if args.max_new_tokens < 1:
+        parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.pp is not None:
-        return _main_pipeline(args)
+        return _main_pipeline(parser, args)
     from transformers import AutoModelForCausalLM
 
     import eellm_hf  # noqa: F401  (registers the model with the Auto classes)
@@ -74,6 +82,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.model_dir, dtype=DTYPES[args.dtype], trust_remote_code=args.trust_remote_code
     ).to(args.device).eval()
     encoded = tokenizer(args.prompt, return_tensors="pt", padding=True).to(args.device)
+    _check_prompt_lengths(parser, args, encoded["attention_mask"].sum(dim=1).tolist(),
+                          model.config.max_position_embeddings)
     torch.manual_seed(args.seed)
     output = model.generate(**encoded, **_generate_kwargs(args, tokenizer))
     _print_outputs(args, tokenizer, output, encoded["input_ids"].shape[1], model.config.num_hidden_layers,
@@ -81,7 +91,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _main_pipeline(args: argparse.Namespace) -> int:
+def _main_pipeline(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """`--pp P`: this process is one of P pipeline ranks (torchrun); rank 0 prints, the others serve its steps."""
     from .pipeline_decoding import PipelineEarlyExitGPT
     from .trainer.nanotron_compat import fail_fast
@@ -96,6 +106,8 @@ def _main_pipeline(args: argparse.Namespace) -> int:
             return 0
         tokenizer = _tokenizer(args)
         encoded = tokenizer(args.prompt, return_tensors="pt", padding=True).to(pipeline.device)
+        _check_prompt_lengths(parser, args, encoded["attention_mask"].sum(dim=1).tolist(),
+                              pipeline.config.max_position_embeddings)
         torch.manual_seed(args.seed)
         output = pipeline.generate(**encoded, **_generate_kwargs(args, tokenizer))
         pipeline.close()
@@ -149,6 +161,19 @@ def _print_outputs(args: argparse.Namespace, tokenizer: Any, output: Any, prompt
         mean = sum(layer * count for layer, count in counts.items()) / total
         per_exit = ", ".join(f"layer {layer}: {count}" for layer, count in sorted(counts.items()))
         print(f"-- {total} tokens, mean exit layer {mean:.2f} of {num_layers} ({per_exit})", file=sys.stderr)
+
+
+def _check_prompt_lengths(parser: argparse.ArgumentParser, args: argparse.Namespace, lengths: list[int],
+                          max_positions: int) -> None:
+    """Every prompt must encode to at least one token, and it plus the new tokens must fit the model's
+    positions (beyond ``max_position_embeddings`` the model was never trained)."""
+    for index, (prompt, length) in enumerate(zip(args.prompt, lengths), start=1):
+        if length == 0:
+            parser.error(f"prompt {index} ({prompt!r}) is empty: it encodes to no tokens; give some text")
+        if length + args.max_new_tokens > max_positions:
+            parser.error(f"prompt {index} is {length} tokens; with --max-new-tokens {args.max_new_tokens} that is "
+                         f"{length + args.max_new_tokens} positions, more than the model's max_position_embeddings="
+                         f"{max_positions}: shorten the prompt or lower --max-new-tokens")
 
 
 def _as_list(value: int | list[int] | None) -> list[int]:

@@ -14,7 +14,8 @@ or, on every rank of a `torch.distributed` job (one rank per pipeline stage)::
 The model is split by layers as the trainer splits it (`trainer.parallel_model.make_layout`): stage 0 holds the
 embedding, every stage its decoder layers and the exits after them (block, norm, MLP, head), the last stage the
 final norm and head. Each rank builds the HF model on the meta device, materialises only its own modules and
-reads only their tensors from the safetensors files (one `safe_open` per file, one read per tensor).
+reads only their tensors from the safetensors files (one `safe_open` per tensor, through the `weight_map` of
+the index when the weights are sharded).
 
 Rank 0 runs transformers' `generate` (logits processors, sampling, stopping criteria: everything but the model)
 with a decoding state that drives the pipeline. Per generated token:
@@ -46,13 +47,11 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.distributed as torch_dist
-from safetensors import safe_open
 from torch import nn
 from transformers import GenerationConfig
 from transformers.generation import GenerationMixin
@@ -66,8 +65,7 @@ from .modeling.generation_early_exit import (
     _Decision,
     _KVWriter,
     causal_padding_mask,
-    exit_fires,
-    exit_logits,
+    decide_exit,
     gather_decisions,
     generate_with_decoder,
     prompt_mask_and_positions,
@@ -75,6 +73,7 @@ from .modeling.generation_early_exit import (
 )
 from .trainer.nanotron_compat import DEFAULT_TIMEOUT_S, device_for_backend, init_distributed
 from .trainer.parallel_model import StageLayout, make_layout
+from .trainer.weights import read_hf_tensors
 
 __all__ = ["PipelineEarlyExitGPT", "PipelineStage", "load_stage_model"]
 
@@ -85,19 +84,6 @@ _GENERATE_ARGUMENTS = ("generation_config", "logits_processor", "stopping_criter
 
 
 # ------------------------------------------------------------------------------------------------ weights
-
-
-def _tensor_files(model_dir: Path) -> dict[str, Path]:
-    """Which safetensors file holds each tensor (the index's `weight_map` when the weights are sharded)."""
-    index = model_dir / "model.safetensors.index.json"
-    if index.is_file():
-        weight_map = json.loads(index.read_text())["weight_map"]
-        return {name: model_dir / file for name, file in weight_map.items()}
-    single = model_dir / "model.safetensors"
-    if not single.is_file():
-        raise FileNotFoundError(f"{model_dir} has neither model.safetensors nor model.safetensors.index.json")
-    with safe_open(single, framework="pt") as handle:
-        return dict.fromkeys(handle.keys(), single)
 
 
 def stage_parameter_names(model: nn.Module, layout: StageLayout, stage: int) -> list[str]:
@@ -120,20 +106,17 @@ def load_stage_model(
     config = EarlyExitGPTConfig.from_pretrained(model_dir)
     with torch.device("meta"):
         model = EarlyExitGPTForCausalLM(config)
-    files = _tensor_files(model_dir)
+    read = read_hf_tensors(model_dir, dtype=None)  # one `safe_open` per tensor read, through the index if sharded
     wanted: dict[str, str] = {}
     for name in stage_parameter_names(model, layout, stage):
         key = name
-        if key not in files and name == "lm_head.weight" and config.tie_word_embeddings:
+        if key not in read.keys and name == "lm_head.weight" and config.tie_word_embeddings:
             key = "model.embed_tokens.weight"  # tied: saved once, under the embedding's name
-        if key not in files:
+        if key not in read.keys:
             raise KeyError(f"tensor {key!r} (stage {stage}) is not in the safetensors files of {model_dir}")
         wanted[name] = key
-    loaded: dict[str, nn.Parameter] = {}
-    for file in sorted({files[key] for key in wanted.values()}):
-        with safe_open(file, framework="pt", device="cpu") as handle:
-            for key in sorted({key for key in wanted.values() if files[key] == file}):
-                loaded[key] = nn.Parameter(handle.get_tensor(key).to(device=device, dtype=dtype), requires_grad=False)
+    loaded = {key: nn.Parameter(read(key).to(device=device, dtype=dtype), requires_grad=False)
+              for key in sorted(set(wanted.values()))}
     for name, key in wanted.items():
         module_name, _, leaf = name.rpartition(".")
         setattr(model.get_submodule(module_name), leaf, loaded[key])
@@ -232,12 +215,12 @@ class PipelineStage:
                 else x
             if not reporting:
                 continue
-            logits = exit_logits(self.model, exit_module, exit_index, y[pending, -1])
-            fire = exit_fires(logits, self.settings, self.confidence_dtype)
-            if any(fire):
-                fired = [index for index, on in enumerate(fire) if on]
-                groups.append(([pending[i] for i in fired], self.config.exit_layers[exit_index], logits[fired]))
-                pending = [index for index, on in zip(pending, fire) if not on]
+            fired, logits = decide_exit(self.model, exit_module, exit_index, y[pending, -1], self.settings,
+                                        self.confidence_dtype)
+            if fired:
+                groups.append(([pending[i] for i in fired], self.config.exit_layers[exit_index], logits))
+                leaving = set(fired)
+                pending = [index for position, index in enumerate(pending) if position not in leaving]
             if not pending or (layer_idx == self.last_exit_layer and not self.is_last):
                 report(groups)
                 reporting = False

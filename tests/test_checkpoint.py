@@ -191,7 +191,7 @@ def _patch_in_child(point: str, root: Path) -> Callable[[], None]:
         real_replace = os.replace
 
         def replace(src: Any, dst: Any) -> None:
-            if Path(src).name.startswith(".tmp_"):
+            if Path(src).name.startswith(".eellm_tmp_"):
                 _die()
             real_replace(src, dst)
         ckpt.os.replace = replace  # type: ignore[assignment]  (the child's copy of `os`)
@@ -248,13 +248,14 @@ def test_exception_mid_save_then_recovery(tmp_path: Path) -> None:
         raise RuntimeError("peer died")
 
     with pytest.raises(RuntimeError, match="peer died"):
-        save_checkpoint(tmp_path, 2, 0, 1, {"w": torch.zeros(1)}, {}, failing_barrier)
-    assert (tmp_path / ".tmp_step_000002").is_dir()  # leftover, ignored
+        save_checkpoint(tmp_path, 2, 0, 1, {"w": torch.zeros(1)}, {}, failing_barrier, run_id="00ff" * 4)
+    leftover = tmp_path / ".eellm_tmp_00ff00ff00ff00ff_step_000002"
+    assert leftover.is_dir()  # leftover, ignored
     assert latest_checkpoint(tmp_path) == good and list_checkpoints(tmp_path) == [good]
     (tmp_path / "latest").unlink()  # without the pointer, the newest committed checkpoint is used
     assert latest_checkpoint(tmp_path) == good
     _save(tmp_path, 3)
-    assert not (tmp_path / ".tmp_step_000002").exists()
+    assert not leftover.exists()
     assert latest_checkpoint(tmp_path) == tmp_path / "step_000003"
 
 
@@ -269,3 +270,76 @@ def test_pruning_and_resave(tmp_path: Path) -> None:
     assert ckpt.checkpoint_step(path) == 5
     with pytest.raises(FileNotFoundError, match="not a complete checkpoint"):
         load_checkpoint(tmp_path / ".tmp_step_000009", 0)
+
+
+def _flip_byte(path: Path, offset: int) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+@pytest.mark.parametrize("damage", ["flip_tensor_byte", "truncate_tensors", "truncate_json", "delete_json",
+                                    "flip_json_byte"])
+def test_checksums_name_the_damaged_file(tmp_path: Path, damage: str) -> None:
+    """Every rank file's size and sha256 are recorded at commit; any damage is named on load."""
+    path = _save(tmp_path, 1, {"w": torch.arange(1000.0)})
+    meta = json.loads((path / "meta.json").read_text())
+    assert set(meta["files"]) == {"rank_00000.json", "rank_00000.safetensors"}
+    ckpt.verify_checkpoint(path)
+    tensors_file, json_file = path / "rank_00000.safetensors", path / "rank_00000.json"
+    if damage == "flip_tensor_byte":
+        _flip_byte(tensors_file, tensors_file.stat().st_size - 100)  # tensor data, not the header
+        bad, match = tensors_file, "does not match the sha256"
+    elif damage == "truncate_tensors":
+        tensors_file.write_bytes(tensors_file.read_bytes()[:2000])
+        bad, match = tensors_file, "2000 bytes"
+    elif damage == "truncate_json":
+        json_file.write_bytes(json_file.read_bytes()[:10])
+        bad, match = json_file, "10 bytes"
+    elif damage == "delete_json":
+        json_file.unlink()
+        bad, match = json_file, "missing"
+    else:
+        _flip_byte(json_file, 40)
+        bad, match = json_file, "does not match the sha256"
+    for check in (lambda: ckpt.verify_checkpoint(path), lambda: load_checkpoint(path, 0)):
+        with pytest.raises(ckpt.CheckpointCorruptError, match=match) as info:
+            check()
+        assert str(bad) in str(info.value)
+
+
+def test_damaged_meta_is_named(tmp_path: Path) -> None:
+    path = _save(tmp_path, 1)
+    text = (path / "meta.json").read_text()
+    (path / "meta.json").write_text(text.replace('"step": 1', '"step": 7'))  # still valid JSON
+    with pytest.raises(ckpt.CheckpointCorruptError, match="meta.json does not match the sha256 recorded in it"):
+        load_checkpoint(path, 0)
+    (path / "meta.json").write_text(text[:20])
+    with pytest.raises(ckpt.CheckpointCorruptError, match="meta.json is unreadable"):
+        load_checkpoint(path, 0)
+
+
+def test_resume_candidates_newest_first_from_latest(tmp_path: Path) -> None:
+    assert ckpt.resume_candidates(tmp_path / "none") == []
+    for step in (1, 2, 3):
+        _save(tmp_path, step)
+    assert [p.name for p in ckpt.resume_candidates(tmp_path)] == ["step_000003", "step_000002", "step_000001"]
+    (tmp_path / "latest").write_text("step_000002\n")  # a kill before `latest` moved on: step 3 is not used
+    assert [p.name for p in ckpt.resume_candidates(tmp_path)] == ["step_000002", "step_000001"]
+
+
+def test_saving_leaves_other_entries_of_the_folder_alone(tmp_path: Path) -> None:
+    """Only the trainer's own temporaries are cleaned up: a user's `.tmp_*` / `.trash_*` folders survive."""
+    for name in (".tmp_real_user_dir", ".trash_notes", ".eellm_tmp_user"):
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "keep.txt").write_text("mine")
+    (tmp_path / ".eellm_tmp_0123456789abcdef_step_000007").mkdir()  # a leftover of an interrupted save
+    _save(tmp_path, 1, keep_last=1)
+    _save(tmp_path, 2, keep_last=1)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        ".eellm_tmp_user", ".tmp_real_user_dir", ".trash_notes", "latest", "step_000002"]
+    assert all((tmp_path / n / "keep.txt").read_text() == "mine" for n in (".tmp_real_user_dir", ".trash_notes"))
+    assert ckpt.is_trainer_temporary(".eellm_trash_0123456789abcdef_step_000001_1_2")
+    assert not ckpt.is_trainer_temporary(".tmp_step_000001")
+    with pytest.raises(ValueError, match="run_id"):
+        _save(tmp_path, 3, run_id="../evil")

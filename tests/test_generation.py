@@ -83,7 +83,11 @@ def naive_early_exit_greedy(model, input_ids, max_new_tokens, threshold, measure
         out = model(input_ids=ids, compute_exits=True)
         logits, layer = out.logits[0, -1], config.num_hidden_layers
         for index in active:
-            if threshold is not None and confidence(out.exit_logits[index][0, -1], measure) >= threshold:
+            if measure == "gate":
+                score = torch.sigmoid(out.exit_gate_logits[index][0, -1].double())
+            else:
+                score = confidence(out.exit_logits[index][0, -1], measure)
+            if threshold is not None and score >= threshold:
                 logits, layer = out.exit_logits[index][0, -1], config.exit_layers[index]
                 break
         token = logits.argmax()
@@ -171,6 +175,61 @@ def test_top2_margin_and_active_exits_match_oracle(models, config_name):
             if active == [4]:
                 assert 2 not in expected_layers
                 assert out.early_exit_stats.exit_head_tokens[0] == 0  # nothing computed for an inactive exit
+
+
+@pytest.fixture(scope="module")
+def gated_model() -> EarlyExitGPTForCausalLM:
+    """Exits with confidence gates (random, scaled so that their probabilities spread over (0, 1))."""
+    model = tiny_model(seed=3, exit_gate=True, exit_mlp=True)
+    with torch.no_grad():
+        for exit_module in model.model.exits:
+            exit_module.gate.weight.mul_(30.0)
+    return model
+
+
+@torch.no_grad()
+def gate_threshold(model) -> float:
+    """A gate threshold at which both exits and the final head produce tokens."""
+    torch.manual_seed(123)
+    gates = model(input_ids=torch.randint(1, VOCAB, (4, 24)), compute_exits=True).exit_gate_logits
+    return min(torch.sigmoid(gates[0]).quantile(0.7).item(), torch.sigmoid(gates[1]).quantile(0.6).item())
+
+
+def test_gate_confidence_matches_oracle_and_skips_projections(gated_model):
+    """`exit_confidence="gate"`: the first exit whose gate probability reaches the threshold, as the no-cache
+    oracle decides it; the vocabulary projection of an exit runs only for the tokens that leave there."""
+    threshold = gate_threshold(gated_model)
+    seen = Counter()
+    for prompt in prompts(lengths=(6, 3, 8)):
+        expected, expected_layers = naive_early_exit_greedy(gated_model, prompt, NEW_TOKENS, threshold, "gate")
+        seen.update(expected_layers)
+        for cap in (None, 2):
+            out = gated_model.generate(prompt, max_new_tokens=NEW_TOKENS, early_exit_threshold=threshold,
+                                       exit_confidence="gate", max_recompute_tokens=cap, return_dict_in_generate=True)
+            assert torch.equal(out.sequences, expected), cap
+            assert out.exit_layers[0].tolist() == expected_layers, cap
+            stats = out.early_exit_stats
+            assert stats.exit_head_tokens == [stats.tokens_per_exit[2], stats.tokens_per_exit[4]]
+            assert stats.exit_gate_tokens[0] > stats.exit_head_tokens[0]
+    assert seen[2] and seen[4] and seen[6], seen
+
+
+def test_gate_confidence_batch_equals_each_prompt_alone(gated_model):
+    threshold = gate_threshold(gated_model)
+    rows = prompts()
+    ids, mask = left_pad(rows)
+    out = gated_model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, early_exit_threshold=threshold,
+                               exit_confidence="gate", return_dict_in_generate=True)
+    for index, row in enumerate(rows):
+        expected, expected_layers = naive_early_exit_greedy(gated_model, row, NEW_TOKENS, threshold, "gate")
+        assert torch.equal(out.sequences[index, ids.shape[1]:], expected[0, row.shape[1]:])
+        assert out.exit_layers[index].tolist() == expected_layers
+
+
+def test_gate_confidence_needs_gates(models):
+    with pytest.raises(ValueError, match="exit_confidence='gate'.*config.exit_gate"):
+        models["plain"].generate(prompts(lengths=(3,))[0], max_new_tokens=2, early_exit_threshold=0.5,
+                                 exit_confidence="gate")
 
 
 def test_threshold_zero_always_exits_at_first_active_exit(models):

@@ -225,8 +225,8 @@ def launches(scenarios, model_dirs, tmp_path_factory) -> dict[int, tuple]:
 
 @pytest.mark.parametrize("pp", [2, 3])
 def test_pipeline_equals_single_process_generation(pp, scenarios, launches):
-    from eellm_hf.pipeline_decoding import _tensor_files
     from eellm_hf.trainer.parallel_model import make_layout
+    from eellm_hf.trainer.weights import read_hf_tensors
 
     runs, _, ranks = launches[pp]
     exits_on_two_stages = set()
@@ -245,7 +245,7 @@ def test_pipeline_equals_single_process_generation(pp, scenarios, launches):
             exits_on_two_stages.add(run["name"])
 
         # Each rank read and materialised exactly its own stage's tensors.
-        files = _tensor_files(Path(run["dir"]))
+        files = read_hf_tensors(run["dir"]).keys
         names = [name for name, _ in scenario["model"].named_parameters(remove_duplicate=False)]
         for stage in range(pp):
             report = ranks[stage]["stages"][index]

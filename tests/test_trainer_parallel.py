@@ -67,6 +67,21 @@ CASES = {
         layouts=[dict(tp=1, pp=4, dp=1, layer_split=[1, 1, 1, 1]), dict(tp=2, pp=2, dp=1),
                  dict(tp=1, pp=2, dp=2, pp_engine="afab")],
     ),
+    # EE-Tuning with self-distillation: exit loss = w * KL(final head || exit / T) + (1 - w) * CE. The teacher
+    # comes from the last stage to exits on every earlier stage (pp=4), TP-sharded over a padded vocabulary.
+    # Confidence gates learn (BCE) whether each exit's greedy token is the final head's.
+    "distill_tied": dict(
+        model=dict(vocab_size=61, exit_layers=[1, 3], exit_loss_weights=[0.5, 1.0], exit_mlp=True,
+                   tie_word_embeddings=True, tie_exit_heads=True, exit_gate=True),
+        train=dict(freeze_backbone=True, exit_distillation=0.6, exit_temperature=1.5),
+        layouts=[dict(tp=2, pp=2, dp=1), dict(tp=1, pp=2, dp=2), dict(tp=1, pp=4, dp=1, layer_split=[1, 1, 1, 1]),
+                 dict(tp=2, pp=1, dp=2)],
+    ),
+    "distill_untied": dict(
+        model=dict(vocab_size=64, exit_layers=[2], exit_loss_weights=[1.0], exit_block=True),
+        train=dict(freeze_backbone=True, exit_distillation=1.0),
+        layouts=[dict(tp=2, pp=2, dp=1), dict(tp=1, pp=4, dp=1, layer_split=[1, 1, 1, 1])],
+    ),
 }
 
 
@@ -135,7 +150,7 @@ def _worker_equivalence(spec_path: str, out_dir: str) -> None:
                     if os.environ.get("EE_TEST_DEBUG"):
                         print("STEP", case_name, layout, step, r.loss, flush=True)
                     steps.append({"loss": r.loss, "exit_losses": r.exit_losses, "grad_norm": r.grad_norm,
-                                  "lr": r.lr, "exit_weights": r.exit_weights})
+                                  "lr": r.lr, "exit_weights": r.exit_weights, "gate_losses": r.gate_losses})
                 # logits of every head on a fixed batch, where each head lives
                 trainer.model.eval()
                 trainer.model.loss.captured_logits = {}
@@ -225,17 +240,32 @@ def _reference_run(config, train, batches: list, freeze: bool):
             return F.cross_entropy(logits.float().reshape(-1, config.vocab_size), labels.reshape(-1),
                                    ignore_index=-100, reduction="sum") / n
 
-        per_head = [ce(x / train.exit_temperature) for x in out.exit_logits] + [ce(out.logits)]
+        teacher = out.logits.detach()
+
+        def exit_loss(logits, teacher=teacher, labels=labels, n=n, w=train.exit_distillation):
+            logits = logits / train.exit_temperature
+            if w == 0.0:
+                return ce(logits)
+            kl = F.kl_div(F.log_softmax(logits.float(), -1), F.log_softmax(teacher.float(), -1), log_target=True,
+                          reduction="none").sum(-1)
+            return w * (kl * (labels != -100)).sum() / n + (1 - w) * ce(logits)
+
+        per_head = [exit_loss(x) for x in out.exit_logits] + [ce(out.logits)]
         weights = train.exit_loss_weights_at(step, config.exit_loss_weights)
         loss = per_head[-1] + sum(w * x for w, x in zip(weights, per_head[:-1]))
-        loss.backward()
+        gates = []
+        for gate, exit_logits in zip(out.exit_gate_logits or (), out.exit_logits):
+            agree = (exit_logits.argmax(-1) == out.logits.argmax(-1)).float()
+            bce = F.binary_cross_entropy_with_logits(gate, agree, reduction="none")
+            gates.append((bce * (labels != -100)).sum() / n)
+        (loss + sum(gates)).backward()
         norm = torch.nn.utils.clip_grad_norm_(params, train.grad_clip)
         for group in optimizer.param_groups:
             group["lr"] = train.lr_at(step)
         optimizer.step()
         optimizer.zero_grad()
         steps.append({"loss": loss.item(), "exit_losses": [x.item() for x in per_head], "grad_norm": norm.item(),
-                      "exit_weights": weights, "skipped_layers": skipped})
+                      "exit_weights": weights, "skipped_layers": skipped, "gate_losses": [x.item() for x in gates]})
     if train.layer_dropout is not None:
         for handle in hooks:
             handle.remove()
@@ -300,6 +330,9 @@ def test_parallel_training_equals_single_process_hf(equivalence, case):
             assert _rel(g["exit_losses"], r["exit_losses"]) < RTOL, f"{where} step {step}: {g} != {r}"
             assert _rel(g["grad_norm"], r["grad_norm"]) < RTOL, f"{where} step {step}: grad norm {g} != {r}"
             assert g["exit_weights"] == r["exit_weights"], f"{where} step {step}: exit weights"
+            assert len(g["gate_losses"]) == len(r["gate_losses"]), where
+            if r["gate_losses"]:
+                assert _rel(g["gate_losses"], r["gate_losses"]) < RTOL, f"{where} step {step}: gates {g} != {r}"
         assert set(got["state"]) == set(ref["state"]), where
         for key, value in ref["state"].items():
             assert got["state"][key].shape == value.shape, f"{where} {key}"

@@ -45,6 +45,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         with recording_cost() as costs:
             cli_evaluate()
+    except FileNotFoundError as exc:  # e.g. a mistyped model folder: the message says it all
+        raise SystemExit(f"eellm-eval: {exc}") from exc
     finally:
         sys.argv = saved_argv
     for cost in costs:

@@ -9,7 +9,7 @@ Early-exit model_args (everything else is ``HFLM``'s, e.g. ``dtype``, ``batch_si
 
 * ``early_exit_threshold``: confidence an exit needs to produce a generated token, in ``[0, 1]``; ``None`` (the
   default, also ``none``/``off``) decodes at full depth, so ``--model eellm`` then gives ``--model hf``'s results.
-* ``exit_confidence``: ``max_prob`` (default) or ``top2_margin``.
+* ``exit_confidence``: ``max_prob`` (default), ``top2_margin`` or ``gate`` (exits with learned gates).
 * ``active_exits``: the exit layers allowed to fire (default: all). lm-eval splits model_args on commas, so
   separate layers with ``|`` or ``;`` (``active_exits=4|8``; quote the model_args in a shell); a list also
   works (``simple_evaluate(model_args={..., "active_exits": [4, 8]})``, or JSON model_args on the command line).
@@ -28,10 +28,12 @@ to ``results["eellm_cost"]`` and adds the total wall time.
 from __future__ import annotations
 
 import contextlib
+import os
 import re
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -137,6 +139,17 @@ class CostTracker:
         }
 
 
+def _check_model_folder(pretrained: Any) -> None:
+    """A ``pretrained`` that can only be a local path (absolute, relative with ``.``/``~``, or more than one
+    ``/``, which no Hub repo id has) must exist, else transformers' "Repo id must be in the form ..." hides it."""
+    if not isinstance(pretrained, (str, os.PathLike)):
+        return
+    name = os.fspath(pretrained)
+    path_like = os.path.isabs(name) or name.startswith((".", "~")) or name.count("/") > 1
+    if path_like and not Path(name).expanduser().exists():
+        raise FileNotFoundError(f"model folder {name} does not exist (model_args pretrained={name})")
+
+
 @register_model("eellm")
 class EarlyExitLM(HFLM):
     """``HFLM`` for ``EarlyExitGPTForCausalLM``: early-exit generation, per-exit scoring, cost statistics.
@@ -174,6 +187,7 @@ class EarlyExitLM(HFLM):
             raise ValueError("exit_layer evaluates a single exit: do not combine it with early_exit_threshold "
                              "or active_exits.")
 
+        _check_model_folder(pretrained)
         kwargs.setdefault("backend", "causal")  # lm-eval cannot tell from the (custom) model type
         super().__init__(pretrained=pretrained, **kwargs)
 

@@ -37,6 +37,8 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..modeling.generation_early_exit import EXIT_CONFIDENCE_MEASURES
+
 DEFAULT_THRESHOLDS: list[float] = [round(1.0 - 0.1 * step, 1) for step in range(11)]
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FULL = "full"
@@ -461,7 +463,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--limit", type=int, default=None, help="use the first N prompts")
     parser.add_argument("--thresholds", type=float, nargs="+", default=DEFAULT_THRESHOLDS,
                         help="confidence thresholds in [0, 1] (default: 1.0 down to 0.0 in steps of 0.1)")
-    parser.add_argument("--exit-confidence", default="max_prob", choices=("max_prob", "top2_margin"))
+    parser.add_argument("--exit-confidence", default="max_prob", choices=EXIT_CONFIDENCE_MEASURES)
     parser.add_argument("--active-exits", type=int, nargs="+", default=None, help="exit layers allowed to fire")
     parser.add_argument("--max-recompute-tokens", type=int, default=None)
     parser.add_argument("--max-new-tokens", type=int, default=None,

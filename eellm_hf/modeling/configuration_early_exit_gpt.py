@@ -4,6 +4,9 @@ This file is self-contained (it imports only from `transformers`) so that it can
 weights as remote code: `AutoConfig.from_pretrained(dir, trust_remote_code=True)`.
 """
 
+import math
+import numbers
+
 from transformers.configuration_utils import PreTrainedConfig
 from transformers.modeling_rope_utils import RopeParameters
 
@@ -26,6 +29,10 @@ class EarlyExitGPTConfig(PreTrainedConfig):
         exit_norm (`bool`): an RMSNorm before each exit's projection.
         exit_mlp (`bool`): a residual SwiGLU MLP in each exit (after its norm).
         exit_block (`bool`): a whole extra decoder layer at the start of each exit, with its own KV cache.
+        exit_gate (`bool`): a learned confidence gate in each exit (a linear map of the exit's hidden state to one
+            logit, as CALM's classifier): trained to predict that the exit's top token equals the final head's,
+            and read by `generate(..., exit_confidence="gate")` *before* the exit's vocabulary projection, so an
+            exit that does not fire costs no projection.
         tie_exit_heads (`bool`): every exit projects with the final LM head's weight (itself tied to the input
             embedding when `tie_word_embeddings`); otherwise each exit has its own projection.
 
@@ -76,6 +83,7 @@ class EarlyExitGPTConfig(PreTrainedConfig):
     exit_norm: bool = True
     exit_mlp: bool = False
     exit_block: bool = False
+    exit_gate: bool = False
     tie_exit_heads: bool = False
 
     def __post_init__(self, **kwargs):
@@ -84,6 +92,7 @@ class EarlyExitGPTConfig(PreTrainedConfig):
         self._validate_backbone()
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
+        self._check_exit_types()
         self.exit_layers = [int(layer) for layer in (self.exit_layers or [])]
         if self.exit_loss_weights is None:
             self.exit_loss_weights = [1.0] * len(self.exit_layers)
@@ -118,6 +127,28 @@ class EarlyExitGPTConfig(PreTrainedConfig):
             raise ValueError(f"`initializer_range` must be in [0, 1], got {self.initializer_range}.")
         if self.rms_norm_eps <= 0:
             raise ValueError(f"`rms_norm_eps` must be > 0, got {self.rms_norm_eps}.")
+
+    def _check_exit_types(self) -> None:
+        """Refuse values that would silently mean something else (`exit_layers="12"` is not `[1, 2]`, 1.9 is
+        not layer 1, `exit_mlp="false"` is not False)."""
+        for name in ("exit_layers", "exit_loss_weights"):
+            value = getattr(self, name)
+            if value is not None and not isinstance(value, (list, tuple)):
+                raise TypeError(f"`{name}` must be a list, got {type(value).__name__} {value!r}.")
+        for layer in self.exit_layers or []:
+            if not isinstance(layer, numbers.Integral) or isinstance(layer, bool):
+                raise TypeError(f"`exit_layers` entries must be integers, got {layer!r} in {self.exit_layers!r}.")
+        for weight in self.exit_loss_weights or []:
+            if not isinstance(weight, numbers.Real) or isinstance(weight, bool):
+                raise TypeError(f"`exit_loss_weights` entries must be numbers, got {weight!r} in "
+                                f"{self.exit_loss_weights!r}.")
+            if not math.isfinite(weight):
+                raise ValueError(f"`exit_loss_weights` entries must be finite, got {weight!r} in "
+                                 f"{self.exit_loss_weights!r}.")
+        for name in ("exit_norm", "exit_mlp", "exit_block", "exit_gate", "tie_exit_heads"):
+            value = getattr(self, name)
+            if not isinstance(value, bool):
+                raise TypeError(f"`{name}` must be true or false, got {type(value).__name__} {value!r}.")
 
     def _validate_exits(self) -> None:
         layers, weights = self.exit_layers, self.exit_loss_weights

@@ -2,7 +2,8 @@
 
 `llama_to_early_exit` adds exits to a `LlamaForCausalLM` (or a Mistral / Qwen2 model, whose layouts are the
 same up to names and biases) without touching the backbone; `early_exit_to_llama` drops them again. The CLI
-`eellm-convert SRC_DIR DST_DIR --exit-layers 8 16` converts a folder, tokenizer included.
+`eellm-convert SRC DST_DIR --exit-layers 8 16` converts a folder, a `.gguf` file or a bundled model
+(`smollm2-135m`, see `sources.BUNDLED_MODELS`), tokenizer, chat template and generation config included.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ from pathlib import Path
 from typing import Literal
 
 import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedModel
+from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedModel
 
 from .configuration_early_exit_gpt import EarlyExitGPTConfig
 from .modeling_early_exit_gpt import EarlyExitGPTForCausalLM
+from .sources import resolve_source
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 
@@ -31,7 +33,7 @@ SHARED_CONFIG_FIELDS = (
 ExitInit = Literal["copy", "random"]
 
 
-def _backbone_fields(source_config) -> dict:
+def backbone_fields(source_config) -> dict:
     """Read the backbone fields of a Llama / Mistral / Qwen2 config, refusing what EarlyExitGPT cannot express."""
     model_type = source_config.model_type
     if model_type not in SUPPORTED_MODEL_TYPES:
@@ -55,10 +57,10 @@ def _backbone_fields(source_config) -> dict:
     return fields
 
 
-def _load(model_or_path: PreTrainedModel | str | Path) -> PreTrainedModel:
-    if isinstance(model_or_path, PreTrainedModel):
-        return model_or_path
-    return AutoModelForCausalLM.from_pretrained(model_or_path, dtype=torch.float32, use_safetensors=True)
+def _load(model_or_source: PreTrainedModel | str | Path) -> PreTrainedModel:
+    if isinstance(model_or_source, PreTrainedModel):
+        return model_or_source
+    return resolve_source(model_or_source).load_model(torch.float32)
 
 
 def llama_to_early_exit(
@@ -70,23 +72,25 @@ def llama_to_early_exit(
     """Add early exits to a Llama-layout causal LM, leaving the backbone's weights unchanged.
 
     Args:
-        model_or_path: a `LlamaForCausalLM` (or Mistral / Qwen2 model), or a folder holding one.
+        model_or_path: a `LlamaForCausalLM` (or Mistral / Qwen2 model), or where to load one from: a folder, a
+            `.gguf` file (de-quantised to float32 by transformers) or a bundled model's name.
         exit_layers: 1-based layers after which exits sit.
         exit_init: `"copy"` (EE-LLM's default): each exit's norm and projection start as copies of the final
             norm and LM head, and its optional MLP / block start as the identity (zero output projections), so
             an untrained exit reads the intermediate hidden state exactly as the final head would. `"random"`:
             exits initialised from `initializer_range`.
         **exit_options: other `EarlyExitGPTConfig` early-exit fields (`exit_loss_weights`, `exit_norm`,
-            `exit_mlp`, `exit_block`, `tie_exit_heads`).
+            `exit_mlp`, `exit_block`, `exit_gate`, `tie_exit_heads`).
     """
     if exit_init not in ("copy", "random"):
         raise ValueError(f"exit_init must be 'copy' or 'random', got {exit_init!r}.")
-    unknown = set(exit_options) - {"exit_loss_weights", "exit_norm", "exit_mlp", "exit_block", "tie_exit_heads"}
+    unknown = set(exit_options) - {"exit_loss_weights", "exit_norm", "exit_mlp", "exit_block", "exit_gate",
+                                   "tie_exit_heads"}
     if unknown:
         raise ValueError(f"Unknown early-exit options: {sorted(unknown)}.")
     source = _load(model_or_path)
     config = EarlyExitGPTConfig(
-        **_backbone_fields(source.config), exit_layers=list(exit_layers), **exit_options
+        **backbone_fields(source.config), exit_layers=list(exit_layers), **exit_options
     )
     config.dtype = source.dtype
     torch_dtype = source.dtype
@@ -154,7 +158,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="eellm-convert",
         description="Add early exits to a Llama / Mistral / Qwen2 folder and save an EarlyExitGPT folder.",
     )
-    parser.add_argument("src_dir", type=Path, help="folder with a Llama-layout model (safetensors)")
+    parser.add_argument("src", help="a Llama-layout model: a folder (safetensors), a .gguf file, or a bundled model "
+                        "(smollm2-135m)")
     parser.add_argument("dst_dir", type=Path, help="output folder")
     parser.add_argument("--exit-layers", type=int, nargs="+", required=True, help="1-based layers with an exit")
     parser.add_argument("--exit-loss-weights", type=float, nargs="+", default=None)
@@ -162,27 +167,39 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-exit-norm", action="store_true", help="exits without an RMSNorm")
     parser.add_argument("--exit-mlp", action="store_true")
     parser.add_argument("--exit-block", action="store_true")
+    parser.add_argument("--exit-gate", action="store_true", help="learned confidence gates (exit_confidence='gate')")
     parser.add_argument("--tie-exit-heads", action="store_true")
     return parser
 
 
+def _refuse_overwriting_source(src_dir: Path, dst_dir: Path) -> None:
+    """The output folder must not be the source folder (saving there would replace the model being read)."""
+    if dst_dir.exists() and src_dir.exists() and src_dir.resolve() == dst_dir.resolve():
+        raise SystemExit(f"eellm-convert: the output folder {dst_dir} is the source folder {src_dir}; "
+                         "choose another output folder")
+
+
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
-    if not args.src_dir.is_dir():
-        raise SystemExit(f"eellm-convert: source folder {args.src_dir} does not exist")
+    try:
+        source = resolve_source(args.src)
+    except FileNotFoundError as error:
+        raise SystemExit(f"eellm-convert: {error}") from None
+    _refuse_overwriting_source(source.folder, args.dst_dir)
     model = llama_to_early_exit(
-        args.src_dir,
+        source.load_model(torch.float32),
         args.exit_layers,
         exit_init=args.exit_init,
         exit_loss_weights=args.exit_loss_weights,
         exit_norm=not args.no_exit_norm,
         exit_mlp=args.exit_mlp,
         exit_block=args.exit_block,
+        exit_gate=args.exit_gate,
         tie_exit_heads=args.tie_exit_heads,
     )
     model.save_pretrained(args.dst_dir)
-    if any(args.src_dir.glob("tokenizer*")):
-        AutoTokenizer.from_pretrained(args.src_dir).save_pretrained(args.dst_dir)
+    if source.has_tokenizer():
+        source.load_tokenizer().save_pretrained(args.dst_dir)
     print(f"Saved EarlyExitGPT with exits after layers {model.config.exit_layers} to {args.dst_dir}")
 
 

@@ -47,7 +47,7 @@ from transformers.generation import (
 from transformers.generation.streamers import BaseStreamer
 from transformers.generation.utils import GenerateDecoderOnlyOutput
 
-EXIT_CONFIDENCE_MEASURES = ("max_prob", "top2_margin")
+EXIT_CONFIDENCE_MEASURES = ("max_prob", "top2_margin", "gate")
 EARLY_EXIT_GENERATION_KEYS = ("early_exit_threshold", "exit_confidence", "active_exits", "max_recompute_tokens")
 _SUPPORTED_ATTENTION = ("sdpa", "eager")
 _MODE_NAMES = {
@@ -68,7 +68,9 @@ class EarlyExitSettings:
 
     Args:
         threshold (`float` or `None`): confidence an exit needs to produce the token; `None` decodes at full depth.
-        confidence (`str`): `"max_prob"` (largest probability, as EE-LLM) or `"top2_margin"` (p1 - p2).
+        confidence (`str`): `"max_prob"` (largest probability, as EE-LLM), `"top2_margin"` (p1 - p2), or `"gate"`
+            (the exit's learned confidence gate, `config.exit_gate`: evaluated before the vocabulary projection,
+            which then runs only for the tokens that leave).
         active_exits (`tuple[int]`): indices into `config.exit_layers` of the exits allowed to fire.
         max_recompute_tokens (`int` or `None`): cap on a row's backlog of tokens whose deep KV is missing (the
             current token included); reaching it fills the backlog's deep KV in the same forward pass.
@@ -101,10 +103,19 @@ class EarlyExitSettings:
                     f"`early_exit_threshold` must be None (full depth) or a number in [0, 1], got {threshold!r}."
                 )
             threshold = float(threshold)
+            if not model_config.exit_layers:
+                raise ValueError(
+                    f"`early_exit_threshold`={threshold} needs early exits, but this model has none (`exit_layers` "
+                    "is empty, e.g. a Llama folder loaded as EarlyExitGPTForCausalLM): add exits with "
+                    "`eellm-convert SRC DST --exit-layers ...`, or leave the threshold unset for full depth."
+                )
 
         confidence = setting("exit_confidence", None) or "max_prob"
         if confidence not in EXIT_CONFIDENCE_MEASURES:
             raise ValueError(f"`exit_confidence` must be one of {EXIT_CONFIDENCE_MEASURES}, got {confidence!r}.")
+        if confidence == "gate" and not getattr(model_config, "exit_gate", False):
+            raise ValueError("`exit_confidence='gate'` needs exits with confidence gates (`config.exit_gate`); this "
+                             "model has none: use 'max_prob' or 'top2_margin'.")
 
         exit_layers = list(model_config.exit_layers)
         requested = setting("active_exits", None)
@@ -142,7 +153,9 @@ class EarlyExitStats:
         layer_tokens (`int`): token-layers computed in the backbone, refills and prefill included.
         exit_block_tokens (`list[int]`): token-layers computed by each exit's block (0 without exit blocks).
         padding_token_layers (`int`): token-layers computed only to align the rows of a batch (results unused).
-        exit_head_tokens (`list[int]`): tokens each exit's head (norm, MLP, projection, confidence) evaluated.
+        exit_head_tokens (`list[int]`): tokens whose vocabulary projection each exit evaluated (with the `"gate"`
+            measure, only the tokens that left there).
+        exit_gate_tokens (`list[int]`): tokens each exit's confidence gate (and norm and MLP) evaluated.
         final_head_tokens (`int`): tokens the final norm and LM head evaluated.
         prefill_tokens (`int`): prompt tokens computed in the prefill (all rows).
         completion_token_layers (`int`): token-layers computed after decoding to complete the returned cache
@@ -157,6 +170,7 @@ class EarlyExitStats:
     exit_block_tokens: list[int] = field(default_factory=list)
     padding_token_layers: int = 0
     exit_head_tokens: list[int] = field(default_factory=list)
+    exit_gate_tokens: list[int] = field(default_factory=list)
     final_head_tokens: int = 0
     prefill_tokens: int = 0
     completion_token_layers: int = 0
@@ -482,6 +496,7 @@ class EarlyExitDecoder:
             tokens_per_exit=dict.fromkeys(exit_report, 0),
             exit_block_tokens=[0] * len(self.exit_layers),
             exit_head_tokens=[0] * len(self.exit_layers),
+            exit_gate_tokens=[0] * len(self.exit_layers),
         )
         self._pass_cache: dict[Any, Any] = {}
         self._kind = "prefill"
@@ -615,14 +630,10 @@ class EarlyExitDecoder:
             positions = [index for index, row in enumerate(x_rows) if row in undecided]
             head_rows = [x_rows[index] for index in positions]
             hidden = y[:, -1] if len(positions) == len(x_rows) else y[positions, -1]
-            logits = self._exit_logits(exit_module, exit_index, hidden)
-            stats.exit_head_tokens[exit_index] += len(head_rows)
-            fire = self._fire(logits)
-            if not any(fire):
+            fired, fired_logits = self._decide_exit(exit_module, exit_index, hidden)
+            if not fired:
                 continue
-            fired = [index for index, on in enumerate(fire) if on]
             fired_rows = [head_rows[index] for index in fired]
-            fired_logits = logits if len(fired) == len(fire) else logits[fired]
             decisions.append(_Decision(fired_rows, self.exit_layers[exit_index], fired_logits))
             undecided.difference_update(fired_rows)
             stopping = {
@@ -732,8 +743,10 @@ class EarlyExitDecoder:
     def _rotary(self, sel: slice | torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
         return rotary_embeddings(self.backbone.rotary_emb, self.positions[sel, start:end], self.dtype)
 
-    def _exit_logits(self, exit_module: nn.Module, exit_index: int, hidden: torch.Tensor) -> torch.Tensor:
-        return exit_logits(self.model, exit_module, exit_index, hidden)
+    def _decide_exit(self, exit_module: nn.Module, exit_index: int, hidden: torch.Tensor
+                     ) -> tuple[list[int], torch.Tensor]:
+        return decide_exit(self.model, exit_module, exit_index, hidden, self.settings, self.confidence_dtype,
+                           self.stats, self._fire)
 
     def _fire(self, logits: torch.Tensor) -> list[bool]:
         return exit_fires(logits, self.settings, self.confidence_dtype)
@@ -842,13 +855,41 @@ def rotary_embeddings(
     return rotary_emb(probe, positions)
 
 
-def exit_logits(model: nn.Module, exit_module: nn.Module, exit_index: int, hidden: torch.Tensor) -> torch.Tensor:
-    """Exit `exit_index`'s logits from its block's output: norm, residual MLP, projection (as the model does)."""
+def decide_exit(
+    model: nn.Module,
+    exit_module: nn.Module,
+    exit_index: int,
+    hidden: torch.Tensor,
+    settings: EarlyExitSettings,
+    confidence_dtype: torch.dtype,
+    stats: EarlyExitStats | None = None,
+    fire: Callable[[torch.Tensor], list[bool]] | None = None,
+) -> tuple[list[int], torch.Tensor]:
+    """Which of the rows of `hidden` (exit `exit_index`'s block output, one row each) leave at this exit, and their
+    logits: norm, residual MLP, projection (as the model does), then the confidence. With the `"gate"` measure the
+    vocabulary projection runs for the leaving rows only. Counts the work in `stats` when given; `fire` (default
+    `exit_fires`) decides from the logits."""
     if hasattr(exit_module, "norm"):
         hidden = exit_module.norm(hidden)
     if hasattr(exit_module, "mlp"):
         hidden = hidden + exit_module.mlp(hidden)
-    return model.exit_projection(exit_index)(hidden)
+    projection = model.exit_projection(exit_index)
+    if settings.confidence == "gate":
+        if stats is not None:
+            stats.exit_gate_tokens[exit_index] += hidden.shape[0]
+        confidence = torch.sigmoid(exit_module.gate_logit(hidden).to(confidence_dtype))
+        fired = (confidence >= settings.threshold).nonzero().flatten().tolist()
+        if not fired:
+            return [], hidden[:0]
+        if stats is not None:
+            stats.exit_head_tokens[exit_index] += len(fired)
+        return fired, projection(hidden if len(fired) == hidden.shape[0] else hidden[fired])
+    logits = projection(hidden)
+    if stats is not None:
+        stats.exit_head_tokens[exit_index] += hidden.shape[0]
+    fires = fire(logits) if fire is not None else exit_fires(logits, settings, confidence_dtype)
+    fired = [index for index, on in enumerate(fires) if on]
+    return fired, logits if len(fired) == logits.shape[0] else logits[fired]
 
 
 def exit_fires(logits: torch.Tensor, settings: EarlyExitSettings, confidence_dtype: torch.dtype) -> list[bool]:

@@ -59,10 +59,16 @@ class EarlyExitCausalLMOutputWithPast(CausalLMOutputWithPast):
         logits (`torch.Tensor`): the final head's logits.
         exit_logits (`tuple(torch.Tensor)`, *optional*): each exit's logits, aligned with `config.exit_layers`.
         exit_losses (`tuple(torch.Tensor)`, *optional*): each exit's unweighted cross-entropy.
+        exit_gate_logits (`tuple(torch.Tensor)`, *optional*): with `config.exit_gate`, each exit's confidence
+            gate logit, `(batch_size, sequence_length)`.
+        exit_gate_losses (`tuple(torch.Tensor)`, *optional*): each gate's binary cross-entropy against "the exit's
+            greedy token is the final head's" (added to `loss` with weight 1).
     """
 
     exit_logits: tuple[torch.Tensor, ...] | None = None
     exit_losses: tuple[torch.Tensor, ...] | None = None
+    exit_gate_logits: tuple[torch.Tensor, ...] | None = None
+    exit_gate_losses: tuple[torch.Tensor, ...] | None = None
 
 
 class EarlyExitGPTDecoderLayer(LlamaDecoderLayer):
@@ -74,7 +80,8 @@ class EarlyExitGPTExitBlock(LlamaDecoderLayer):
 
 
 class EarlyExitGPTExit(nn.Module):
-    """Everything of exit `exit_index` before its vocabulary projection: block, then norm, then residual MLP."""
+    """Everything of exit `exit_index` before its vocabulary projection: block, then norm, then residual MLP; and
+    its confidence gate (`config.exit_gate`), read from that hidden state by `gate_logit`."""
 
     def __init__(self, config: EarlyExitGPTConfig, exit_index: int):
         super().__init__()
@@ -84,6 +91,13 @@ class EarlyExitGPTExit(nn.Module):
             self.norm = LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         if config.exit_mlp:
             self.mlp = LlamaMLP(config)
+        if config.exit_gate:
+            self.gate = nn.Linear(config.hidden_size, 1)
+
+    def gate_logit(self, exit_hidden_states: torch.Tensor) -> torch.Tensor:
+        """The gate's logit per token, `(..., )`, from this exit's output (`forward`); the gate's input is
+        detached, so training it leaves the exit's own representation alone."""
+        return self.gate(exit_hidden_states.detach()).squeeze(-1)
 
     def forward(self, hidden_states: torch.Tensor, **layer_kwargs) -> torch.Tensor:
         if hasattr(self, "block"):
@@ -297,14 +311,17 @@ class EarlyExitGPTForCausalLM(EarlyExitGPTPreTrainedModel, GenerationMixin):
 
         hidden_states = slice_logits_to_keep(outputs.last_hidden_state, logits_to_keep)
         logits = self.lm_head(hidden_states)
-        exit_logits = None
+        exit_logits, gate_logits = None, None
         if outputs.exit_hidden_states is not None:
-            exit_logits = tuple(
-                self.exit_projection(index)(slice_logits_to_keep(exit_hidden, logits_to_keep))
-                for index, exit_hidden in enumerate(outputs.exit_hidden_states)
-            )
+            exit_hidden_states = [slice_logits_to_keep(exit_hidden, logits_to_keep)
+                                  for exit_hidden in outputs.exit_hidden_states]
+            exit_logits = tuple(self.exit_projection(index)(exit_hidden)
+                                for index, exit_hidden in enumerate(exit_hidden_states))
+            if self.config.exit_gate:
+                gate_logits = tuple(exit_module.gate_logit(exit_hidden)
+                                    for exit_module, exit_hidden in zip(self.model.exits, exit_hidden_states))
 
-        loss, exit_losses = None, None
+        loss, exit_losses, gate_losses = None, None, None
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
             if exit_logits is not None:
@@ -314,6 +331,10 @@ class EarlyExitGPTForCausalLM(EarlyExitGPTPreTrainedModel, GenerationMixin):
                 )
                 for weight, exit_loss in zip(self.config.exit_loss_weights, exit_losses):
                     loss = loss + weight * exit_loss
+            if gate_logits is not None:
+                gate_losses = tuple(gate_loss(gate, exit_logit, logits, labels)
+                                    for gate, exit_logit in zip(gate_logits, exit_logits))
+                loss = loss + sum(gate_losses)
 
         return EarlyExitCausalLMOutputWithPast(
             loss=loss,
@@ -323,6 +344,8 @@ class EarlyExitGPTForCausalLM(EarlyExitGPTPreTrainedModel, GenerationMixin):
             attentions=outputs.attentions,
             exit_logits=exit_logits,
             exit_losses=exit_losses,
+            exit_gate_logits=gate_logits,
+            exit_gate_losses=gate_losses,
         )
 
     def save_pretrained(self, save_directory: str | Path, *args, **kwargs) -> None:
@@ -331,6 +354,17 @@ class EarlyExitGPTForCausalLM(EarlyExitGPTPreTrainedModel, GenerationMixin):
         card = Path(save_directory) / "README.md"
         if not card.exists():
             card.write_text(model_card(self.config))
+
+
+def gate_loss(gate_logits: torch.Tensor, exit_logits: torch.Tensor, logits: torch.Tensor,
+              labels: torch.LongTensor) -> torch.Tensor:
+    """Mean binary cross-entropy of an exit's gate against "the exit's greedy token is the final head's", over the
+    positions that have a next-token label (as the cross-entropy counts them: `labels` unshifted, -100 ignored)."""
+    agree = (exit_logits.argmax(dim=-1) == logits.argmax(dim=-1)).float()
+    has_label = torch.zeros_like(agree, dtype=torch.bool)
+    has_label[:, :-1] = labels[:, 1:] != -100
+    losses = nn.functional.binary_cross_entropy_with_logits(gate_logits.float(), agree, reduction="none")
+    return (losses * has_label).sum() / has_label.sum().clamp(min=1)
 
 
 def model_card(config: EarlyExitGPTConfig) -> str:

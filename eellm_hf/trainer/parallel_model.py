@@ -28,7 +28,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .loss import MultiExitLoss, vocab_parallel_token_losses
+from .loss import (
+    MultiExitLoss,
+    TeacherTargets,
+    distillation_token_losses,
+    gate_token_losses,
+    mask_padded_vocab,
+    vocab_parallel_argmax,
+    vocab_parallel_token_losses,
+)
 from .nanotron_compat import (
     ParallelContext,
     PipelineBlock,
@@ -331,7 +339,8 @@ class ParallelDecoderLayer(nn.Module):
 
 
 class ParallelExit(nn.Module):
-    """An exit before its projection: optional decoder layer (``block``), RMSNorm (``norm``), residual MLP."""
+    """An exit before its projection: optional decoder layer (``block``), RMSNorm (``norm``), residual MLP; and
+    its optional confidence gate (``gate``, replicated over TP), read from its output by :meth:`gate_logit`."""
 
     def __init__(self, config: Any, tp_pg: dist.ProcessGroup) -> None:
         super().__init__()
@@ -341,6 +350,12 @@ class ParallelExit(nn.Module):
             self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         if getattr(config, "exit_mlp", False):
             self.mlp = ParallelMLP(config, tp_pg)
+        if getattr(config, "exit_gate", False):
+            self.gate = nn.Linear(config.hidden_size, 1)
+
+    def gate_logit(self, exit_hidden_states: torch.Tensor) -> torch.Tensor:
+        """The gate's logit per token from this exit's output (input detached, as in the HF model)."""
+        return self.gate(exit_hidden_states.detach()).squeeze(-1)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         if hasattr(self, "block"):
@@ -371,7 +386,10 @@ class VocabParallelHead(TensorParallelColumnLinear):
     """A vocabulary projection (column-parallel over the padded vocabulary) and its cross-entropy.
 
     ``head``: exit index, or ``loss.final_index`` for the final head. Exit logits are divided by the loss's
-    temperature in training mode.
+    temperature in training mode. With a ``teacher`` (the final head's distribution) and the loss's
+    ``distillation`` weight w > 0, an exit's token losses are ``w * KL(teacher || exit) + (1 - w) * CE``. With
+    ``gate_logits`` (the exit's confidence gate) and a teacher, the gate's loss (:func:`gate_token_losses`) is
+    added to the returned loss.
     """
 
     def __init__(self, hidden_size: int, padded_vocab: int, vocab_size: int, tp_pg: dist.ProcessGroup,
@@ -381,16 +399,31 @@ class VocabParallelHead(TensorParallelColumnLinear):
         self.loss = loss
         self.head = head
 
-    def forward(self, hidden_states: torch.Tensor, labels: torch.Tensor) -> dict[str, torch.Tensor]:
-        sharded_logits = super().forward(hidden_states)
+    def sharded_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """This TP rank's shard of the logits (padded vocabulary entries not masked)."""
+        return super().forward(hidden_states)
+
+    def forward(self, hidden_states: torch.Tensor, labels: torch.Tensor,
+                teacher: TeacherTargets | None = None,
+                gate_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
+        sharded_logits = self.sharded_logits(hidden_states)
         if self.loss.captured_logits is not None:
             full = differentiable_all_gather(sharded_logits.transpose(0, -1).contiguous(), group=self.pg)
             self.loss.capture(self.head, full.transpose(0, -1)[..., : self.vocab_size])
         is_exit = self.head != self.loss.final_index
         if is_exit and self.training and self.loss.temperature != 1.0:
             sharded_logits = sharded_logits / self.loss.temperature
-        token_losses = vocab_parallel_token_losses(sharded_logits, labels, self.pg, self.vocab_size)
+        weight = self.loss.distillation
+        if is_exit and teacher is not None and weight > 0.0:
+            token_losses = distillation_token_losses(sharded_logits, teacher, labels, self.pg, self.vocab_size,
+                                                     weight)
+        else:
+            token_losses = vocab_parallel_token_losses(sharded_logits, labels, self.pg, self.vocab_size)
         loss = self.loss.head_loss(self.head, token_losses)
+        if is_exit and gate_logits is not None and teacher is not None:
+            exit_top = vocab_parallel_argmax(mask_padded_vocab(sharded_logits.detach(), self.vocab_size,
+                                                               dist.get_rank(self.pg)), self.pg)
+            loss = loss + self.loss.gate_loss(self.head, gate_token_losses(gate_logits, exit_top, teacher.top, labels))
         if not is_exit and torch.is_grad_enabled() and not loss.requires_grad:
             # Frozen final head (EE-Tuning): nanotron's engine needs a loss that requires grad.
             loss = loss + torch.zeros((), device=loss.device, requires_grad=True)

@@ -6,8 +6,14 @@ sees the same sequences at each step, each DP rank takes its contiguous block of
 into micro-batches, gradients are summed over DP ranks, and the losses are token means over the whole global
 batch (:mod:`.loss`). :func:`run` adds data, validation, metrics, checkpoints and the HF export around it.
 
+Faults: a step whose loss (any head's) or gradient norm is not finite on any rank takes no optimizer update;
+:func:`run` stops every rank with :class:`NonFiniteTrainingError` naming the step and the heads (or skips up to
+``train.skip_nonfinite_steps`` such steps, logging each), and never commits non-finite weights as a checkpoint
+or export. A resumed run verifies the checkpoint's checksums and falls back to the newest one that verifies.
+
 Precision: fp32 everywhere on CPU; with ``train.dtype: bfloat16`` the model runs in bf16 and nanotron's
-``FP32GradientAccumulator`` keeps fp32 master weights and gradients (GPU only, untested on CPU).
+``FP32GradientAccumulator`` keeps fp32 master weights and gradients (on GPUs; also tested on CPU with the shipped
+GPU configs shrunk, ZeRO-1 and tp=2 included).
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ import hashlib
 import json
 import math
 import os
+import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -26,6 +33,7 @@ import numpy as np
 import torch
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from .ee_tuning import FrozenBackboneStep
 from .layer_dropout import layer_keep_mask
 from .loss import count_label_tokens, reduce_head_sums, summarize_losses
 from .nanotron_compat import (
@@ -45,12 +53,12 @@ from .nanotron_compat import (
     sync_tied_weights_gradients,
 )
 from .parallel_model import ParallelEarlyExitGPT, make_layout
-from .weights import init_from_hf, initialize_weights
+from .weights import hf_parameter_shapes, init_from_hf, initialize_weights
 
 if TYPE_CHECKING:
     from .config import TrainConfig, TrainerConfig
 
-__all__ = ["ParallelTrainer", "StepResult", "run"]
+__all__ = ["NonFiniteTrainingError", "ParallelTrainer", "StepResult", "run"]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
@@ -67,6 +75,12 @@ class StepResult:
     grad_norm: float
     num_label_tokens: int
     seconds: float
+    finite: bool = True  # False: a loss or the gradient norm was not finite on some rank; no update was made
+    gate_losses: list[float] = dataclasses.field(default_factory=list)  # per exit (exit_gate), else empty
+
+
+class NonFiniteTrainingError(FloatingPointError):
+    """A training step's loss or gradient norm, or the weights about to be saved, were not finite."""
 
 
 class ParallelTrainer:
@@ -99,8 +113,10 @@ class ParallelTrainer:
             init_from_hf(self.model, init_from)
         else:
             initialize_weights(self.model, train.seed)
-        if train.freeze_backbone:
+        self.frozen_step = None
+        if train.freeze_backbone:  # EE-Tuning: forward-only backbone, no pipeline backward (see .ee_tuning)
             self.model.freeze_backbone()
+            self.frozen_step = FrozenBackboneStep(self.model, parallel_context)
         self.engine = (AllForwardAllBackwardPipelineEngine() if pp_engine == "afab"
                        else OneForwardOneBackwardPipelineEngine())
         self.named_trainable = [(n, p) for n, p in named_params_with_correct_tied(self.model) if p.requires_grad]
@@ -186,11 +202,16 @@ class ParallelTrainer:
         micro_batches = self._rank_micro_batches(input_ids, labels, layer_keep)
         num_tokens = count_label_tokens(labels)
         weights = train.exit_loss_weights_at(step, self.config.exit_loss_weights or [])
-        model.loss.begin_step(num_tokens, len(micro_batches), weights, train.exit_temperature)
+        model.loss.begin_step(num_tokens, len(micro_batches), weights, train.exit_temperature,
+                              train.exit_distillation)
         model.train()
         try:
-            self.engine.train_batch_iter(model=model, pg=ctx.pp_pg, batch=iter(micro_batches),
-                                         nb_microbatches=len(micro_batches), grad_accumulator=self.grad_accumulator)
+            if self.frozen_step is not None:
+                self.frozen_step.run(micro_batches, self.grad_accumulator)
+            else:
+                self.engine.train_batch_iter(model=model, pg=ctx.pp_pg, batch=iter(micro_batches),
+                                             nb_microbatches=len(micro_batches),
+                                             grad_accumulator=self.grad_accumulator)
         except BaseException:
             reset_pipeline_state()
             raise
@@ -200,14 +221,36 @@ class ParallelTrainer:
                                    grad_accumulator=self.grad_accumulator, device=self.device)
         lr = train.lr_at(step, total_steps)
         self.set_lr(lr)
+        sums = reduce_head_sums(model.loss.take_sums(self.device), [ctx.pp_pg, ctx.dp_pg]).cpu()
+        heads = model.loss.num_exits + 1
+        loss, per_head = summarize_losses(sums[:heads], num_tokens, weights)
+        has_gates = getattr(self.config, "exit_gate", False)
+        gate_losses = [float(x) / max(num_tokens, 1) for x in sums[heads:]] if has_gates else []
+        finite = self._all_ranks_finite([loss, *per_head, *gate_losses, float(grad_norm)])
         if self.optimizer is not None:
-            self.optimizer.step()
+            if finite:  # a non-finite step updates nothing (its gradients are dropped)
+                self.optimizer.step()
             self.optimizer.zero_grad()
-        sums = reduce_head_sums(model.loss.take_sums(self.device), [ctx.pp_pg, ctx.dp_pg])
-        loss, per_head = summarize_losses(sums.cpu(), num_tokens, weights)
         return StepResult(step=step, loss=loss, exit_losses=per_head, exit_weights=list(weights), lr=lr,
                           grad_norm=float(grad_norm), num_label_tokens=num_tokens,
-                          seconds=time.perf_counter() - start)
+                          seconds=time.perf_counter() - start, finite=finite, gate_losses=gate_losses)
+
+    def _all_ranks_finite(self, values: Sequence[float]) -> bool:
+        """Whether ``values`` are finite on every rank (one small all-reduce: every rank decides alike)."""
+        bad = torch.tensor([0.0 if all(math.isfinite(v) for v in values) else 1.0], device=self.device)
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX, group=self.ctx.world_pg)
+        return bad.item() == 0.0
+
+    def nonfinite_parameters(self) -> list[str]:
+        """HF names of the parameters that hold a non-finite value on any rank (collective over the world)."""
+        names = sorted(hf_parameter_shapes(self.config))  # the same list on every rank
+        local = self.model.hf_named_parameters()
+        flags = torch.zeros(len(names), device=self.device)
+        for i, name in enumerate(names):
+            if name in local:
+                flags[i] = float(not bool(torch.isfinite(local[name]).all()))
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX, group=self.ctx.world_pg)
+        return [name for name, flag in zip(names, flags.tolist()) if flag]
 
     def _sync_gradients(self) -> None:
         """Sum gradients over data-parallel ranks, then over the ranks of each tied parameter."""
@@ -242,7 +285,7 @@ class ParallelTrainer:
         finally:
             model.train()
         sums = reduce_head_sums(model.loss.take_sums(self.device), [ctx.pp_pg, ctx.dp_pg])
-        return summarize_losses(sums.cpu(), count_label_tokens(labels), [])[1]
+        return summarize_losses(sums.cpu()[: model.loss.num_exits + 1], count_label_tokens(labels), [])[1]
 
     # -- checkpoints -----------------------------------------------------------------------------------------
 
@@ -281,26 +324,142 @@ def forward_only(model: ParallelEarlyExitGPT, micro_batches: Sequence[dict[str, 
 
 def _packed_rows(cfg: TrainerConfig, ctx: ParallelContext) -> np.ndarray:
     """Tokenized, packed rows of ``seq_len + 1`` tokens: built on world rank 0 (tokenizer trained first if the
-    config asks for it) and cached under ``run_dir``, then memory-mapped by every rank."""
+    config asks for it) and cached under ``run_dir``, then memory-mapped by every rank. The cache is keyed by
+    the contents of the data files and of the tokenizer folder (:func:`_data_cache_key`), so a file rewritten
+    in place or a retrained tokenizer builds a new one."""
     from .config import ensure_tokenizer
     from .data import PackedDataset, load_text_dataset
 
     data = cfg.data
-    what = [[str(f) for f in data.files], str(data.tokenizer), data.seq_len, data.text_field, data.sample_by]
-    key = hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
-    cache = Path(cfg.run_dir) / "data_cache" / f"packed_{key}.npy"
-    if dist.get_rank(ctx.world_pg) == 0 and not cache.is_file():
-        from transformers import AutoTokenizer
+    key = torch.zeros(16, dtype=torch.uint8, device=ctx.device)
+    if dist.get_rank(ctx.world_pg) == 0:
+        tokenizer_dir = ensure_tokenizer(data)
+        text_key = _data_cache_key(cfg, tokenizer_dir)
+        cache = Path(cfg.run_dir) / "data_cache" / f"packed_{text_key}.npy"
+        if not cache.is_file():
+            from transformers import AutoTokenizer
 
-        tokenizer = AutoTokenizer.from_pretrained(str(ensure_tokenizer(data)))
-        texts = load_text_dataset(data.files, text_field=data.text_field, sample_by=data.sample_by,
-                                  cache_dir=data.cache_dir)["text"]
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(cache.name + f".{os.getpid()}.tmp.npy")
-        PackedDataset.from_texts(texts, tokenizer, data.seq_len).save(tmp)
-        os.replace(tmp, cache)
-    dist.barrier(group=ctx.world_pg)
-    return PackedDataset.load(cache).rows
+            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
+            texts = load_text_dataset(data.files, text_field=data.text_field, sample_by=data.sample_by,
+                                      cache_dir=data.cache_dir)["text"]
+            cache.parent.mkdir(parents=True, exist_ok=True)
+            tmp = cache.with_name(cache.name + f".{os.getpid()}.tmp.npy")
+            PackedDataset.from_texts(texts, tokenizer, data.seq_len).save(tmp)
+            os.replace(tmp, cache)
+        key.copy_(torch.tensor(list(text_key.encode()), dtype=torch.uint8))
+    dist.broadcast(key, src=0, group=ctx.world_pg)  # also the barrier: the others wait for the cache here
+    text_key = bytes(key.cpu().tolist()).decode()
+    return PackedDataset.load(Path(cfg.run_dir) / "data_cache" / f"packed_{text_key}.npy").rows
+
+
+def _data_cache_key(cfg: TrainerConfig, tokenizer_dir: Path) -> str:
+    """16 hex digits naming the packed-data cache: the size and sha256 of every data file and every tokenizer
+    file, and the packing settings (never the paths alone)."""
+    from .data import content_fingerprint
+
+    data = cfg.data
+    tokenizer_files = sorted(p for p in Path(tokenizer_dir).iterdir() if p.is_file())
+    what = [content_fingerprint(data.files), content_fingerprint(tokenizer_files), data.seq_len, data.text_field,
+            data.sample_by]
+    return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
+
+
+def _run_id(ctx: ParallelContext) -> str:
+    """16 random hex digits drawn on world rank 0, the same on every rank: the prefix of this run's
+    checkpoint temporaries."""
+    value = torch.tensor([int.from_bytes(os.urandom(7), "big")], dtype=torch.int64, device=ctx.device)
+    dist.broadcast(value, src=0, group=ctx.world_pg)
+    return f"{int(value.item()):016x}"
+
+
+def _check_something_to_resume(cfg: TrainerConfig, world_rank: int) -> None:
+    """``checkpoint.resume: true`` needs a committed checkpoint in ``checkpoint.dir``; ``auto`` says which of
+    resuming and starting it does."""
+    from .checkpoint import resume_candidates
+
+    ckpt = cfg.checkpoint
+    if ckpt is None or ckpt.resume is False:
+        return
+    candidates = resume_candidates(ckpt.dir)
+    if ckpt.resume is True and not candidates:
+        what = "does not exist" if not Path(ckpt.dir).exists() else "holds no committed checkpoint (step_*/meta.json)"
+        raise FileNotFoundError(f"`checkpoint.resume` is true but the checkpoint folder {ckpt.dir} {what}: fix "
+                                "`checkpoint.dir`, or set `resume: auto` to start from scratch when there is none")
+    if world_rank == 0 and ckpt.resume == "auto":
+        print(f"checkpoint.resume auto: resuming from {candidates[0]}" if candidates else
+              f"checkpoint.resume auto: no checkpoint in {ckpt.dir}, starting from step 0", file=sys.stderr, flush=True)
+
+
+def _load_verified_checkpoint(cfg: TrainerConfig, ctx: ParallelContext,
+                              layout: dict[str, int]) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
+    """This rank's part of the newest checkpoint whose files verify on every rank (collective), or None when
+    there is nothing to resume. A checkpoint that fails on some rank is named with its bad files (printed by
+    world rank 0), and the previous one is tried; if none verifies, ``CheckpointCorruptError``."""
+    from .checkpoint import CheckpointCorruptError, load_checkpoint, resume_candidates
+
+    ckpt, world_rank = cfg.checkpoint, dist.get_rank(ctx.world_pg)
+    if ckpt is None or ckpt.resume is False:
+        return None
+    candidates = resume_candidates(ckpt.dir)
+    problems: list[str] = []
+    for path in candidates:
+        error, loaded = None, None
+        try:
+            loaded = load_checkpoint(path, world_rank, world_size=cfg.parallelism.world_size, layout=layout,
+                                     config_hash=cfg.fingerprint(), device=ctx.device)
+        except CheckpointCorruptError as exc:
+            error = str(exc)
+        errors: list[str | None] = [None] * ctx.world_pg.size()
+        dist.all_gather_object(errors, error, group=ctx.world_pg)
+        bad = [e for e in errors if e is not None]
+        if not bad:
+            if world_rank == 0 and problems:
+                print(f"resuming from {path} instead (the newest checkpoint that verifies)", file=sys.stderr,
+                      flush=True)
+            return loaded
+        problems.extend(bad)
+        if world_rank == 0:
+            print(f"checkpoint {path} failed verification: {'; '.join(bad)}", file=sys.stderr, flush=True)
+    if problems:
+        raise CheckpointCorruptError(f"no checkpoint in {ckpt.dir} verifies: {'; '.join(problems)}")
+    return None
+
+
+def _skip_or_stop(result: StepResult, skipped: int, train: TrainConfig, exit_layers: Sequence[int],
+                  logger: Any) -> int:
+    """A non-finite step (no update was made): stop with :class:`NonFiniteTrainingError`, or, while fewer than
+    ``train.skip_nonfinite_steps`` were skipped, log it as skipped. Returns the new count of skipped steps."""
+    message = _nonfinite_message(result, exit_layers)
+    if skipped >= train.skip_nonfinite_steps:
+        raise NonFiniteTrainingError(
+            f"{message}; stopped with no update at this step and no checkpoint of it (skipped {skipped} such "
+            f"step(s) before, `train.skip_nonfinite_steps`={train.skip_nonfinite_steps}). Lower `train.lr` or "
+            "resume from the last checkpoint")
+    logger.log_event("nonfinite_step_skipped", result.step + 1, reason=message, skipped=skipped + 1,
+                     max_skipped=train.skip_nonfinite_steps)
+    return skipped + 1
+
+
+def _nonfinite_message(result: StepResult, exit_layers: Sequence[int]) -> str:
+    """Which heads' losses (or the gradient norm) were not finite at a step, for errors and events."""
+    from .metrics import head_names
+
+    heads = [name for name, value in zip(head_names(exit_layers), result.exit_losses) if not math.isfinite(value)]
+    what = f"the loss of head(s) {', '.join(heads)}" if heads else "the gradient norm"
+    if not heads and math.isfinite(result.grad_norm):
+        what = "a loss or the gradient norm on another rank"
+    return (f"step {result.step + 1}: {what} is not finite (loss {result.loss}, exit losses "
+            f"{result.exit_losses}, grad norm {result.grad_norm})")
+
+
+def _check_finite_weights(trainer: ParallelTrainer, step: int, what: str) -> None:
+    """Refuse to save or export non-finite weights (collective)."""
+    bad = trainer.nonfinite_parameters()
+    if bad:
+        raise NonFiniteTrainingError(
+            f"step {step}: {len(bad)} parameter(s) hold non-finite values ({', '.join(bad[:4])}"
+            f"{', ...' if len(bad) > 4 else ''}); not writing the {what}. Lower `train.lr`"
+        )
 
 
 def _fix_total_steps(ctx: ParallelContext, train: TrainConfig, done: int, elapsed_s: float,
@@ -325,8 +484,6 @@ def run(cfg: TrainerConfig) -> list[StepResult]:
     from .checkpoint import (
         capture_rng_state,
         flatten_optimizer_state,
-        latest_checkpoint,
-        load_checkpoint,
         restore_rng_state,
         save_checkpoint,
         unflatten_optimizer_state,
@@ -338,13 +495,28 @@ def run(cfg: TrainerConfig) -> list[StepResult]:
     par, train, data = cfg.parallelism, cfg.train, cfg.data
     ctx = make_parallel_context(par.tp, par.pp, par.dp, timeout_s=par.timeout_s)
     world_rank = dist.get_rank(ctx.world_pg)
+    _check_something_to_resume(cfg, world_rank)
+    run_id = _run_id(ctx)
     model_config = cfg.model_config()
+    init_dir = None
+    if cfg.model.init_from is not None:
+        from .init_model import prepare_init_model
+
+        init_dir = prepare_init_model(cfg.model.init_from, model_config, cfg.run_dir, is_writer=world_rank == 0,
+                                      barrier=lambda: dist.barrier(group=ctx.world_pg))
+    if world_rank == 0:
+        from .data import write_builtin_corpus
+
+        for path, name in cfg.data.builtin_files.items():
+            if not Path(path).is_file():
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+                write_builtin_corpus(name, path)
     rows = _packed_rows(cfg, ctx)
     train_set, val_set = train_val_split(PackedDataset(rows), data.validation, seed=data.shuffle_seed)
     if len(train_set) < 1:
         raise ValueError("no training sequences: more text or a smaller data.seq_len is needed")
     trainer = ParallelTrainer(model_config, ctx, train, layer_split=par.layer_split, pp_engine=par.pp_engine,
-                              init_from=cfg.model.init_from)
+                              init_from=init_dir)
     layout = {"tp": par.tp, "pp": par.pp, "dp": par.dp}
 
     start_step = 0
@@ -354,9 +526,8 @@ def run(cfg: TrainerConfig) -> list[StepResult]:
     budget = train.time_budget_minutes
     fixed_total: int | None = None
     ckpt = cfg.checkpoint
-    if ckpt is not None and ckpt.resume and (path := latest_checkpoint(ckpt.dir)) is not None:
-        tensors, state = load_checkpoint(path, world_rank, world_size=par.world_size, layout=layout,
-                                         config_hash=cfg.fingerprint(), device=ctx.device)
+    if (loaded := _load_verified_checkpoint(cfg, ctx, layout)) is not None:
+        tensors, state = loaded
         trainer.load_state_tensors(tensors)
         if trainer.optimizer is not None:
             trainer.optimizer.load_state_dict(unflatten_optimizer_state(tensors, state["optimizer"]))
@@ -366,14 +537,16 @@ def run(cfg: TrainerConfig) -> list[StepResult]:
             fixed_total = min(int(state["total_steps"]), train.steps)
 
     def save(step: int) -> None:
+        _check_finite_weights(trainer, step, "checkpoint")
         opt_tensors, opt_state = ({}, None) if trainer.optimizer is None else flatten_optimizer_state(
             trainer.optimizer.state_dict())
         save_checkpoint(ckpt.dir, step, world_rank, par.world_size,
                         tensors={**trainer.state_tensors(), **opt_tensors},
                         state={"step": step, "consumed_sequences": step * train.global_batch_size,
-                               "total_steps": fixed_total, "optimizer": opt_state, "rng": capture_rng_state()},
+                               "total_steps": fixed_total, "optimizer": opt_state, "rng": capture_rng_state(),
+                               "skipped_nonfinite_steps": skipped_steps},
                         barrier=ctx.world_pg, layout=layout, config_hash=cfg.fingerprint(),
-                        keep_last=ckpt.keep_last)
+                        keep_last=ckpt.keep_last, run_id=run_id)
 
     total = fixed_total if fixed_total is not None else train.steps
     logger = MetricsLogger(cfg.run_dir, total, enabled=world_rank == 0,
@@ -381,6 +554,8 @@ def run(cfg: TrainerConfig) -> list[StepResult]:
     val_rows = _validation_batch(val_set, train, par.dp)
     tokens_per_step = train.global_batch_size * data.seq_len
     results = []
+    # non-finite steps skipped so far (train.skip_nonfinite_steps), a resumed run included
+    skipped_steps = int(state.get("skipped_nonfinite_steps", 0)) if resumed else 0
     step_times: list[float] = []  # time-budget calibration: durations of the timed steps
     loop_start = time.perf_counter()
     try:
@@ -393,10 +568,13 @@ def run(cfg: TrainerConfig) -> list[StepResult]:
             results.append(result)
             done = step + 1
             step = done
-            if done % train.log_interval == 0 or done == total:
+            if not result.finite:
+                skipped_steps = _skip_or_stop(result, skipped_steps, train, model_config.exit_layers, logger)
+            if result.finite and (done % train.log_interval == 0 or done == total):
+                gates = {"gate_losses": result.gate_losses} if result.gate_losses else {}
                 logger.log_train(done, result.loss, exit_losses=result.exit_losses, lr=result.lr,
                                  tokens=tokens_per_step, grad_norm=result.grad_norm,
-                                 exit_weights=result.exit_weights)
+                                 exit_weights=result.exit_weights, **gates)
             if budget is not None and fixed_total is None:
                 if done - start_step > TIME_BUDGET_WARMUP_STEPS:
                     step_times.append(time.perf_counter() - step_start)
@@ -420,7 +598,8 @@ def run(cfg: TrainerConfig) -> list[StepResult]:
     if cfg.export_hf is not None:
         from .weights import export_hf
 
-        export_hf(trainer.model, cfg.export_hf, tokenizer=data.tokenizer)
+        _check_finite_weights(trainer, step, "export")
+        export_hf(trainer.model, cfg.export_hf, tokenizer=data.tokenizer, generation_kwargs=cfg.export_generation)
     dist.barrier(group=ctx.world_pg)
     return results
 

@@ -90,6 +90,9 @@ def hf_parameter_shapes(config: Any) -> dict[str, tuple[int, ...]]:
             shapes[f"model.exits.{j}.norm.weight"] = (h,)
         if getattr(config, "exit_mlp", False):
             shapes.update(_mlp_shapes(config, f"model.exits.{j}.mlp."))
+        if getattr(config, "exit_gate", False):
+            shapes[f"model.exits.{j}.gate.weight"] = (1, h)
+            shapes[f"model.exits.{j}.gate.bias"] = (1,)
     shapes["lm_head.weight"] = (v, h)
     if not getattr(config, "tie_exit_heads", False):
         for j in range(len(config.exit_layers or ())):
@@ -348,15 +351,16 @@ def _write_hf_folder(config: Any, state: dict[str, torch.Tensor], out_dir: Path,
     return out_dir
 
 
-def read_hf_tensors(hf_dir: str | Path) -> Callable[[str], torch.Tensor]:
+def read_hf_tensors(hf_dir: str | Path, dtype: torch.dtype | None = torch.float32) -> Callable[[str], torch.Tensor]:
     """A ``name -> full tensor`` reader over an HF folder's safetensors files (single or sharded), loading one
-    tensor at a time."""
+    tensor at a time, in ``dtype`` (None: as stored)."""
     from safetensors import safe_open
 
     hf_dir = Path(hf_dir)
     index = hf_dir / "model.safetensors.index.json"
     if index.is_file():
         weight_map = json.loads(index.read_text())["weight_map"]
+        _check_weight_files_inside(hf_dir, index, weight_map)
     elif (hf_dir / "model.safetensors").is_file():
         with safe_open(str(hf_dir / "model.safetensors"), framework="pt") as f:
             weight_map = {key: "model.safetensors" for key in f.keys()}
@@ -365,10 +369,24 @@ def read_hf_tensors(hf_dir: str | Path) -> Callable[[str], torch.Tensor]:
 
     def get(name: str) -> torch.Tensor:
         with safe_open(str(hf_dir / weight_map[name]), framework="pt") as f:
-            return f.get_tensor(name).to(torch.float32)
+            tensor = f.get_tensor(name)
+            return tensor if dtype is None else tensor.to(dtype)
 
     get.keys = set(weight_map)  # type: ignore[attr-defined]
     return get
+
+
+def _check_weight_files_inside(hf_dir: Path, index: Path, weight_map: Any) -> None:
+    """Every ``weight_map`` entry must name a safetensors file inside ``hf_dir`` (no ``..``, no absolute path)."""
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index}: `weight_map` must be a mapping, got {type(weight_map).__name__}")
+    root = hf_dir.resolve()
+    for name, file in weight_map.items():
+        target = (hf_dir / str(file)).resolve()
+        if not isinstance(file, str) or Path(file).is_absolute() or not target.is_relative_to(root):
+            raise ValueError(f"{index}: the file of {name!r}, {file!r}, is outside the model folder {hf_dir}")
+        if not file.endswith(".safetensors"):
+            raise ValueError(f"{index}: the file of {name!r}, {file!r}, is not a .safetensors file")
 
 
 def init_from_hf(model: ParallelEarlyExitGPT, hf_dir: str | Path) -> None:

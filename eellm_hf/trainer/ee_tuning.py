@@ -1,0 +1,137 @@
+"""EE-Tuning's training step: a frozen backbone runs forward only, and only the exits are trained.
+
+With the backbone frozen (``train.freeze_backbone``), nothing that depends on a stage's output needs a gradient
+from a later stage, so the pipeline needs no backward pass at all. :class:`FrozenBackboneStep` therefore bypasses
+nanotron's pipeline engine and runs, on every rank:
+
+1. the backbone forward of each micro-batch under ``torch.no_grad`` (hidden states sent stage to stage with
+   non-blocking point-to-point sends), keeping the input of each exit on this stage;
+2. on the last stage, the final head (its loss is logged; with ``train.exit_distillation`` its logits are the
+   exits' teacher and are sent, TP shard by TP shard, to the stages that hold exits);
+3. each exit's forward and backward, from its saved input (and teacher), micro-batch by micro-batch.
+
+The losses and their normalisation are those of :class:`~eellm_hf.trainer.loss.MultiExitLoss`, so a step gives
+exactly the gradients of the nanotron-engine path (and of single-process training), whatever the layout. Only
+the exits' activations are ever kept for backward, and no stage waits for a gradient.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from .loss import TeacherTargets, vocab_parallel_token_losses
+from .nanotron_compat import ParallelContext, dist
+from .parallel_model import ParallelEarlyExitGPT
+
+__all__ = ["FrozenBackboneStep"]
+
+_HIDDEN_TAG, _TEACHER_TAG = 1, 2
+
+
+class FrozenBackboneStep:
+    """One rank's part of an EE-Tuning step over its data-parallel rank's micro-batches."""
+
+    def __init__(self, model: ParallelEarlyExitGPT, parallel_context: ParallelContext) -> None:
+        self.model = model
+        self.dtype = next(model.parameters()).dtype
+        self.teacher_width = model.padded_vocab // parallel_context.tp_pg.size()  # the final head's TP shard
+        self.pp_pg, self.tp_pg = parallel_context.pp_pg, parallel_context.tp_pg
+        self.stage = dist.get_rank(self.pp_pg)
+        self.last_stage = model.layout.last_stage
+        self.local_exits = [j for j in range(len(model.layout.exit_layers))
+                            if model.layout.stage_of_exit(j) == self.stage]
+        # stages (other than the last) whose exits need the final head's logits as teacher
+        self.teacher_stages = sorted({model.layout.stage_of_exit(j) for j in range(len(model.layout.exit_layers))}
+                                     - {self.last_stage})
+
+    def _peer(self, stage: int) -> int:
+        return dist.get_global_rank(self.pp_pg, stage)
+
+    def run(self, micro_batches: Sequence[dict[str, torch.Tensor]], grad_accumulator: Any = None) -> None:
+        """Accumulate the exits' gradients of these micro-batches (the loss's step must have begun);
+        ``grad_accumulator``: nanotron's fp32 gradient accumulator of a low-precision model, if any."""
+        # the final head's distribution: the teacher of distillation and the target of the exits' gates
+        distill = self.model.loss.distillation > 0.0 or bool(getattr(self.model.config, "exit_gate", False))
+        sends: list[tuple[dist.Work, torch.Tensor]] = []
+        exit_inputs, teachers = [], []
+        for micro_batch in micro_batches:
+            inputs, teacher = self._backbone_forward(micro_batch, distill, sends)
+            exit_inputs.append(inputs)
+            teachers.append(teacher)
+        for index, micro_batch in enumerate(micro_batches):
+            teacher = teachers[index]
+            if distill and self.local_exits and teacher is None:
+                teacher = self._receive_teacher(micro_batch["labels"])
+            if teacher is not None:  # once per micro-batch, for every exit of this stage
+                teacher = TeacherTargets.from_logits(teacher, self.tp_pg, self.model.config.vocab_size)
+            losses = [self._exit_loss(j, exit_inputs[index][j], micro_batch["labels"], teacher)
+                      for j in self.local_exits]
+            losses = [loss for loss in losses if loss.requires_grad]
+            if losses:  # one backward per micro-batch, as nanotron's engine does
+                total = self.model.loss.exit_backward_loss(sum(losses))
+                if grad_accumulator is None:
+                    total.backward()
+                else:
+                    grad_accumulator.backward(total)
+            teachers[index] = None  # free the teacher as soon as this stage's exits are done with it
+        for work, _ in sends:
+            work.wait()
+
+    @torch.no_grad()
+    def _backbone_forward(self, micro_batch: dict[str, torch.Tensor], distill: bool,
+                          sends: list[tuple[dist.Work, torch.Tensor]]
+                          ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
+        """This stage's layers on one micro-batch: the inputs of its exits, and (last stage, distillation) the
+        teacher logits kept for its own exits."""
+        model, stage = self.model, self.stage
+        backbone = model.model
+        input_ids, layer_keep = micro_batch["input_ids"], micro_batch.get("layer_keep")
+        if stage == 0:
+            hidden = backbone.embed_tokens.pp_block(input_ids)
+        else:
+            hidden = self._empty(input_ids, model.config.hidden_size)
+            dist.recv(hidden, src=self._peer(stage - 1), group=self.pp_pg, tag=_HIDDEN_TAG)
+        exit_inputs = {}
+        for number, layer in enumerate(backbone.layers, start=1):
+            if layer.rank != stage:
+                continue
+            keep = None if layer_keep is None else layer_keep[:, number - 1]
+            hidden = layer.pp_block(hidden, keep=keep)
+            for j in model.exits_after.get(number, ()):
+                exit_inputs[j] = hidden
+        if stage != self.last_stage:
+            sends.append((dist.isend(hidden, dst=self._peer(stage + 1), group=self.pp_pg, tag=_HIDDEN_TAG),
+                          hidden))
+            return exit_inputs, None
+        head = model.lm_head.pp_block
+        logits = head.sharded_logits(backbone.norm.pp_block(hidden))
+        labels = micro_batch["labels"]
+        model.loss.head_loss(model.loss.final_index,
+                             vocab_parallel_token_losses(logits, labels, head.pg, head.vocab_size))
+        if not distill:
+            return exit_inputs, None
+        logits = logits.contiguous()
+        for target in self.teacher_stages:
+            sends.append((dist.isend(logits, dst=self._peer(target), group=self.pp_pg, tag=_TEACHER_TAG), logits))
+        return exit_inputs, logits if self.local_exits else None
+
+    def _receive_teacher(self, labels: torch.Tensor) -> torch.Tensor:
+        teacher = self._empty(labels, self.teacher_width)
+        dist.recv(teacher, src=self._peer(self.last_stage), group=self.pp_pg, tag=_TEACHER_TAG)
+        return teacher
+
+    def _exit_loss(self, exit_index: int, exit_input: torch.Tensor, labels: torch.Tensor,
+                   teacher: TeacherTargets | None) -> torch.Tensor:
+        model = self.model
+        exit_module = model.model.exits[exit_index].pp_block
+        hidden = exit_module(exit_input)
+        gate_logits = exit_module.gate_logit(hidden) if hasattr(exit_module, "gate") else None
+        head = model.exit_lm_heads[exit_index].pp_block
+        return head(hidden, labels, teacher=teacher, gate_logits=gate_logits)["loss"]
+
+    def _empty(self, like_ids: torch.Tensor, width: int) -> torch.Tensor:
+        """A receive buffer of shape ``(*like_ids.shape, width)`` in the model's dtype."""
+        return torch.empty(*like_ids.shape, width, dtype=self.dtype, device=like_ids.device)
