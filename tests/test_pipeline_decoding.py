@@ -1,15 +1,15 @@
 """Pipeline-parallel early-exit decoding against single-process generation with KV recomputation.
 
 Two models (6 layers, float64 so that decisions cannot differ by rounding): "plain" (exits after layers 1, 3 and 4,
-tied embeddings) and "block" (exit blocks after layers 2 and 4, exits projecting with the final head, weights
-saved in shards). One 2-process and one 3-process launch each run both models under two layouts, with greedy
-search, sampling, full depth, `top2_margin` with a subset of exits, and a row that stops at an end-of-sequence
-token, on batches of prompts of different lengths (left padding); every output must equal the single-process
-`generate` token for token, exit layer for exit layer. The layouts put exits on different stages (and a stage
-without exits); the reference outputs must use exits on at least two stages. Each rank also reports the tensors
-it read and the parameters it materialised: exactly its stage's. A 2-process launch runs the CLI
-(`eellm_hf.generate_cli --pp 2 --json`), which must print what the single-process command prints; a 3-process
-launch kills a middle rank during decoding: every rank must end with a clear error, quickly.
+tied embeddings) and "block" (exit blocks after layers 2 and 4, exits projecting with the final head, learned
+confidence gates, weights saved in shards). One 2-process and one 3-process launch each run both models under two
+layouts, with greedy search, sampling, full depth, `top2_margin` with a subset of exits, the gates (block model),
+and a row that stops at an end-of-sequence token, on batches of prompts of different lengths (left padding); every
+output must equal the single-process `generate` token for token, exit layer for exit layer. The layouts put exits on
+different stages (and a stage without exits); the reference outputs must use exits on at least two stages. Each rank
+also reports the tensors it read and the parameters it materialised: exactly its stage's. A 2-process launch runs
+the CLI (`eellm_hf.generate_cli --pp 2 --json`), which must print what the single-process command prints; a
+3-process launch kills a middle rank during decoding: every rank must end with a clear error, quickly.
 
 This file is also the worker script (`python tests/test_pipeline_decoding.py MODE SPEC OUT`).
 """
@@ -31,7 +31,7 @@ except ImportError:  # tests/ is not a package here: pytest put tests/ itself on
 NEW_TOKENS = 10
 MODELS = {
     "plain": dict(exit_layers=[1, 3, 4], tie_word_embeddings=True),
-    "block": dict(exit_layers=[2, 4], exit_block=True, tie_exit_heads=True),
+    "block": dict(exit_layers=[2, 4], exit_block=True, tie_exit_heads=True, exit_gate=True),
 }
 LAYOUTS = {
     2: {"plain": [[3, 3], [1, 5]], "block": [[3, 3], [4, 2]]},
@@ -185,13 +185,20 @@ def scenarios(model_dirs) -> dict[str, dict]:
             dict(pair, seed=0, kwargs=dict(base, early_exit_threshold=0.3, exit_confidence="top2_margin",
                                            active_exits=exits[1:], do_sample=False)),
         ]
+        if model.config.exit_gate:  # learned confidence gates: the projection runs only for leaving rows
+            calls.append(dict(mixed, seed=0, kwargs=dict(base, early_exit_threshold=0.5, exit_confidence="gate",
+                                                         do_sample=False)))
         # A row that ends early: the end-of-sequence token is the one row 0 generates at its fourth step.
         greedy = _reference(model, calls[0])
         eos = greedy["sequences"][0][len(mixed["input_ids"][0]) + 3]
         calls.append(dict(mixed, seed=0, kwargs=dict(base, early_exit_threshold=0.4, do_sample=False,
                                                      eos_token_id=eos)))
-        out[name] = {"dir": str(model_dir), "calls": calls, "expected": [_reference(model, c) for c in calls],
-                     "model": model}
+        expected = [_reference(model, c) for c in calls]
+        for call, result in zip(calls, expected):  # each call with a threshold has tokens leaving early
+            if "early_exit_threshold" in call["kwargs"]:
+                layers = {layer for row in result["exit_layers"] for layer in row}
+                assert layers & set(exits), (name, call["kwargs"], layers)
+        out[name] = {"dir": str(model_dir), "calls": calls, "expected": expected, "model": model}
     return out
 
 
