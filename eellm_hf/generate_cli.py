@@ -7,6 +7,11 @@ are those of each prompt alone. With `--json`, one JSON object per prompt is pri
 continuation), `token_ids` (the generated tokens, up to and including an end-of-sequence token) and
 `exit_layers` (the layer that produced each of them; `num_hidden_layers` for the final head). Without `--json`,
 the prompt and continuation are printed, then a summary of where tokens left the model.
+
+    torchrun --nproc-per-node P -m eellm_hf.generate_cli MODEL_DIR --pp P --prompt TEXT ... [--layer-split N ...]
+
+decodes with the model split over P pipeline ranks (`eellm_hf.pipeline_decoding`): rank 0 prints exactly what
+the single-process command prints; each rank holds and reads only its own layers and exits.
 """
 
 from __future__ import annotations
@@ -16,6 +21,7 @@ import json
 import sys
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -43,10 +49,17 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--top-p", type=float, default=None)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
-    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--device", default="cpu",
+                        help="single process only; with --pp each rank uses cpu (gloo) or cuda:LOCAL_RANK (nccl)")
     parser.add_argument("--trust-remote-code", action="store_true",
                         help="load the model with its shipped code instead of the installed eellm_hf")
     parser.add_argument("--json", action="store_true", help="print one JSON object per prompt")
+    parser.add_argument("--pp", type=int, default=None,
+                        help="pipeline-parallel decoding over PP processes (run under torchrun --nproc-per-node PP)")
+    parser.add_argument("--layer-split", type=int, nargs="+", default=None,
+                        help="with --pp: decoder layers per stage (default: balanced by cost, exits included)")
+    parser.add_argument("--timeout-s", type=float, default=600.0,
+                        help="with --pp: longest wait for another rank before failing (default 600)")
     return parser
 
 
@@ -58,19 +71,62 @@ def main(argv: Sequence[str] | None = None) -> int:
                      else f"{args.model_dir} is not a folder (give the folder a model was saved to)")
     if args.max_new_tokens < 1:
         parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    if args.pp is not None:
+        return _main_pipeline(parser, args)
+    from transformers import AutoModelForCausalLM
 
     import eellm_hf  # noqa: F401  (registers the model with the Auto classes)
 
+    tokenizer = _tokenizer(args)
+    model = AutoModelForCausalLM.from_pretrained(
+        args.model_dir, dtype=DTYPES[args.dtype], trust_remote_code=args.trust_remote_code
+    ).to(args.device).eval()
+    encoded = tokenizer(args.prompt, return_tensors="pt", padding=True).to(args.device)
+    _check_prompt_lengths(parser, args, encoded["attention_mask"].sum(dim=1).tolist(),
+                          model.config.max_position_embeddings)
     torch.manual_seed(args.seed)
+    output = model.generate(**encoded, **_generate_kwargs(args, tokenizer))
+    _print_outputs(args, tokenizer, output, encoded["input_ids"].shape[1], model.config.num_hidden_layers,
+                   model.generation_config.eos_token_id)
+    return 0
+
+
+def _main_pipeline(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    """`--pp P`: this process is one of P pipeline ranks (torchrun); rank 0 prints, the others serve its steps."""
+    from .pipeline_decoding import PipelineEarlyExitGPT
+    from .trainer.nanotron_compat import fail_fast
+
+    with fail_fast():  # an error on any rank (a dead peer included) ends this rank at once, with the reason
+        pipeline = PipelineEarlyExitGPT.from_pretrained(
+            args.model_dir, pp=args.pp, layer_split=args.layer_split, dtype=DTYPES[args.dtype],
+            timeout_s=args.timeout_s,
+        )
+        if not pipeline.is_first:
+            pipeline.serve()
+            return 0
+        tokenizer = _tokenizer(args)
+        encoded = tokenizer(args.prompt, return_tensors="pt", padding=True).to(pipeline.device)
+        _check_prompt_lengths(parser, args, encoded["attention_mask"].sum(dim=1).tolist(),
+                              pipeline.config.max_position_embeddings)
+        torch.manual_seed(args.seed)
+        output = pipeline.generate(**encoded, **_generate_kwargs(args, tokenizer))
+        pipeline.close()
+        _print_outputs(args, tokenizer, output, encoded["input_ids"].shape[1], pipeline.config.num_hidden_layers,
+                       pipeline.model.generation_config.eos_token_id)
+    return 0
+
+
+def _tokenizer(args: argparse.Namespace) -> Any:
+    from transformers import AutoTokenizer
+
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
     tokenizer.padding_side = "left"
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(
-        args.model_dir, dtype=DTYPES[args.dtype], trust_remote_code=args.trust_remote_code
-    ).to(args.device).eval()
+    return tokenizer
 
+
+def _generate_kwargs(args: argparse.Namespace, tokenizer: Any) -> dict[str, Any]:
     generate_kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample,
                        "pad_token_id": tokenizer.pad_token_id, "return_dict_in_generate": True}
     if args.early_exit_threshold is not None:
@@ -78,16 +134,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     for name in ("exit_confidence", "active_exits", "max_recompute_tokens", "temperature", "top_k", "top_p"):
         if getattr(args, name) is not None:
             generate_kwargs[name] = getattr(args, name)
+    return generate_kwargs
 
-    encoded = tokenizer(args.prompt, return_tensors="pt", padding=True).to(args.device)
-    _check_prompt_lengths(parser, args, encoded["attention_mask"].sum(dim=1).tolist(),
-                          model.config.max_position_embeddings)
-    output = model.generate(**encoded, **generate_kwargs)
-    prompt_length = encoded["input_ids"].shape[1]
-    num_layers = model.config.num_hidden_layers
+
+def _print_outputs(args: argparse.Namespace, tokenizer: Any, output: Any, prompt_length: int, num_layers: int,
+                   eos_token_id: int | list[int] | None) -> None:
     exit_layers = getattr(output, "exit_layers", None)
-    eos_ids = set(_as_list(model.generation_config.eos_token_id))
-
+    eos_ids = set(_as_list(eos_token_id))
     counts: dict[int, int] = {}
     for row, prompt in enumerate(args.prompt):
         token_ids = output.sequences[row, prompt_length:].tolist()
@@ -108,7 +161,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         mean = sum(layer * count for layer, count in counts.items()) / total
         per_exit = ", ".join(f"layer {layer}: {count}" for layer, count in sorted(counts.items()))
         print(f"-- {total} tokens, mean exit layer {mean:.2f} of {num_layers} ({per_exit})", file=sys.stderr)
-    return 0
 
 
 def _check_prompt_lengths(parser: argparse.ArgumentParser, args: argparse.Namespace, lengths: list[int],

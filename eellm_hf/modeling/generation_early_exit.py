@@ -28,6 +28,7 @@ This file is shipped next to the weights as remote code: it imports only `torch`
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -223,8 +224,6 @@ def generate_with_early_exit(
     Takes `GenerationMixin.generate`'s arguments, plus `early_exit_threshold`, `exit_confidence`, `active_exits`
     and `max_recompute_tokens` (defaults from the generation config). `generate` is the bound base method.
     """
-    overrides = {key: kwargs.pop(key) for key in EARLY_EXIT_GENERATION_KEYS if key in kwargs}
-    settings = EarlyExitSettings.resolve(model.config, overrides, (generation_config, model.generation_config))
     base_arguments = dict(
         inputs=inputs,
         generation_config=generation_config,
@@ -238,9 +237,36 @@ def generate_with_early_exit(
         negative_prompt_attention_mask=negative_prompt_attention_mask,
         custom_generate=custom_generate,
     )
-    if settings.threshold is None:
-        return generate(**base_arguments, **kwargs)
+    return generate_with_decoder(model, generate, base_arguments, kwargs, EarlyExitDecoder)
 
+
+def generate_with_decoder(
+    model: nn.Module,
+    generate: Callable[..., Any],
+    base_arguments: dict[str, Any],
+    kwargs: dict[str, Any],
+    decoder_class: Callable[..., Any],
+    full_depth_with_transformers: bool = True,
+) -> GenerateDecoderOnlyOutput | torch.LongTensor:
+    """The body of `generate_with_early_exit`: `base_arguments` are `generate`'s named arguments, `kwargs` the rest.
+
+    `decoder_class(model, settings, input_ids, max_length)` makes the decoding state the loop drives
+    (`EarlyExitDecoder`'s `prefill`, `step`, `append`, `gather_logits`, `ids`, `stats`, `write_cache`); pipeline-
+    parallel decoding passes its own. Without `full_depth_with_transformers`, a threshold of None runs this loop
+    too, with no exit active (for a decoder that has no other way to run the model).
+    """
+    overrides = {key: kwargs.pop(key) for key in EARLY_EXIT_GENERATION_KEYS if key in kwargs}
+    settings = EarlyExitSettings.resolve(
+        model.config, overrides, (base_arguments["generation_config"], model.generation_config)
+    )
+    if settings.threshold is None:
+        if full_depth_with_transformers:
+            return generate(**base_arguments, **kwargs)
+        settings = dataclasses.replace(settings, active_exits=())
+
+    assistant_model, custom_generate = base_arguments["assistant_model"], base_arguments["custom_generate"]
+    synced_gpus, generation_config = base_arguments["synced_gpus"], base_arguments["generation_config"]
+    stopping_criteria, streamer = base_arguments["stopping_criteria"], base_arguments["streamer"]
     if assistant_model is not None or kwargs.get("prompt_lookup_num_tokens") or kwargs.get("assistant_early_exit"):
         raise NotImplementedError("Early-exit generation does not support assisted decoding.")
     if custom_generate is not None:
@@ -274,7 +300,8 @@ def generate_with_early_exit(
     # `generate` prepares inputs, special tokens, lengths, processors and criteria, then calls this loop. It does
     # not hand the streamer to a callable (it only streams the prompt), so the loop gets it bound here.
     base_arguments["custom_generate"] = functools.partial(
-        _early_exit_decoding, early_exit_settings=settings, early_exit_streamer=streamer
+        _early_exit_decoding, early_exit_settings=settings, early_exit_streamer=streamer,
+        early_exit_decoder_class=decoder_class,
     )
     return generate(**base_arguments, **kwargs)
 
@@ -287,6 +314,7 @@ def _early_exit_decoding(
     generation_config: GenerationConfig,
     early_exit_settings: EarlyExitSettings | None = None,
     early_exit_streamer: BaseStreamer | None = None,
+    early_exit_decoder_class: Callable[..., Any] | None = None,
     **model_kwargs: Any,
 ) -> GenerateEarlyExitDecoderOnlyOutput | torch.LongTensor:
     """The decoding loop of early-exit greedy search and sampling (mirrors `GenerationMixin._sample`)."""
@@ -321,7 +349,7 @@ def _early_exit_decoding(
     raw_logits: tuple[torch.Tensor, ...] | None = () if output_logits else None
 
     batch_size, prompt_length = input_ids.shape
-    decoder = EarlyExitDecoder(model, settings, input_ids, generation_config.max_length)
+    decoder = (early_exit_decoder_class or EarlyExitDecoder)(model, settings, input_ids, generation_config.max_length)
     all_rows = list(range(batch_size))
     unfinished_sequences = torch.ones(batch_size, dtype=torch.long, device=input_ids.device)
     if pad_token_id is not None:
@@ -437,7 +465,6 @@ class EarlyExitDecoder:
         self.device = device
         self.dtype = self.backbone.embed_tokens.weight.dtype
         self.confidence_dtype = torch.promote_types(self.dtype, torch.float32)
-        self.min_value = torch.finfo(self.dtype).min
         self.capacity = max(int(max_length), prompt_length + 1)
 
         self.ids = input_ids.new_zeros(batch_size, self.capacity)
@@ -481,16 +508,11 @@ class EarlyExitDecoder:
     ) -> list[_Decision]:
         """Compute the prompt at full depth (from what `cache` lacks) and decide each row's first new token."""
         prompt_length = self.prompt_length
-        if attention_mask is not None:
-            mask = attention_mask[:, -prompt_length:].bool()
-            self.key_mask[:, :prompt_length] = mask
-            self.row_padded = (~mask).any(dim=-1).tolist()
-        if position_ids is not None and position_ids.shape[-1] >= prompt_length:
-            self.positions[:, :prompt_length] = position_ids[..., -prompt_length:]
-        elif attention_mask is not None:
-            self.positions[:, :prompt_length] = (self.key_mask[:, :prompt_length].long().cumsum(-1) - 1).clamp(min=0)
-        else:
-            self.positions[:, :prompt_length] = self.arange[:prompt_length]
+        key_mask, positions = prompt_mask_and_positions(attention_mask, position_ids, self.batch_size, prompt_length,
+                                                        self.device)
+        self.key_mask[:, :prompt_length] = key_mask
+        self.positions[:, :prompt_length] = positions
+        self.row_padded = (~key_mask).any(dim=-1).tolist()
 
         start = 0
         if cache is not None and cache.get_seq_length() > 0:
@@ -516,19 +538,8 @@ class EarlyExitDecoder:
 
     def gather_logits(self, decisions: list[_Decision]) -> tuple[torch.Tensor, list[int]]:
         """The `(batch, vocab)` next-token logits (zeros for rows not computed) and the layer of each row."""
-        layers = [-1] * self.batch_size
-        for decision in decisions:
-            self.stats.tokens_per_exit[decision.layer] += len(decision.rows)
-            for row in decision.rows:
-                layers[row] = decision.layer
-        if len(decisions) == 1 and len(decisions[0].rows) == self.batch_size:
-            return decisions[0].logits.to(self.confidence_dtype, copy=True), layers
-        logits = torch.zeros(
-            self.batch_size, self.config.vocab_size, dtype=self.confidence_dtype, device=self.device
-        )
-        for decision in decisions:
-            logits[torch.tensor(decision.rows, device=self.device)] = decision.logits.to(self.confidence_dtype)
-        return logits, layers
+        return gather_decisions(decisions, self.stats, self.batch_size, self.config.vocab_size, self.confidence_dtype,
+                                self.device)
 
     def write_cache(self, cache: Cache, length: int) -> None:
         """Complete every row's KV up to column `length - 1` and append what `cache` lacks to it.
@@ -727,50 +738,18 @@ class EarlyExitDecoder:
         """Additive `(rows, 1, queries, keys)` mask: causal over columns `start:end`, padding hidden."""
         if end - start == 1 and not any(self.row_padded[row] for row in rows):
             return None
-        allowed = self.arange[:end][None, :] <= self.arange[start:end][:, None]
-        allowed = allowed[None] & self.key_mask[sel, None, :end]
-        mask = torch.zeros(allowed.shape, dtype=self.dtype, device=self.device)
-        return mask.masked_fill_(~allowed, self.min_value)[:, None]
+        return causal_padding_mask(self.key_mask[sel, :end], start, self.dtype)
 
     def _rotary(self, sel: slice | torch.Tensor, start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
-        positions = self.positions[sel, start:end]
-        probe = self.backbone.embed_tokens.weight[:1]  # only its dtype and device are read
-        return self.backbone.rotary_emb(probe, positions)
+        return rotary_embeddings(self.backbone.rotary_emb, self.positions[sel, start:end], self.dtype)
 
     def _decide_exit(self, exit_module: nn.Module, exit_index: int, hidden: torch.Tensor
                      ) -> tuple[list[int], torch.Tensor]:
-        """Which of the rows of `hidden` (exit `exit_index`'s block output, one row each) leave at this exit, and
-        their logits. With the `"gate"` measure the vocabulary projection runs for those rows only."""
-        if hasattr(exit_module, "norm"):
-            hidden = exit_module.norm(hidden)
-        if hasattr(exit_module, "mlp"):
-            hidden = hidden + exit_module.mlp(hidden)
-        projection = self.model.exit_projection(exit_index)
-        if self.settings.confidence == "gate":
-            self.stats.exit_gate_tokens[exit_index] += hidden.shape[0]
-            confidence = torch.sigmoid(exit_module.gate_logit(hidden).to(self.confidence_dtype))
-            fired = (confidence >= self.settings.threshold).nonzero().flatten().tolist()
-            if not fired:
-                return [], hidden[:0]
-            self.stats.exit_head_tokens[exit_index] += len(fired)
-            return fired, projection(hidden if len(fired) == hidden.shape[0] else hidden[fired])
-        logits = projection(hidden)
-        self.stats.exit_head_tokens[exit_index] += hidden.shape[0]
-        fired = [index for index, on in enumerate(self._fire(logits)) if on]
-        return fired, logits if len(fired) == logits.shape[0] else logits[fired]
+        return decide_exit(self.model, exit_module, exit_index, hidden, self.settings, self.confidence_dtype,
+                           self.stats, self._fire)
 
     def _fire(self, logits: torch.Tensor) -> list[bool]:
-        """Whether each row's confidence reaches the threshold (computed from raw logits, float32 or wider)."""
-        threshold = self.settings.threshold
-        if threshold <= 0.0:  # every confidence is >= 0
-            return [True] * logits.shape[0]
-        probs = logits.to(self.confidence_dtype).softmax(dim=-1)
-        if self.settings.confidence == "max_prob":
-            confidence = probs.amax(dim=-1)
-        else:
-            top2 = probs.topk(2, dim=-1).values
-            confidence = top2[:, 0] - top2[:, 1]
-        return (confidence >= threshold).tolist()
+        return exit_fires(logits, self.settings, self.confidence_dtype)
 
     def _count(
         self, kind: str, work: list[int], starts: list[int], start: int, end: int, exit_block: int | None = None
@@ -831,6 +810,123 @@ class EarlyExitDecoder:
             self.values[layer] = pad(self.values[layer], 2)
         self.capacity += extra
         self.arange = torch.arange(self.capacity, device=self.device)
+
+
+# ---------------------------------------------------------------------------------------- shared decoding steps
+# (also used, stage by stage, by pipeline-parallel decoding)
+
+
+def prompt_mask_and_positions(
+    attention_mask: torch.Tensor | None,
+    position_ids: torch.Tensor | None,
+    batch_size: int,
+    prompt_length: int,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The prompt's `(batch, prompt_length)` key mask (False on padding) and rotary positions."""
+    if attention_mask is not None:
+        key_mask = attention_mask[:, -prompt_length:].bool()
+    else:
+        key_mask = torch.ones(batch_size, prompt_length, dtype=torch.bool, device=device)
+    if position_ids is not None and position_ids.shape[-1] >= prompt_length:
+        positions = position_ids[..., -prompt_length:].expand(batch_size, prompt_length)
+    elif attention_mask is not None:
+        positions = (key_mask.long().cumsum(-1) - 1).clamp(min=0)
+    else:
+        positions = torch.arange(prompt_length, device=device).expand(batch_size, prompt_length)
+    return key_mask, positions
+
+
+def causal_padding_mask(key_mask: torch.Tensor, start: int, dtype: torch.dtype) -> torch.Tensor:
+    """Additive `(rows, 1, queries, keys)` mask of queries `start:end` over keys `0:end` (`end` = the width of the
+    `(rows, end)` bool `key_mask`): causal, with keys False in `key_mask` (padding) hidden."""
+    end = key_mask.shape[-1]
+    arange = torch.arange(end, device=key_mask.device)
+    allowed = (arange[None, :] <= arange[start:end, None])[None] & key_mask[:, None, :]
+    mask = torch.zeros(allowed.shape, dtype=dtype, device=key_mask.device)
+    return mask.masked_fill_(~allowed, torch.finfo(dtype).min)[:, None]
+
+
+def rotary_embeddings(
+    rotary_emb: nn.Module, positions: torch.Tensor, dtype: torch.dtype
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The decoder layers' `position_embeddings` (cos, sin) at `positions` `(rows, columns)`."""
+    probe = torch.empty(0, dtype=dtype, device=positions.device)  # only its dtype and device are read
+    return rotary_emb(probe, positions)
+
+
+def decide_exit(
+    model: nn.Module,
+    exit_module: nn.Module,
+    exit_index: int,
+    hidden: torch.Tensor,
+    settings: EarlyExitSettings,
+    confidence_dtype: torch.dtype,
+    stats: EarlyExitStats | None = None,
+    fire: Callable[[torch.Tensor], list[bool]] | None = None,
+) -> tuple[list[int], torch.Tensor]:
+    """Which of the rows of `hidden` (exit `exit_index`'s block output, one row each) leave at this exit, and their
+    logits: norm, residual MLP, projection (as the model does), then the confidence. With the `"gate"` measure the
+    vocabulary projection runs for the leaving rows only. Counts the work in `stats` when given; `fire` (default
+    `exit_fires`) decides from the logits."""
+    if hasattr(exit_module, "norm"):
+        hidden = exit_module.norm(hidden)
+    if hasattr(exit_module, "mlp"):
+        hidden = hidden + exit_module.mlp(hidden)
+    projection = model.exit_projection(exit_index)
+    if settings.confidence == "gate":
+        if stats is not None:
+            stats.exit_gate_tokens[exit_index] += hidden.shape[0]
+        confidence = torch.sigmoid(exit_module.gate_logit(hidden).to(confidence_dtype))
+        fired = (confidence >= settings.threshold).nonzero().flatten().tolist()
+        if not fired:
+            return [], hidden[:0]
+        if stats is not None:
+            stats.exit_head_tokens[exit_index] += len(fired)
+        return fired, projection(hidden if len(fired) == hidden.shape[0] else hidden[fired])
+    logits = projection(hidden)
+    if stats is not None:
+        stats.exit_head_tokens[exit_index] += hidden.shape[0]
+    fires = fire(logits) if fire is not None else exit_fires(logits, settings, confidence_dtype)
+    fired = [index for index, on in enumerate(fires) if on]
+    return fired, logits if len(fired) == logits.shape[0] else logits[fired]
+
+
+def exit_fires(logits: torch.Tensor, settings: EarlyExitSettings, confidence_dtype: torch.dtype) -> list[bool]:
+    """Whether each row's confidence reaches the threshold (computed from raw logits, float32 or wider)."""
+    threshold = settings.threshold
+    if threshold <= 0.0:  # every confidence is >= 0
+        return [True] * logits.shape[0]
+    probs = logits.to(confidence_dtype).softmax(dim=-1)
+    if settings.confidence == "max_prob":
+        confidence = probs.amax(dim=-1)
+    else:
+        top2 = probs.topk(2, dim=-1).values
+        confidence = top2[:, 0] - top2[:, 1]
+    return (confidence >= threshold).tolist()
+
+
+def gather_decisions(
+    decisions: list[_Decision],
+    stats: EarlyExitStats,
+    batch_size: int,
+    vocab_size: int,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> tuple[torch.Tensor, list[int]]:
+    """The `(batch, vocab)` next-token logits in `dtype` (zeros for rows not computed) and the layer of each row;
+    counts the tokens per exit in `stats`."""
+    layers = [-1] * batch_size
+    for decision in decisions:
+        stats.tokens_per_exit[decision.layer] += len(decision.rows)
+        for row in decision.rows:
+            layers[row] = decision.layer
+    if len(decisions) == 1 and len(decisions[0].rows) == batch_size:
+        return decisions[0].logits.to(dtype, copy=True), layers
+    logits = torch.zeros(batch_size, vocab_size, dtype=dtype, device=device)
+    for decision in decisions:
+        logits[torch.tensor(decision.rows, device=device)] = decision.logits.to(dtype)
+    return logits, layers
 
 
 __all__ = [

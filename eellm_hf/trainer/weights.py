@@ -351,9 +351,9 @@ def _write_hf_folder(config: Any, state: dict[str, torch.Tensor], out_dir: Path,
     return out_dir
 
 
-def read_hf_tensors(hf_dir: str | Path) -> Callable[[str], torch.Tensor]:
+def read_hf_tensors(hf_dir: str | Path, dtype: torch.dtype | None = torch.float32) -> Callable[[str], torch.Tensor]:
     """A ``name -> full tensor`` reader over an HF folder's safetensors files (single or sharded), loading one
-    tensor at a time."""
+    tensor at a time, in ``dtype`` (None: as stored)."""
     from safetensors import safe_open
 
     hf_dir = Path(hf_dir)
@@ -369,7 +369,8 @@ def read_hf_tensors(hf_dir: str | Path) -> Callable[[str], torch.Tensor]:
 
     def get(name: str) -> torch.Tensor:
         with safe_open(str(hf_dir / weight_map[name]), framework="pt") as f:
-            return f.get_tensor(name).to(torch.float32)
+            tensor = f.get_tensor(name)
+            return tensor if dtype is None else tensor.to(dtype)
 
     get.keys = set(weight_map)  # type: ignore[attr-defined]
     return get

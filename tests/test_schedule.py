@@ -1,0 +1,96 @@
+"""The analytic schedule model: closed forms of 1F1B, its options, pipeline decoding, the CLI."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from eellm_hf.trainer.schedule import (
+    StageTimes,
+    ee_llm_table,
+    main,
+    one_f_one_b_order,
+    simulate_1f1b,
+    simulate_pipeline_decoding,
+)
+
+
+@pytest.mark.parametrize("pp, microbatches", [(1, 3), (2, 1), (2, 4), (4, 8), (4, 2), (3, 16)])
+def test_uniform_stages_match_the_closed_form(pp, microbatches):
+    f, b = 1.0, 2.0
+    result = simulate_1f1b([StageTimes(f, b)] * pp, microbatches)
+    assert result.pipeline_time == pytest.approx((microbatches + pp - 1) * (f + b))
+    assert result.bubble_fraction == pytest.approx((pp - 1) / (microbatches + pp - 1))
+
+
+def test_one_f_one_b_order_is_nanotrons():
+    assert one_f_one_b_order(0, 3, 4) == [("F", 0), ("F", 1), ("F", 2), ("B", 0), ("F", 3), ("B", 1), ("B", 2),
+                                          ("B", 3)]
+    assert one_f_one_b_order(2, 3, 2) == [("F", 0), ("B", 0), ("F", 1), ("B", 1)]
+    assert one_f_one_b_order(0, 4, 2) == [("F", 0), ("F", 1), ("B", 0), ("B", 1)]
+
+
+def test_p2p_optimizer_and_the_slowest_stage():
+    # One micro-batch crosses every hop twice; the optimizer step follows the pipeline.
+    result = simulate_1f1b([StageTimes(1.0, 2.0, optimizer=0.5), StageTimes(1.0, 2.0, optimizer=0.25)] * 2, 1,
+                           p2p=0.1)
+    assert result.pipeline_time == pytest.approx(4 * 3.0 + 2 * 3 * 0.1)
+    assert result.iteration_time == pytest.approx(result.pipeline_time + 0.5)
+    # Many micro-batches: the slowest stage (with its exit) sets the pace.
+    stages = [StageTimes(1.0, 2.0, exit_forward=0.5, exit_backward=1.0), StageTimes(1.0, 2.0)]
+    slow = simulate_1f1b(stages, 64).pipeline_time
+    assert 64 * 4.5 < slow < 64 * 4.5 + 2 * 4.5
+
+
+def test_defer_exit_forward_moves_work_not_time_totals():
+    stages = [StageTimes(1.0, 2.0, 0.5, 1.0), StageTimes(1.0, 2.0, 0.5, 1.0), StageTimes(1.0, 2.0, head_forward=0.5,
+                                                                                          head_backward=1.0)]
+    plain = simulate_1f1b(stages, 6)
+    deferred = simulate_1f1b(stages, 6, defer_exit_forward=True)
+    assert sum(plain.busy) == pytest.approx(sum(deferred.busy))
+    assert deferred.pipeline_time == pytest.approx(plain.pipeline_time, rel=0.1)
+    # On the last stage nothing changes: exits there keep their forward in the forward step.
+    last_only = [StageTimes(1.0, 2.0), StageTimes(1.0, 2.0, 0.5, 1.0)]
+    assert simulate_1f1b(last_only, 4, defer_exit_forward=True) == simulate_1f1b(last_only, 4)
+
+
+def test_fill_bubbles_counts_exit_micro_batches_in_the_idle_time():
+    stages = [StageTimes(1.0, 2.0, 0.1, 0.2), StageTimes(1.0, 2.0, 0.1, 0.2), StageTimes(1.0, 2.0),
+              StageTimes(1.0, 2.0)]
+    result = simulate_1f1b(stages, 8, fill_bubbles=True)
+    idle = [result.pipeline_time - busy for busy in result.busy[:2]]
+    assert result.extra_exit_microbatches == min(int(i // (1.0 + 0.1 + 0.2)) for i in idle) > 0
+    assert result.iteration_time == simulate_1f1b(stages, 8).iteration_time
+    assert simulate_1f1b([StageTimes(1.0, 2.0)] * 2, 4, fill_bubbles=True).extra_exit_microbatches == 0
+
+
+def test_pipeline_decoding_latency():
+    # Every token leaves on stage 0: the next one starts as soon as stage 0 is done; stage 1 fills in parallel.
+    assert simulate_pipeline_decoding([[1.0, 1.0]] * 5, [0] * 5) == pytest.approx(5.0)
+    # Every token needs the final head: no overlap.
+    assert simulate_pipeline_decoding([[1.0, 1.0]] * 5, [1] * 5, p2p=0.1) == pytest.approx(5 * 2.2)
+    # Stage 1 slower than stage 0: exited tokens pile up behind it, the next full-depth token waits.
+    assert simulate_pipeline_decoding([[1.0, 3.0]] * 3, [0, 0, 1]) == pytest.approx(10.0)
+    with pytest.raises(ValueError, match="exit stage 2"):
+        simulate_pipeline_decoding([[1.0, 1.0]], [2])
+
+
+def test_bad_inputs_name_the_value():
+    with pytest.raises(ValueError, match="StageTimes.backward .* -1"):
+        StageTimes(1.0, -1)
+    with pytest.raises(ValueError, match="microbatches .* 0"):
+        simulate_1f1b([StageTimes(1.0, 2.0)], 0)
+
+
+def test_ee_llm_configurations_and_cli(capsys):
+    rows = ee_llm_table((8, 128))
+    assert {row["model"] for row in rows} == {"1.3B", "7B", "13B", "30B"}
+    for row in rows:
+        assert 0.0 <= row["overhead"] < 0.05, row  # exits sit on stages that are lighter than the last
+    by_model = {(row["model"], row["microbatches"]): row for row in rows}
+    assert by_model[("7B", 128)]["bubble"] < by_model[("7B", 8)]["bubble"]
+    assert main(["--pp", "4", "--microbatches", "8", "--forward", "1", "--backward", "2", "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["iteration_time"] == pytest.approx(33.0)
+    assert main(["--ee-llm"]) == 0
+    assert "| 30B |" in capsys.readouterr().out
