@@ -2,7 +2,8 @@
 same tokens (backbone and final head), and the same step at pp=2 on 2 processes.
 
 In one process (``--threads`` threads), A = no-grad forward and B = one EE-Tuning step alternate A B B A for
-``--rounds`` rounds; the ratio is tokens/s of B over A, per round, and its median is printed. Then the step runs
+``--rounds`` rounds; the ratio is tokens/s of B over A, per round, and its median is printed. Both are timed in
+process CPU time (less sensitive than wall time to other jobs on a shared machine). Then the step runs
 at pp=1 and pp=2 through ``torchrun`` (1 process x ``--threads`` threads, 2 processes x 1 thread), each timing its
 steps after a warm-up; tokens/s of both are printed side by side.
 
@@ -61,25 +62,25 @@ def in_process(args: argparse.Namespace, out: Path) -> list[float]:
 
     @torch.no_grad()
     def forward() -> float:
-        start = time.perf_counter()
+        start = time.process_time()
         for micro in range(0, args.batch, args.micro_batch):
             hidden = model.model.embed_tokens.pp_block(inputs[micro:micro + args.micro_batch])
             for layer in model.model.layers:
                 hidden = layer.pp_block(hidden)
             model.lm_head.pp_block.sharded_logits(model.model.norm.pp_block(hidden))
-        return time.perf_counter() - start
+        return time.process_time() - start
 
     def step(index: int) -> float:
-        start = time.perf_counter()
+        start = time.process_time()
         trainer.train_step(index, inputs, labels)
-        return time.perf_counter() - start
+        return time.process_time() - start
 
     forward(), step(0)  # warm-up
     ratios = []
     for round_index in range(args.rounds):
         a1, b1, b2, a2 = forward(), step(2 * round_index + 1), step(2 * round_index + 2), forward()
         ratios.append((a1 + a2) / (b1 + b2))
-        print(f"round {round_index}: no-grad forward {a1 + a2:.2f} s, EE-Tuning steps {b1 + b2:.2f} s, "
+        print(f"round {round_index}: no-grad forward {a1 + a2:.2f} CPU s, EE-Tuning steps {b1 + b2:.2f} CPU s, "
               f"ratio {ratios[-1]:.3f}", flush=True)
     return ratios
 
