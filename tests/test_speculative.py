@@ -230,3 +230,38 @@ def test_sampling_distribution_equals_full_depth():
         lossy_counts = torch.bincount(lossy[:, column], minlength=VOCAB).double()
         assert chi_square(spec_counts, exact[step]) < critical, step
         assert chi_square(lossy_counts, exact[step]) > 2 * critical, step
+
+
+def test_streamer_and_custom_stopping_criteria(models):
+    """A streamer gets full depth's tokens; a custom criterion (no EOS) stops the batch where full depth does."""
+    from transformers import StoppingCriteria, StoppingCriteriaList
+    from transformers.generation.streamers import BaseStreamer
+
+    class Recorder(BaseStreamer):
+        def __init__(self):
+            self.tokens = []
+
+        def put(self, value):
+            self.tokens += value.flatten().tolist()
+
+        def end(self):
+            pass
+
+    class TokenSeen(StoppingCriteria):  # a row stops once token 5 appears anywhere in its sequence
+        def __call__(self, input_ids, scores, **kwargs):
+            return (input_ids == 5).any(dim=1)
+
+    model = models["plain"]
+    threshold = regime_threshold(model, "often")
+    prompt = prompts(lengths=(6,))[0]
+    full_stream, spec_stream = Recorder(), Recorder()
+    full = model.generate(prompt, max_new_tokens=10, do_sample=False, streamer=full_stream)
+    out = speculative(model, prompt, max_new_tokens=10, early_exit_threshold=threshold, streamer=spec_stream)
+    assert torch.equal(out.sequences, full) and spec_stream.tokens == full_stream.tokens
+
+    ids, mask = left_pad(prompts(lengths=(5, 9, 3, 7), seed=8))
+    criteria = dict(stopping_criteria=StoppingCriteriaList([TokenSeen()]), max_new_tokens=30, pad_token_id=0)
+    full = model.generate(ids, attention_mask=mask, do_sample=False, **criteria)
+    assert full.shape[1] < ids.shape[1] + 30, "the criterion should stop the batch early"
+    out = speculative(model, ids, mask, early_exit_threshold=threshold, **criteria)
+    assert torch.equal(out.sequences, full)

@@ -280,7 +280,8 @@ def speculative_decoding(
     cache = check_decoding_request(generation_config, model_kwargs)
     if getattr(cache, "_is_user_defined", False) or (cache is not None and cache.get_seq_length() > 0):
         raise NotImplementedError("Speculative early exit does not take or return a cache: leave `cache` unset.")
-    if generation_config.return_dict_in_generate and (generation_config.output_scores or generation_config.output_logits):
+    config = generation_config
+    if config.return_dict_in_generate and (config.output_scores or config.output_logits):
         raise NotImplementedError(
             "Speculative early exit cannot return per-step scores or logits (sequences accept different numbers of "
             "tokens per step); use `early_exit_mode='lossy'` or full depth for them."
@@ -338,8 +339,13 @@ class _SpeculativeLoop:
         self.sequences = input_ids.new_zeros(batch_size, self.max_length + self.k + 1)
         self.sequences[:, : self.prompt_length] = input_ids
         self.lengths = [self.prompt_length] * batch_size
-        self.stopped_at: list[int | None] = [None] * batch_size
-        self.final_length: int | None = None  # without EOS criteria every row runs to the last row's stop
+        eos = generation_config._eos_token_tensor
+        self.eos_ids = set() if eos is None else set(eos.flatten().tolist())
+        # Stopping criteria may keep state for the whole batch (lm-eval's do), so they are called as full-depth
+        # decoding calls them: on the whole batch, one length at a time, once every row has reached that length.
+        self.checked = self.prompt_length
+        self.done = [False] * batch_size
+        self.end: list[int | None] = [None] * batch_size
 
     # -------------------------------------------------------------------------------------------------- loop
 
@@ -352,8 +358,16 @@ class _SpeculativeLoop:
         for row, token in zip(rows, first):
             decoder.place(row, decoder.base, token, decoder.next_position[row])
         self._accept({row: ([], [token]) for row, token in zip(rows, first)})
-        while rows := self._unfinished():
+        while True:
+            self._check_stops()
+            rows = self._unfinished()
+            if not rows:
+                break
             self._round(rows)
+        stats = decoder.stats
+        for row in range(decoder.batch_size):
+            for layer in decoder.token_layers[row][: self._final_length(row) - self.prompt_length]:
+                stats.tokens_per_exit[layer] += 1
         if self.streamer is not None:
             self.streamer.end()
 
@@ -456,55 +470,68 @@ class _SpeculativeLoop:
         return scores.argmax(dim=-1).tolist()
 
     def _accept(self, outcome: dict[int, tuple[list[int], list[int]]]) -> None:
-        """Append each row's new tokens one by one, stopping where its stopping criteria say so."""
+        """Append each row's new tokens (up to the length limit, and up to an end-of-sequence token)."""
         decoder, num_layers = self.decoder, self.decoder.num_layers
         for row, (draft_layers, tokens) in outcome.items():
-            layers = [*draft_layers, num_layers]
-            new = []
-            for token, layer in zip(tokens, layers):
-                if self.lengths[row] >= self._limit():
+            for token, layer in zip(tokens, [*draft_layers, num_layers]):
+                if self.lengths[row] >= self.max_length:
                     break
                 self.sequences[row, self.lengths[row]] = token
                 self.lengths[row] += 1
                 decoder.tokens[row].append(token)
                 decoder.token_layers[row].append(layer)
-                decoder.stats.tokens_per_exit[layer] += 1
-                new.append(token)
-                if self.stopped_at[row] is None and bool(self.criteria(self.sequences[row:row + 1, :self.lengths[row]],
-                                                                       None)[0]):
-                    self.stopped_at[row] = self.lengths[row]
-                    if self.has_eos_criteria:
-                        break
+                if self.has_eos_criteria and token in self.eos_ids:
+                    break
             decoder.next_position[row] += len(tokens)
-            if self.streamer is not None and new:
-                self.streamer.put(torch.tensor([new]))
-        if not self.has_eos_criteria and all(stop is not None for stop in self.stopped_at):
-            self.final_length = max(self.stopped_at)
+
+    def _check_stops(self) -> None:
+        """Run the stopping criteria on every length all rows still needed have reached."""
+        batch_size = len(self.lengths)
+        while not all(self.done):
+            needed = [row for row in range(batch_size) if not (self.has_eos_criteria and self.done[row])]
+            if self.checked >= min(self.lengths[row] for row in needed):
+                return
+            length = self.checked + 1
+            flags = self.criteria(self.sequences[:, :length], None)
+            flags = torch.as_tensor(flags, dtype=torch.bool).flatten().expand(batch_size).tolist()
+            if self.streamer is not None and not self.done[0]:
+                self.streamer.put(self.sequences[:1, length - 1:length].cpu())
+            for row in range(batch_size):
+                if flags[row] and not self.done[row]:
+                    self.done[row], self.end[row] = True, length
+                    if self.has_eos_criteria:  # later lengths see padding there, as in full-depth decoding
+                        self.sequences[row, length:] = self.pad_token_id
+            self.checked = length
 
     def _unfinished(self) -> list[int]:
-        if self.has_eos_criteria:
-            return [row for row, stop in enumerate(self.stopped_at) if stop is None]
-        return [row for row, length in enumerate(self.lengths) if length < self._limit()]
-
-    def _limit(self) -> int:
-        """Without EOS criteria a stopped row still generates (as in transformers) up to the last row's stop."""
-        return self.max_length if self.final_length is None else self.final_length
+        """Rows that need more tokens. Without EOS criteria a finished row still generates (as in transformers)
+        until every row is finished; with them it stops, and so does a row whose end-of-sequence token is known."""
+        if all(self.done):
+            return []
+        rows = [row for row, length in enumerate(self.lengths) if length < self.max_length]
+        if not self.has_eos_criteria:
+            return rows
+        return [row for row in rows if not self.done[row]
+                and not (self.lengths[row] > self.prompt_length and self.decoder.tokens[row][-1] in self.eos_ids)]
 
     def _room(self, row: int) -> int:
         """Tokens row `row` may still generate."""
-        return self._limit() - self.lengths[row]
+        return self.max_length - self.lengths[row]
+
+    def _final_length(self, row: int) -> int:
+        if self.has_eos_criteria:
+            return self.end[row] if self.end[row] is not None else self.lengths[row]
+        return self.checked if all(self.done) else self.lengths[row]
 
     def outputs(self) -> tuple[torch.LongTensor, torch.LongTensor]:
         """The compacted sequences, right-padded with the pad token, and each generated token's layer (-1: pad)."""
-        width = max(self.lengths)
-        if self.final_length is not None:
-            width = min(width, self.final_length)
-        if any(length < width for length in self.lengths) and self.pad_token_id is None:
+        lengths = [self._final_length(row) for row in range(len(self.lengths))]
+        width = max(lengths)
+        if any(length < width for length in lengths) and self.pad_token_id is None:
             raise ValueError("Sequences ended at different lengths but there is no `pad_token_id` to pad them with.")
         sequences = self.sequences[:, :width].clone()
-        layers = torch.full((len(self.lengths), width - self.prompt_length), -1, dtype=torch.long)
-        for row, length in enumerate(self.lengths):
-            length = min(length, width)
+        layers = torch.full((len(lengths), width - self.prompt_length), -1, dtype=torch.long)
+        for row, length in enumerate(lengths):
             if length < width:
                 sequences[row, length:] = self.pad_token_id
             row_layers = self.decoder.token_layers[row][: length - self.prompt_length]
