@@ -247,9 +247,12 @@ def test_streamer_and_custom_stopping_criteria(models):
         def end(self):
             pass
 
-    class TokenSeen(StoppingCriteria):  # a row stops once token 5 appears anywhere in its sequence
+    class TokenSeen(StoppingCriteria):  # a row is done once it generated token 7 (each row does, at its own step)
+        def __init__(self, prompt_length):
+            self.prompt_length = prompt_length
+
         def __call__(self, input_ids, scores, **kwargs):
-            return (input_ids == 5).any(dim=1)
+            return (input_ids[:, self.prompt_length:] == 7).any(dim=1)
 
     model = models["plain"]
     threshold = regime_threshold(model, "often")
@@ -260,7 +263,8 @@ def test_streamer_and_custom_stopping_criteria(models):
     assert torch.equal(out.sequences, full) and spec_stream.tokens == full_stream.tokens
 
     ids, mask = left_pad(prompts(lengths=(5, 9, 3, 7), seed=8))
-    criteria = dict(stopping_criteria=StoppingCriteriaList([TokenSeen()]), max_new_tokens=30, pad_token_id=0)
+    stop = TokenSeen(ids.shape[1])
+    criteria = dict(stopping_criteria=StoppingCriteriaList([stop]), max_new_tokens=30, pad_token_id=0)
     full = model.generate(ids, attention_mask=mask, do_sample=False, **criteria)
     assert full.shape[1] < ids.shape[1] + 30, "the criterion should stop the batch early"
     out = speculative(model, ids, mask, early_exit_threshold=threshold, **criteria)
