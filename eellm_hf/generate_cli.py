@@ -41,9 +41,9 @@ def build_parser() -> argparse.ArgumentParser:
                              "verifies (output identical to full depth)")
     parser.add_argument("--num-speculative-tokens", type=int, default=None,
                         help="speculative mode: most tokens drafted per round (default 4)")
-    parser.add_argument("--draft-when-unsure", action="store_true",
-                        help="speculative mode: draft a token no exit is confident about from the deepest exit "
-                             "instead of ending the draft")
+    parser.add_argument("--stop-draft-when-unsure", action="store_true",
+                        help="speculative mode: end the draft at a token no exit is confident about (by default "
+                             "it is drafted from the deepest exit)")
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--top-k", type=int, default=None)
@@ -80,8 +80,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                  "num_speculative_tokens", "temperature", "top_k", "top_p"):
         if getattr(args, name) is not None:
             generate_kwargs[name] = getattr(args, name)
-    if args.draft_when_unsure:
-        generate_kwargs["stop_draft_when_unsure"] = False
+    if args.stop_draft_when_unsure:
+        generate_kwargs["stop_draft_when_unsure"] = True
 
     encoded = tokenizer(args.prompt, return_tensors="pt", padding=True).to(args.device)
     output = model.generate(**encoded, **generate_kwargs)

@@ -147,7 +147,7 @@ def test_speculative_generation_equals_full_depth(tiny_early_exit_dir: Path) -> 
     full = EarlyExitLM(pretrained=str(tiny_early_exit_dir), dtype="float32", device="cpu", batch_size=4)
     spec = EarlyExitLM(pretrained=str(tiny_early_exit_dir), dtype="float32", device="cpu", batch_size=4,
                        early_exit_threshold="0.0", early_exit_mode="speculative", num_speculative_tokens="3",
-                       stop_draft_when_unsure="false")
+                       stop_draft_when_unsure="true")
     assert spec.generate_until(requests, disable_tqdm=True) == full.generate_until(requests, disable_tqdm=True)
     cost = spec.cost()
     assert cost["early_exit_mode"] == "speculative" and cost["num_speculative_tokens"] == 3

@@ -640,7 +640,7 @@ def test_cli_speculative_equals_full_depth(cli_model_dir, capsys):
     assert main(arguments) in (0, None)
     full = capsys.readouterr().out
     assert main([*arguments, "--early-exit-threshold", "0.2", "--early-exit-mode", "speculative",
-                 "--num-speculative-tokens", "3", "--draft-when-unsure"]) in (0, None)
+                 "--num-speculative-tokens", "3", "--stop-draft-when-unsure"]) in (0, None)
     spec = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
     assert [line["token_ids"] for line in spec] == [json.loads(line)["token_ids"] for line in full.splitlines()]
 

@@ -90,7 +90,8 @@ def test_greedy_batch_equals_full_depth(models, config_name, regime):
 
 
 def test_greedy_threshold_extremes_and_budget(models):
-    """Threshold 0 drafts every token at the first exit (LayerSkip-like); 1.0 never drafts; lengths 1..3."""
+    """Threshold 0 drafts every token at the first exit (LayerSkip-like); at 1.0 the deepest exit drafts, or
+    nothing is drafted when drafts stop at unsure tokens; 1 to 3 new tokens and more."""
     model = models["plain"]
     prompt = prompts(lengths=(6,))[0]
     for new_tokens in (1, 2, 3, 17):
@@ -102,8 +103,11 @@ def test_greedy_threshold_extremes_and_budget(models):
     out = speculative(model, prompt, max_new_tokens=17, early_exit_threshold=0.0, num_speculative_tokens=5)
     drafted = out.exit_layers[out.exit_layers < model.config.num_hidden_layers]
     assert drafted.numel() > 0 and (drafted == model.config.exit_layers[0]).all()
-    never = speculative(model, prompt, max_new_tokens=17, early_exit_threshold=1.0)
+    never = speculative(model, prompt, max_new_tokens=17, early_exit_threshold=1.0, stop_draft_when_unsure=True)
     assert never.early_exit_stats.draft_tokens == 0
+    deepest = speculative(model, prompt, max_new_tokens=17, early_exit_threshold=1.0)  # unsure: deepest exit drafts
+    drafted = deepest.exit_layers[deepest.exit_layers < model.config.num_hidden_layers]
+    assert drafted.numel() > 0 and (drafted == model.config.exit_layers[-1]).all()
 
 
 def test_greedy_eos_pad_and_active_exits():

@@ -8,8 +8,8 @@ A round, for every unfinished sequence of the batch at once:
 
 1. **Draft** up to `k` tokens. Each draft token runs the layers up to the first active exit whose confidence is
    `>= T` and is taken from that exit (greedy, or sampled from its processed distribution), so every token picks
-   its own draft depth. A token that no exit is confident about ends the sequence's draft
-   (`stop_draft_when_unsure=True`, the default) or is drafted from the deepest active exit anyway.
+   its own draft depth. A token that no exit is confident about is drafted from the deepest active exit anyway
+   (the default), or ends the sequence's draft (`stop_draft_when_unsure=True`; the final head then gives it).
 2. **Verify** every drafted token in one pass through the layers it skipped: each column resumes from the hidden
    state where its draft stopped, so the shallow keys/values the draft computed are reused (same weights, same
    inputs: they are the full model's). The final head then scores every drafted position.
@@ -60,13 +60,13 @@ class SpeculativeSettings:
         mode (`str`): `"lossy"` (tokens leave at confident exits, EE-LLM) or `"speculative"` (exits only draft,
             the full model verifies: output identical to full depth).
         num_speculative_tokens (`int`): most tokens drafted per round (`k`).
-        stop_draft_when_unsure (`bool`): end a sequence's draft at a token no exit is confident about (it is then
-            verified by the final head); otherwise draft it from the deepest active exit and go on.
+        stop_draft_when_unsure (`bool`): end a sequence's draft at a token no exit is confident about (the final
+            head then gives it); by default it is drafted from the deepest active exit and drafting goes on.
     """
 
     mode: str = "lossy"
     num_speculative_tokens: int = DEFAULT_SPECULATIVE_TOKENS
-    stop_draft_when_unsure: bool = True
+    stop_draft_when_unsure: bool = False
 
     @property
     def lossless(self) -> bool:
@@ -95,7 +95,7 @@ class SpeculativeSettings:
         if isinstance(tokens, bool) or not isinstance(tokens, int) or tokens < 1:
             raise ValueError(f"`num_speculative_tokens` must be an integer >= 1, got {tokens!r}.")
         stop = setting("stop_draft_when_unsure", None)
-        stop = True if stop is None else stop
+        stop = False if stop is None else stop
         if not isinstance(stop, bool):
             raise ValueError(f"`stop_draft_when_unsure` must be True or False, got {stop!r}.")
         if mode == "speculative" and early_exit.threshold is None:
@@ -308,7 +308,8 @@ def _check_row_independent(processors: LogitsProcessorList, batch_size: int) -> 
         return
     for processor in processors:
         for name, value in vars(processor).items():
-            if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch_size:
+            per_row = isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape[0] == batch_size
+            if per_row and "token" not in name:  # token-id sets (EOS ids) are not per-row state
                 raise NotImplementedError(
                     f"Speculative early exit cannot apply {type(processor).__name__} to a batch of {batch_size}: it "
                     f"keeps per-sequence state ({name!r}). Generate one sequence at a time, or use "
