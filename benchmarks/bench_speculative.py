@@ -20,7 +20,8 @@ Timing: each setting is timed right next to full depth on the same prompts, in A
 setting alternating as A), for `--repeats` rounds; the speedup is the median over rounds of full-depth time over
 the setting's time (process CPU time, single-threaded, unless `--wall-clock`: the machines this runs on are shared
 and CPU time is what load disturbs least); tokens/s are the best wall-clock run's. Every run generates exactly
-`--new-tokens` tokens per prompt (`min_new_tokens`), greedy, single-threaded by default (`--threads`), on held-out
+`--new-tokens` tokens per prompt (the end-of-sequence token is switched off in the generation config, so that no
+logits processor is needed), greedy, single-threaded by default (`--threads`), on held-out
 KJV verses as prompts (never trained on), so every ratio is per generated token. Batch 1 decodes the prompts one
 after the other.
 """
@@ -81,8 +82,7 @@ class Bench:
         groups = [[p] for p in prompts] if batch_size == 1 else [prompts[i:i + batch_size]
                                                                  for i in range(0, len(prompts), batch_size)]
         self.inputs = [tokenizer(group, return_tensors="pt", padding=True) for group in groups]
-        self.common = dict(max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                           pad_token_id=tokenizer.pad_token_id)
+        self.common = dict(max_new_tokens=new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id)
         self.generated = sum(encoded["input_ids"].shape[0] for encoded in self.inputs) * new_tokens
 
     def run(self, model: Any, **settings: Any) -> list[Any]:
@@ -194,6 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     if not getattr(config, "exit_layers", None):
         raise SystemExit(f"{args.model} has no early exits (config.exit_layers).")
     args.assistant_layers = args.assistant_layers or list(config.exit_layers)
+    # every run generates exactly --new-tokens tokens: no end-of-sequence token (nor a logits processor to forbid it)
+    model.generation_config.eos_token_id = None
     llama = early_exit_to_llama(model)
     print(f"model {args.model}: {config.num_hidden_layers} layers, hidden {config.hidden_size}, vocabulary "
           f"{config.vocab_size}, exits after {config.exit_layers}; {args.prompts} prompts x {args.new_tokens} "

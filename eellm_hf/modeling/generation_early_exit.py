@@ -23,7 +23,10 @@ vocabulary this costs about as much as a whole decoder layer (hidden_size x voca
 12 x hidden_size^2 for a layer), so place few exits, and turn off with `active_exits` the ones you do not want:
 nothing is computed for them.
 
-This file is shipped next to the weights as remote code: it imports only `torch` and `transformers`.
+`early_exit_mode="speculative"` instead uses the exits only to draft tokens that the full model verifies, so the
+output is exactly full depth's (see `speculative_early_exit`, which drives the decoder below).
+
+This file is shipped next to the weights as remote code: it imports only `torch`, `transformers` and its neighbour.
 """
 
 from __future__ import annotations
