@@ -1,6 +1,7 @@
 """`eellm-generate`: generate text with an early-exit model from the command line.
 
     eellm-generate MODEL_DIR --prompt TEXT [--prompt TEXT ...] --max-new-tokens N [--early-exit-threshold T] [--json]
+        [--early-exit-mode speculative [--num-speculative-tokens K]]
 
 All prompts are decoded together as one left-padded batch; each sequence exits on its own, and greedy outputs
 are those of each prompt alone. With `--json`, one JSON object per prompt is printed: `prompt`, `text` (the
@@ -43,6 +44,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--active-exits", type=int, nargs="+", default=None,
                         help="the exit layers allowed to fire (default: all)")
     parser.add_argument("--max-recompute-tokens", type=int, default=None)
+    parser.add_argument("--early-exit-mode", choices=("lossy", "speculative"), default=None,
+                        help="lossy: tokens leave at confident exits; speculative: exits draft, the full model "
+                             "verifies (output identical to full depth)")
+    parser.add_argument("--num-speculative-tokens", type=int, default=None,
+                        help="speculative mode: most tokens drafted per round (default 4)")
+    parser.add_argument("--stop-draft-when-unsure", action="store_true",
+                        help="speculative mode: end the draft at a token no exit is confident about (by default "
+                             "it is drafted from the deepest exit)")
     parser.add_argument("--do-sample", action="store_true", help="sample instead of greedy decoding")
     parser.add_argument("--temperature", type=float, default=None)
     parser.add_argument("--top-k", type=int, default=None)
@@ -131,9 +140,12 @@ def _generate_kwargs(args: argparse.Namespace, tokenizer: Any) -> dict[str, Any]
                        "pad_token_id": tokenizer.pad_token_id, "return_dict_in_generate": True}
     if args.early_exit_threshold is not None:
         generate_kwargs["early_exit_threshold"] = args.early_exit_threshold
-    for name in ("exit_confidence", "active_exits", "max_recompute_tokens", "temperature", "top_k", "top_p"):
+    for name in ("exit_confidence", "active_exits", "max_recompute_tokens", "early_exit_mode",
+                 "num_speculative_tokens", "temperature", "top_k", "top_p"):
         if getattr(args, name) is not None:
             generate_kwargs[name] = getattr(args, name)
+    if args.stop_draft_when_unsure:
+        generate_kwargs["stop_draft_when_unsure"] = True
     return generate_kwargs
 
 
@@ -161,6 +173,10 @@ def _print_outputs(args: argparse.Namespace, tokenizer: Any, output: Any, prompt
         mean = sum(layer * count for layer, count in counts.items()) / total
         per_exit = ", ".join(f"layer {layer}: {count}" for layer, count in sorted(counts.items()))
         print(f"-- {total} tokens, mean exit layer {mean:.2f} of {num_layers} ({per_exit})", file=sys.stderr)
+        stats = getattr(output, "early_exit_stats", None)
+        if getattr(stats, "draft_tokens", None) is not None:
+            print(f"-- speculative: {stats.accepted_draft_tokens} of {stats.draft_tokens} drafted tokens accepted, "
+                  f"{stats.tokens_per_round:.2f} tokens per round", file=sys.stderr)
 
 
 def _check_prompt_lengths(parser: argparse.ArgumentParser, args: argparse.Namespace, lengths: list[int],

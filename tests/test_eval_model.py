@@ -136,6 +136,24 @@ def test_exit_layer_generates_from_that_exit(tiny_early_exit_dir: Path) -> None:
     assert cost["mean_exit_layer"] == 1.0 and cost["exit_layer"] == 1
 
 
+def test_speculative_generation_equals_full_depth(tiny_early_exit_dir: Path) -> None:
+    """``early_exit_mode=speculative`` generates full depth's text for a batch of requests, and records drafts."""
+    from lm_eval.api.instance import Instance
+
+    contexts = ["In the beginning", "And God said, Let there be", "Jesus wept", "The LORD is my shepherd; I"]
+    requests = [Instance(request_type="generate_until", doc={}, idx=index,
+                         arguments=(context, {"until": ["\n"], "max_gen_toks": 8, "do_sample": False}))
+                for index, context in enumerate(contexts)]
+    full = EarlyExitLM(pretrained=str(tiny_early_exit_dir), dtype="float32", device="cpu", batch_size=4)
+    spec = EarlyExitLM(pretrained=str(tiny_early_exit_dir), dtype="float32", device="cpu", batch_size=4,
+                       early_exit_threshold="0.0", early_exit_mode="speculative", num_speculative_tokens="3",
+                       stop_draft_when_unsure="true")
+    assert spec.generate_until(requests, disable_tqdm=True) == full.generate_until(requests, disable_tqdm=True)
+    cost = spec.cost()
+    assert cost["early_exit_mode"] == "speculative" and cost["num_speculative_tokens"] == 3
+    assert cost["draft_tokens"] > 0 and 0 <= cost["accepted_draft_tokens"] <= cost["draft_tokens"]
+
+
 @pytest.mark.parametrize(
     "model_args, match",
     [
@@ -146,6 +164,12 @@ def test_exit_layer_generates_from_that_exit(tiny_early_exit_dir: Path) -> None:
         ({"exit_layer": 1, "early_exit_threshold": 0.5}, "do not combine"),
         ({"max_recompute_tokens": 0}, "max_recompute_tokens"),
         ({"3": ""}, "active_exits=4|8"),  # what `active_exits=1,3` becomes after lm-eval's comma split
+        ({"early_exit_mode": "fast", "early_exit_threshold": 0.5}, "early_exit_mode"),
+        ({"early_exit_mode": "speculative"}, "needs early_exit_threshold"),
+        ({"early_exit_mode": "speculative", "early_exit_threshold": 0.5, "num_speculative_tokens": 0},
+         "num_speculative_tokens"),
+        ({"early_exit_mode": "speculative", "early_exit_threshold": 0.5, "stop_draft_when_unsure": "maybe"},
+         "stop_draft_when_unsure"),
     ],
 )
 def test_bad_model_args_raise(tiny_early_exit_dir: Path, model_args: dict, match: str) -> None:

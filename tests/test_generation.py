@@ -622,8 +622,11 @@ from transformers import AutoModelForCausalLM
 model = AutoModelForCausalLM.from_pretrained(sys.argv[1], trust_remote_code=True, dtype=torch.float64).eval()
 assert "eellm_hf" not in sys.modules and "eellm_hf" not in type(model).__module__
 out = model.generate(torch.tensor([json.loads(sys.argv[3])]), max_new_tokens=8, return_dict_in_generate=True)
+spec = model.generate(torch.tensor([json.loads(sys.argv[3])]), max_new_tokens=8, return_dict_in_generate=True,
+                      early_exit_mode="speculative", num_speculative_tokens=3)
 print(json.dumps({"sequences": out.sequences.tolist(), "exit_layers": out.exit_layers.tolist(),
-                  "module": type(model).__module__}))
+                  "module": type(model).__module__, "speculative": spec.sequences.tolist(),
+                  "speculative_module": type(spec.early_exit_stats).__module__}))
 """
 
 
@@ -633,8 +636,10 @@ def test_remote_code_generate_without_eellm_hf(tmp_path, models):
     model.save_pretrained(tmp_path / "model")
     GenerationConfig(early_exit_threshold=threshold, pad_token_id=0).save_pretrained(tmp_path / "model")
     assert (tmp_path / "model" / "generation_early_exit.py").exists()
+    assert (tmp_path / "model" / "speculative_early_exit.py").exists()
     prompt = prompts(lengths=(6,))[0]
     expected = model.generate(prompt, max_new_tokens=8, early_exit_threshold=threshold, return_dict_in_generate=True)
+    full_depth = model.generate(prompt, max_new_tokens=8, do_sample=False)
 
     env = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     result = subprocess.run(
@@ -647,6 +652,8 @@ def test_remote_code_generate_without_eellm_hf(tmp_path, models):
     assert remote["module"].startswith("transformers_modules")
     assert remote["sequences"] == expected.sequences.tolist()
     assert remote["exit_layers"] == expected.exit_layers.tolist()
+    assert remote["speculative"] == full_depth.tolist()
+    assert remote["speculative_module"].startswith("transformers_modules")
 
 
 @pytest.fixture(scope="module")
@@ -682,6 +689,19 @@ def test_cli_json(cli_model_dir, capsys):
         assert line["token_ids"] == new[: len(line["token_ids"])] and line["token_ids"]
         assert line["exit_layers"] == [2] * len(line["token_ids"])
         assert line["text"] == tokenizer.decode(line["token_ids"], skip_special_tokens=True)
+
+
+def test_cli_speculative_equals_full_depth(cli_model_dir, capsys):
+    from eellm_hf.generate_cli import main
+
+    arguments = [str(cli_model_dir), "--prompt", "In the beginning", "--prompt", "And God said, Let there be light",
+                 "--max-new-tokens", "6", "--json"]
+    assert main(arguments) in (0, None)
+    full = capsys.readouterr().out
+    assert main([*arguments, "--early-exit-threshold", "0.2", "--early-exit-mode", "speculative",
+                 "--num-speculative-tokens", "3", "--stop-draft-when-unsure"]) in (0, None)
+    spec = [json.loads(line) for line in capsys.readouterr().out.strip().splitlines()]
+    assert [line["token_ids"] for line in spec] == [json.loads(line)["token_ids"] for line in full.splitlines()]
 
 
 def test_cli_module_entry_point(cli_model_dir, capsys, monkeypatch):

@@ -14,6 +14,9 @@ Early-exit model_args (everything else is ``HFLM``'s, e.g. ``dtype``, ``batch_si
   separate layers with ``|`` or ``;`` (``active_exits=4|8``; quote the model_args in a shell); a list also
   works (``simple_evaluate(model_args={..., "active_exits": [4, 8]})``, or JSON model_args on the command line).
 * ``max_recompute_tokens``: cap on the KV-recomputation backlog (see ``generation_early_exit``).
+* ``early_exit_mode``: ``lossy`` (default) or ``speculative`` (exits draft, the full model verifies: generated text
+  identical to full depth, see ``speculative_early_exit``); ``num_speculative_tokens`` (default 4) and
+  ``stop_draft_when_unsure`` (``true``/``false``) tune it.
 * ``exit_layer``: evaluate the model as if it ended at that exit: loglikelihood requests are scored with that
   exit's head, and generation leaves at that exit for every token. Must be one of ``config.exit_layers``, or
   ``num_hidden_layers`` for the final head (same as leaving it unset). Not combinable with ``early_exit_threshold``
@@ -45,6 +48,7 @@ from lm_eval.models.utils_hf import stop_sequences_criteria
 import eellm_hf  # noqa: F401  (registers EarlyExitGPT with the Auto classes)
 from eellm_hf.eval.sweep import eos_token_ids, real_token_layers
 from eellm_hf.modeling.generation_early_exit import EXIT_CONFIDENCE_MEASURES
+from eellm_hf.modeling.speculative_early_exit import EARLY_EXIT_MODES
 
 COST_KEY = "eellm_cost"
 _OFF = ("", "none", "off", "null")
@@ -64,6 +68,18 @@ def parse_threshold(value: Any) -> float | None:
     if not 0.0 <= threshold <= 1.0:
         raise ValueError(f"early_exit_threshold must be in [0, 1] (or None for full depth), got {threshold}.")
     return threshold
+
+
+def parse_bool(value: Any, name: str) -> bool | None:
+    """A boolean model_arg (``true``/``false``, ``1``/``0``); ``None`` when unset."""
+    if value is None or isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in ("true", "1", "yes"):
+        return True
+    if text in ("false", "0", "no"):
+        return False
+    raise ValueError(f"{name} must be true or false, got {value!r}.")
 
 
 def parse_layers(value: Any, name: str = "active_exits") -> list[int] | None:
@@ -102,6 +118,8 @@ class CostTracker:
         self.generate_calls = 0
         self.tokens_per_exit: Counter[int] = Counter()
         self.recomputed_tokens = 0
+        self.draft_tokens = 0
+        self.accepted_draft_tokens = 0
         self.wall_time_s: Counter[str] = Counter()
 
     def add_generation(self, exit_layers: torch.Tensor, recomputed_tokens: int, seconds: float) -> None:
@@ -135,6 +153,8 @@ class CostTracker:
             "mean_exit_layer": mean,
             "mean_depth_fraction": mean / self.num_hidden_layers if mean is not None else None,
             "recomputed_tokens": self.recomputed_tokens,
+            "draft_tokens": self.draft_tokens,
+            "accepted_draft_tokens": self.accepted_draft_tokens,
             "wall_time_s": {key: round(value, 4) for key, value in sorted(self.wall_time_s.items())},
         }
 
@@ -165,6 +185,9 @@ class EarlyExitLM(HFLM):
         active_exits: int | str | list[int] | None = None,
         max_recompute_tokens: int | str | None = None,
         exit_layer: int | str | None = None,
+        early_exit_mode: str | None = None,
+        num_speculative_tokens: int | str | None = None,
+        stop_draft_when_unsure: bool | str | None = None,
         **kwargs: Any,
     ) -> None:
         stray = [key for key in kwargs if key.strip().isdigit()]
@@ -180,6 +203,16 @@ class EarlyExitLM(HFLM):
         cap = parse_layers(max_recompute_tokens, "max_recompute_tokens")
         if cap is not None and (len(cap) != 1 or cap[0] < 1):
             raise ValueError(f"max_recompute_tokens must be an integer >= 1 or None, got {max_recompute_tokens!r}.")
+        mode = None if early_exit_mode is None else str(early_exit_mode).strip().lower()
+        if mode is not None and mode not in EARLY_EXIT_MODES:
+            raise ValueError(f"early_exit_mode must be one of {EARLY_EXIT_MODES}, got {early_exit_mode!r}.")
+        speculative_tokens = parse_layers(num_speculative_tokens, "num_speculative_tokens")
+        if speculative_tokens is not None and (len(speculative_tokens) != 1 or speculative_tokens[0] < 1):
+            raise ValueError(f"num_speculative_tokens must be an integer >= 1, got {num_speculative_tokens!r}.")
+        stop_draft = parse_bool(stop_draft_when_unsure, "stop_draft_when_unsure")
+        if mode == "speculative" and threshold is None:
+            raise ValueError("early_exit_mode=speculative needs early_exit_threshold (the confidence at which an "
+                             "exit drafts a token).")
         score_layers = parse_layers(exit_layer, "exit_layer")
         if score_layers is not None and len(score_layers) != 1:
             raise ValueError(f"exit_layer must be a single layer, got {exit_layer!r}.")
@@ -221,12 +254,17 @@ class EarlyExitLM(HFLM):
                 self._generate_kwargs["active_exits"] = sorted(set(active))
             if cap is not None:
                 self._generate_kwargs["max_recompute_tokens"] = cap[0]
+            speculative = {"early_exit_mode": mode, "stop_draft_when_unsure": stop_draft,
+                           "num_speculative_tokens": speculative_tokens[0] if speculative_tokens else None}
+            self._generate_kwargs.update({key: value for key, value in speculative.items() if value is not None})
         settings = {
             "early_exit_threshold": None if score_layers else threshold,
             "exit_confidence": exit_confidence,
             "active_exits": sorted(set(active)) if active is not None and not score_layers else None,
             "max_recompute_tokens": cap[0] if cap else None,
             "exit_layer": score_layers[0] if score_layers else None,
+            "early_exit_mode": mode or "lossy",
+            "num_speculative_tokens": speculative_tokens[0] if speculative_tokens else None,
         }
         self.cost_tracker = CostTracker(num_layers, exits, settings)
 
@@ -296,6 +334,8 @@ class EarlyExitLM(HFLM):
             )
         stats = getattr(output, "early_exit_stats", None)
         self.cost_tracker.add_generation(layers, getattr(stats, "recomputed_tokens", 0), seconds)
+        self.cost_tracker.draft_tokens += getattr(stats, "draft_tokens", 0)
+        self.cost_tracker.accepted_draft_tokens += getattr(stats, "accepted_draft_tokens", 0)
         return sequences
 
     def generate_until(self, requests: list[Any], disable_tqdm: bool = False) -> list[str]:

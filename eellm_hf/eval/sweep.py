@@ -62,6 +62,7 @@ class PromptSet:
     stop: list[str] = field(default_factory=list)
     score: Callable[[list[Prompt], list[str]], dict[str, float]] | None = None
     max_new_tokens: int | None = None
+    score_each: Callable[[list[Prompt], list[str]], dict[str, list[float]]] | None = None  # per prompt
 
 
 @dataclass
@@ -159,11 +160,15 @@ def load_task(task_name: str, limit: int | None = None, include_path: str | Path
     until = generation_kwargs.get("until") or []
     aggregation = task.aggregation()
 
-    def score(ps: list[Prompt], texts: list[str]) -> dict[str, float]:
+    def score_each(ps: list[Prompt], texts: list[str]) -> dict[str, list[float]]:
         values: dict[str, list[float]] = defaultdict(list)
         for prompt, text in zip(ps, texts):
             for metric, value in task.process_results(prompt.doc, [text]).items():
                 values[metric].append(value)
+        return dict(values)
+
+    def score(ps: list[Prompt], texts: list[str]) -> dict[str, float]:
+        values = score_each(ps, texts)
         scores = {
             metric: float(aggregation[metric](vals) if metric in aggregation else sum(vals) / len(vals))
             for metric, vals in values.items()
@@ -178,6 +183,7 @@ def load_task(task_name: str, limit: int | None = None, include_path: str | Path
         stop=[until] if isinstance(until, str) else list(until),
         score=score,
         max_new_tokens=generation_kwargs.get("max_gen_toks"),
+        score_each=score_each,
     )
 
 
@@ -251,6 +257,12 @@ def generate(
     return _concat(parts)
 
 
+def prompt_agreements(tokens: list[list[int]], reference: list[list[int]]) -> list[float]:
+    """Per prompt: matching positions over the longer of the two token sequences (1.0 when both are empty)."""
+    return [sum(a == b for a, b in zip(x, y)) / max(len(x), len(y)) if (x or y) else 1.0
+            for x, y in zip(tokens, reference)]
+
+
 def agreement(tokens: list[list[int]], reference: list[list[int]]) -> float:
     """Matching positions over the longer of each pair of token sequences, summed over prompts."""
     matches = sum(sum(a == b for a, b in zip(x, y)) for x, y in zip(tokens, reference))
@@ -275,6 +287,7 @@ def run_sweep(
     early_exit_kwargs: dict[str, Any] | None = None,
     warmup: int = 1,
     repeats: int = 3,
+    outputs: dict[float | None, Generation] | None = None,
 ) -> list[dict[str, Any]]:
     """One row per setting (full depth first, then each threshold) with speed, exit and quality statistics.
 
@@ -283,7 +296,8 @@ def run_sweep(
     ``repeats`` rounds. ``wall_time_speedup`` is the median over rounds of (full-depth time / early-exit time),
     each summed over the batches of the round; ``speedup`` is the throughput ratio, ``wall_time_speedup`` times
     (early-exit tokens / full-depth tokens): outputs may differ in length (an exit can miss or add an EOS), and
-    the speedup counts time per generated token. Outputs (greedy, deterministic) come from the first round.
+    the speedup counts time per generated token. Outputs (greedy, deterministic) come from the first round; a
+    dict passed as ``outputs`` receives them (threshold, or ``None`` for full depth, to ``Generation``).
     """
     prompts = prompt_set.prompts
     batches = [prompts[start:start + batch_size] for start in range(0, len(prompts), batch_size)]
@@ -297,7 +311,7 @@ def run_sweep(
     def timed(threshold: float | None, batch: Sequence[Prompt]) -> Generation:
         return generate_batch(model, tokenizer, batch, threshold, max_new_tokens, early_exit_kwargs)
 
-    outputs: dict[float | None, Generation] = {}
+    outputs = {} if outputs is None else outputs
     full_times: dict[float | None, list[float]] = defaultdict(list)  # per setting: full-depth time of each round
     own_times: dict[float | None, list[float]] = defaultdict(list)
     settings: list[float | None] = list(thresholds) or [None]
@@ -579,6 +593,7 @@ __all__ = [
     "load_prompts_file",
     "load_task",
     "main",
+    "prompt_agreements",
     "plot_exit_histogram",
     "plot_speed_quality",
     "real_token_layers",

@@ -23,7 +23,10 @@ vocabulary this costs about as much as a whole decoder layer (hidden_size x voca
 12 x hidden_size^2 for a layer), so place few exits, and turn off with `active_exits` the ones you do not want:
 nothing is computed for them.
 
-This file is shipped next to the weights as remote code: it imports only `torch` and `transformers`.
+`early_exit_mode="speculative"` instead uses the exits only to draft tokens that the full model verifies, so the
+output is exactly full depth's (see `speculative_early_exit`, which drives the decoder below).
+
+This file is shipped next to the weights as remote code: it imports only `torch`, `transformers` and its neighbour.
 """
 
 from __future__ import annotations
@@ -222,7 +225,9 @@ def generate_with_early_exit(
     """`generate` of an early-exit model: transformers' `generate`, with early exit when a threshold is set.
 
     Takes `GenerationMixin.generate`'s arguments, plus `early_exit_threshold`, `exit_confidence`, `active_exits`
-    and `max_recompute_tokens` (defaults from the generation config). `generate` is the bound base method.
+    and `max_recompute_tokens` (defaults from the generation config), and `early_exit_mode`,
+    `num_speculative_tokens` and `stop_draft_when_unsure` (lossless self-speculative decoding, see
+    `speculative_early_exit`). `generate` is the bound base method.
     """
     base_arguments = dict(
         inputs=inputs,
@@ -255,10 +260,13 @@ def generate_with_decoder(
     parallel decoding passes its own. Without `full_depth_with_transformers`, a threshold of None runs this loop
     too, with no exit active (for a decoder that has no other way to run the model).
     """
+    from .speculative_early_exit import SPECULATIVE_GENERATION_KEYS, SpeculativeSettings, speculative_decoding
+
     overrides = {key: kwargs.pop(key) for key in EARLY_EXIT_GENERATION_KEYS if key in kwargs}
-    settings = EarlyExitSettings.resolve(
-        model.config, overrides, (base_arguments["generation_config"], model.generation_config)
-    )
+    configs = (base_arguments["generation_config"], model.generation_config)
+    settings = EarlyExitSettings.resolve(model.config, overrides, configs)
+    speculative_overrides = {key: kwargs.pop(key) for key in SPECULATIVE_GENERATION_KEYS if key in kwargs}
+    speculative = SpeculativeSettings.resolve(settings, speculative_overrides, configs)
     if settings.threshold is None:
         if full_depth_with_transformers:
             return generate(**base_arguments, **kwargs)
@@ -299,26 +307,21 @@ def generate_with_decoder(
 
     # `generate` prepares inputs, special tokens, lengths, processors and criteria, then calls this loop. It does
     # not hand the streamer to a callable (it only streams the prompt), so the loop gets it bound here.
+    if speculative.lossless:
+        if decoder_class is not EarlyExitDecoder:
+            raise NotImplementedError("`early_exit_mode='speculative'` runs in a single process; pipeline-parallel "
+                                      "decoding supports the lossy mode only.")
+        decoding, decoding_kwargs = speculative_decoding, {"speculative_settings": speculative}
+    else:
+        decoding, decoding_kwargs = _early_exit_decoding, {"early_exit_decoder_class": decoder_class}
     base_arguments["custom_generate"] = functools.partial(
-        _early_exit_decoding, early_exit_settings=settings, early_exit_streamer=streamer,
-        early_exit_decoder_class=decoder_class,
+        decoding, early_exit_settings=settings, early_exit_streamer=streamer, **decoding_kwargs
     )
     return generate(**base_arguments, **kwargs)
 
 
-def _early_exit_decoding(
-    model: nn.Module,
-    input_ids: torch.LongTensor,
-    logits_processor: LogitsProcessorList,
-    stopping_criteria: StoppingCriteriaList,
-    generation_config: GenerationConfig,
-    early_exit_settings: EarlyExitSettings | None = None,
-    early_exit_streamer: BaseStreamer | None = None,
-    early_exit_decoder_class: Callable[..., Any] | None = None,
-    **model_kwargs: Any,
-) -> GenerateEarlyExitDecoderOnlyOutput | torch.LongTensor:
-    """The decoding loop of early-exit greedy search and sampling (mirrors `GenerationMixin._sample`)."""
-    settings, streamer = early_exit_settings, early_exit_streamer
+def check_decoding_request(generation_config: GenerationConfig, model_kwargs: dict[str, Any]) -> Cache | None:
+    """Refuse what the early-exit loops do not support; return the cache `generate` prepared (or the caller's)."""
     mode = generation_config.get_generation_mode()
     if mode not in (GenerationMode.GREEDY_SEARCH, GenerationMode.SAMPLE):
         name = _MODE_NAMES.get(mode, str(mode))
@@ -338,6 +341,23 @@ def _early_exit_decoding(
             f"Early-exit generation works with a `DynamicCache`, not {type(cache).__name__} "
             "(leave `cache_implementation` unset)."
         )
+    return cache
+
+
+def _early_exit_decoding(
+    model: nn.Module,
+    input_ids: torch.LongTensor,
+    logits_processor: LogitsProcessorList,
+    stopping_criteria: StoppingCriteriaList,
+    generation_config: GenerationConfig,
+    early_exit_settings: EarlyExitSettings | None = None,
+    early_exit_streamer: BaseStreamer | None = None,
+    early_exit_decoder_class: Callable[..., Any] | None = None,
+    **model_kwargs: Any,
+) -> GenerateEarlyExitDecoderOnlyOutput | torch.LongTensor:
+    """The decoding loop of early-exit greedy search and sampling (mirrors `GenerationMixin._sample`)."""
+    settings, streamer = early_exit_settings, early_exit_streamer
+    cache = check_decoding_request(generation_config, model_kwargs)
 
     pad_token_id = generation_config._pad_token_tensor
     return_dict_in_generate = generation_config.return_dict_in_generate
@@ -500,6 +520,7 @@ class EarlyExitDecoder:
         )
         self._pass_cache: dict[Any, Any] = {}
         self._kind = "prefill"
+        self.on_last_layer: Callable[[torch.Tensor, list[int], int], None] | None = None
 
     # ----------------------------------------------------------------------------------------------- public steps
 
@@ -507,6 +528,13 @@ class EarlyExitDecoder:
         self, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None, cache: Cache | None
     ) -> list[_Decision]:
         """Compute the prompt at full depth (from what `cache` lacks) and decide each row's first new token."""
+        rows = self.prepare_prompt(attention_mask, position_ids, cache)
+        return self._run(rows, self.prompt_length - 1, decide=True, fill=True)
+
+    def prepare_prompt(
+        self, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None, cache: Cache | None
+    ) -> list[int]:
+        """Set the prompt's key mask and positions, load what `cache` holds; return the rows to prefill."""
         prompt_length = self.prompt_length
         key_mask, positions = prompt_mask_and_positions(attention_mask, position_ids, self.batch_size, prompt_length,
                                                         self.device)
@@ -521,8 +549,7 @@ class EarlyExitDecoder:
             self.filled[layer] = [start] * self.batch_size
         self.stats.prefill_tokens = (prompt_length - start) * self.batch_size
         self._kind = "prefill"
-        rows = list(range(self.batch_size))
-        return self._run(rows, prompt_length - 1, decide=True, fill=True)
+        return list(range(self.batch_size))
 
     def step(self, rows: list[int], column: int) -> list[_Decision]:
         """Feed the token at `column` of each of `rows` and decide their next tokens."""
@@ -565,12 +592,17 @@ class EarlyExitDecoder:
 
     # ------------------------------------------------------------------------------------------------- the pass
 
-    def _run(self, rows: list[int], top: int, decide: bool, fill: bool) -> list[_Decision]:
+    def _run(
+        self, rows: list[int], top: int, decide: bool, fill: bool, depth: int | None = None
+    ) -> list[_Decision]:
         """Bring `rows` through the model up to column `top`.
 
         At each layer, a row computes all its columns missing there up to `top`. With `decide`, the rows' heads are
         evaluated on column `top` in depth order; a row stops at the first confident exit unless `fill` is set or
         its backlog reached `max_recompute_tokens`, in which case it goes on to full depth without more heads.
+        A `depth` below `num_hidden_layers` ends the pass after that many layers (a speculative draft): rows still
+        undecided there keep their hidden states to resume from and get no decision. `on_last_layer`, when set,
+        receives the last backbone layer's output `(x, rows, first column)` (a speculative verification).
         """
         end = top + 1
         if end > self.capacity:
@@ -590,7 +622,8 @@ class EarlyExitDecoder:
         x_starts: list[int] = []  # per row of `x`: first column it computed at the layer that produced `x`
         x_start = end
 
-        for layer_idx in range(self.num_layers):
+        depth = self.num_layers if depth is None else depth
+        for layer_idx in range(depth):
             filled = self.filled[layer_idx]
             work = [row for row in alive if filled[row] < end]
             if not work:
@@ -612,6 +645,8 @@ class EarlyExitDecoder:
                     refill_from[row] = row_start
             self._count(kind, work, starts, start, end)
             x_rows, x_starts, x_start = work, starts, start
+            if layer_idx == last and self.on_last_layer is not None:
+                self.on_last_layer(x, work, start)
 
             exit_index = self.exit_after.get(layer_idx)
             if exit_index is None:
@@ -645,7 +680,10 @@ class EarlyExitDecoder:
                 if not alive:
                     break
 
-        if undecided:
+        if depth < self.num_layers:
+            if alive:
+                self._stop(set(alive), x, x_rows, x_starts, x_start, end, alive)
+        elif undecided:
             positions = [index for index, row in enumerate(x_rows) if row in undecided]
             hidden = x[:, -1] if len(positions) == len(x_rows) else x[positions, -1]
             logits = self.model.lm_head(self.backbone.norm(hidden))

@@ -411,6 +411,10 @@ print(out.exit_layers)  # the layer that produced each generated token
 A token leaves at the first exit whose confidence (its largest probability) reaches the threshold; the
 KV cache of the layers it skipped is recomputed before a later token needs it, so the output equals
 no-cache early-exit decoding exactly. `early_exit_threshold=None` decodes at full depth.
+
+With `early_exit_mode="speculative"` the exits only draft tokens (up to `num_speculative_tokens` per round)
+and the whole model verifies them in one pass: the output is then identical to full depth (greedy), or
+distributed as full depth (sampling), also for batches.
 """
 
 
