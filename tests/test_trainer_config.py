@@ -334,13 +334,17 @@ def test_missing_config_file(tmp_path: Path) -> None:
         load_config(tmp_path / "nope.yaml")
 
 
-SHIPPED = [("tiny_cpu.yaml", 2, True), ("ee_llm_1.3b_gpu.yaml", 8, False), ("ee_llm_7b_gpu.yaml", 8, False)]
+SHIPPED = [("tiny_cpu.yaml", 2, True), ("smollm2_ee_tune.yaml", 2, True), ("ee_llm_1.3b_gpu.yaml", 8, False),
+           ("ee_llm_7b_gpu.yaml", 8, False)]
 
 
 @pytest.mark.parametrize(("name", "world_size", "is_cpu"), SHIPPED)
 def test_shipped_configs_validate(name: str, world_size: int, is_cpu: bool) -> None:
     cfg = load_config(REPO_ROOT / "configs" / name, world_size=world_size, check_files=False)
     model = cfg.model_config()
+    if name == "smollm2_ee_tune.yaml":  # the bundled checkpoint, converted with gated exits, tuned frozen
+        assert (model.num_hidden_layers, model.vocab_size, model.exit_gate) == (30, 49152, True)
+        assert cfg.train.freeze_backbone and cfg.export_generation["exit_confidence"] == "gate"
     if is_cpu:
         assert cfg.parallelism.pp == 2 and cfg.train.dtype == "float32"
     else:
