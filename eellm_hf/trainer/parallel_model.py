@@ -109,15 +109,21 @@ def exit_flops_per_token(config: Any) -> float:
     return flops
 
 
-def balanced_layer_split(config: Any, pp: int) -> list[int]:
+FROZEN_EXIT_COST = 3.0
+"""EE-Tuning: an exit's forward and backward against the backbone's forward alone, per forward FLOP."""
+
+
+def balanced_layer_split(config: Any, pp: int, frozen_backbone: bool = False) -> list[int]:
     """Decoder layers per pipeline stage minimising the most expensive stage, counting each exit on its layer's
-    stage and the final head on the last stage (every stage gets at least one layer)."""
+    stage and the final head on the last stage (every stage gets at least one layer). With ``frozen_backbone``
+    (EE-Tuning, :mod:`.ee_tuning`) the backbone runs forward only while the exits also run backward, so an exit
+    weighs :data:`FROZEN_EXIT_COST` times its forward FLOPs."""
     num_layers = config.num_hidden_layers
     if not 1 <= pp <= num_layers:
         raise ValueError(f"cannot split {num_layers} layers over pp={pp} pipeline stages")
     exits = set(config.exit_layers or [])
-    unit = [layer_flops_per_token(config) + (exit_flops_per_token(config) if n in exits else 0.0)
-            for n in range(1, num_layers + 1)]
+    exit_cost = exit_flops_per_token(config) * (FROZEN_EXIT_COST if frozen_backbone else 1.0)
+    unit = [layer_flops_per_token(config) + (exit_cost if n in exits else 0.0) for n in range(1, num_layers + 1)]
     prefix = [0.0]
     for cost in unit:
         prefix.append(prefix[-1] + cost)
@@ -186,9 +192,10 @@ class StageLayout:
         raise KeyError(f"unknown parameter name {name!r}")
 
 
-def make_layout(config: Any, pp: int, layer_split: Sequence[int] | None = None) -> StageLayout:
+def make_layout(config: Any, pp: int, layer_split: Sequence[int] | None = None,
+                frozen_backbone: bool = False) -> StageLayout:
     """The stage layout: ``layer_split`` if given (checked), else :func:`balanced_layer_split`."""
-    split = list(layer_split) if layer_split is not None else balanced_layer_split(config, pp)
+    split = list(layer_split) if layer_split is not None else balanced_layer_split(config, pp, frozen_backbone)
     if len(split) != pp or any(n < 1 for n in split) or sum(split) != config.num_hidden_layers:
         raise ValueError(f"layer_split {split} must have pp={pp} entries >= 1 summing to {config.num_hidden_layers}")
     return StageLayout(tuple(split), tuple(config.exit_layers or ()))

@@ -107,7 +107,8 @@ class ParallelTrainer:
         self.device = parallel_context.device
         self.dtype = _DTYPES[train.dtype]
         torch.manual_seed(train.seed)
-        layout = make_layout(model_config, parallel_context.pipeline_parallel_size, layer_split)
+        layout = make_layout(model_config, parallel_context.pipeline_parallel_size, layer_split,
+                             frozen_backbone=train.freeze_backbone)
         self.model = ParallelEarlyExitGPT(model_config, parallel_context, layout, dtype=self.dtype, device=self.device)
         if init_from is not None:
             init_from_hf(self.model, init_from)
