@@ -6,8 +6,9 @@ nanotron's pipeline engine and runs, on every rank:
 
 1. the backbone forward of each micro-batch under ``torch.no_grad`` (hidden states sent stage to stage with
    non-blocking point-to-point sends), keeping the input of each exit on this stage;
-2. on the last stage, the final head (its loss is logged; with ``train.exit_distillation`` its logits are the
-   exits' teacher and are sent, TP shard by TP shard, to the stages that hold exits);
+2. on the last stage, the final head (its loss is logged; with ``train.exit_distillation`` or exit gates its
+   logits are the teacher of the exits' distillation and the target of their gates, and are sent, TP shard by TP
+   shard, to the stages that hold exits: one message a micro-batch for all of a stage's exits);
 3. each exit's forward and backward, from its saved input (and teacher), micro-batch by micro-batch.
 
 The losses and their normalisation are those of :class:`~eellm_hf.trainer.loss.MultiExitLoss`, so a step gives
@@ -54,16 +55,16 @@ class FrozenBackboneStep:
         """Accumulate the exits' gradients of these micro-batches (the loss's step must have begun);
         ``grad_accumulator``: nanotron's fp32 gradient accumulator of a low-precision model, if any."""
         # the final head's distribution: the teacher of distillation and the target of the exits' gates
-        distill = self.model.loss.distillation > 0.0 or bool(getattr(self.model.config, "exit_gate", False))
+        needs_teacher = self.model.loss.distillation > 0.0 or bool(getattr(self.model.config, "exit_gate", False))
         sends: list[tuple[dist.Work, torch.Tensor]] = []
         exit_inputs, teachers = [], []
         for micro_batch in micro_batches:
-            inputs, teacher = self._backbone_forward(micro_batch, distill, sends)
+            inputs, teacher = self._backbone_forward(micro_batch, needs_teacher, sends)
             exit_inputs.append(inputs)
             teachers.append(teacher)
         for index, micro_batch in enumerate(micro_batches):
             teacher = teachers[index]
-            if distill and self.local_exits and teacher is None:
+            if needs_teacher and self.local_exits and teacher is None:
                 teacher = self._receive_teacher(micro_batch["labels"])
             if teacher is not None:  # once per micro-batch, for every exit of this stage
                 teacher = TeacherTargets.from_logits(teacher, self.tp_pg, self.model.config.vocab_size)
@@ -81,10 +82,10 @@ class FrozenBackboneStep:
             work.wait()
 
     @torch.no_grad()
-    def _backbone_forward(self, micro_batch: dict[str, torch.Tensor], distill: bool,
+    def _backbone_forward(self, micro_batch: dict[str, torch.Tensor], needs_teacher: bool,
                           sends: list[tuple[dist.Work, torch.Tensor]]
                           ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
-        """This stage's layers on one micro-batch: the inputs of its exits, and (last stage, distillation) the
+        """This stage's layers on one micro-batch: the inputs of its exits, and (last stage, ``needs_teacher``) the
         teacher logits kept for its own exits."""
         model, stage = self.model, self.stage
         backbone = model.model
@@ -111,7 +112,7 @@ class FrozenBackboneStep:
         labels = micro_batch["labels"]
         model.loss.head_loss(model.loss.final_index,
                              vocab_parallel_token_losses(logits, labels, head.pg, head.vocab_size))
-        if not distill:
+        if not needs_teacher:
             return exit_inputs, None
         logits = logits.contiguous()
         for target in self.teacher_stages:

@@ -82,9 +82,9 @@ def vocab_parallel_token_losses(
 
 @dataclasses.dataclass
 class TeacherTargets:
-    """The final head's distribution over this TP rank's vocabulary shard, as self-distillation's teacher:
-    ``probs`` (fp32, 0 on padding entries) and ``neg_entropy`` (per token ``sum p log p`` over the whole
-    vocabulary). Computed once per micro-batch and shared by every exit of a stage."""
+    """The final head's distribution over this TP rank's vocabulary shard, the teacher of self-distillation and
+    the target of exit gates: ``probs`` (fp32, 0 on padding entries), ``neg_entropy`` (per token ``sum p log p``
+    over the whole vocabulary) and ``top``. Computed once per micro-batch and shared by every exit of a stage."""
 
     probs: torch.Tensor
     neg_entropy: torch.Tensor
