@@ -1,4 +1,6 @@
-"""Offline lm-eval task pack (``kjv_pack``); use with ``lm_eval --include_path eellm_hf/eval/tasks``."""
+"""Offline lm-eval task packs (``kjv_pack``, ``python_pack``).
+
+Use with ``lm_eval --include_path eellm_hf/eval/tasks``."""
 
 from pathlib import Path
 

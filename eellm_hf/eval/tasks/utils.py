@@ -1,4 +1,4 @@
-"""Helpers referenced from the ``kjv_*`` task YAMLs via ``!function utils.<name>``.
+"""Helpers referenced from the ``kjv_*`` and ``python_*`` task YAMLs via ``!function utils.<name>``.
 
 lm-eval hands ``dataset_kwargs`` straight to ``datasets.load_dataset``, which resolves relative
 ``data_files`` against the current working directory. The loaders below are used as
@@ -38,6 +38,16 @@ def load_cloze(**_: Any) -> datasets.DatasetDict:
 def load_completion(**_: Any) -> datasets.DatasetDict:
     """Half-verse prompts for ``kjv_completion``."""
     return _load("kjv_completion.jsonl")
+
+
+def load_python_perplexity(**_: Any) -> datasets.DatasetDict:
+    """Held-out standard-library code chunks for ``python_perplexity``."""
+    return _load("python_perplexity.jsonl")
+
+
+def load_python_completion(**_: Any) -> datasets.DatasetDict:
+    """Held-out code prompts and the lines that follow them, for ``python_completion``."""
+    return _load("python_completion.jsonl")
 
 
 def _normalize(text: str) -> str:
