@@ -35,6 +35,18 @@ def hf_offline_env(monkeypatch: pytest.MonkeyPatch) -> None:
         monkeypatch.setenv(key, value)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Tiny matmuls run faster on one thread than on two contended ones (shared CPUs): a module that asks for it
+    (``pytestmark = pytest.mark.usefixtures("one_torch_thread")``) runs on one torch thread."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A randomly initialised 2-layer ``LlamaForCausalLM`` plus a locally trained tokenizer.

@@ -25,13 +25,7 @@ NEW_TOKENS = 8
 POOL = 160  # recorded prompts; the CLI calibrates on the first half, the second half is held out
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny matmuls run faster on one thread than on two contended ones (shared CPUs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -44,13 +44,7 @@ def agreeing_model(seed: int = 0, damping: float = 0.15, **overrides) -> EarlyEx
     return model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_torch_thread():
-    """Tiny matmuls run faster on one thread than on two contended ones (shared CPUs)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 @pytest.fixture(scope="module")

@@ -12,13 +12,13 @@ The output is deterministic for a given Python version (fixed seed, files in pat
 from __future__ import annotations
 
 import argparse
-import json
 import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..code_corpus import completion_prompts, python_source_documents
+from .build_tasks import dump_jsonl
 
 SEED: int = 1991  # the year of Python's first release
 N_PERPLEXITY: int = 48
@@ -63,7 +63,7 @@ def build(out_dir: str | Path = DEFAULT_OUT) -> list[Path]:
     written = []
     for name, rows in build_rows().items():
         path = out / name
-        path.write_bytes("".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8"))
+        path.write_bytes(dump_jsonl(rows))
         written.append(path)
     return written
 

@@ -127,7 +127,8 @@ def build_rows(verses: Sequence[Verse] | None = None) -> dict[str, list[dict[str
     }
 
 
-def _dump(rows: Iterable[dict[str, Any]]) -> bytes:
+def dump_jsonl(rows: Iterable[dict[str, Any]]) -> bytes:
+    """Task rows as JSON lines (fixed formatting, so that builds are byte-identical)."""
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
 
 
@@ -138,7 +139,7 @@ def build(out_dir: str | Path = DEFAULT_OUT) -> list[Path]:
     written: list[Path] = []
     for name, rows in build_rows().items():
         path = out / name
-        path.write_bytes(_dump(rows))
+        path.write_bytes(dump_jsonl(rows))
         written.append(path)
     return written
 
