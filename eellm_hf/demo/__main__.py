@@ -1,0 +1,3 @@
+from .ee_tune import main
+
+main()

@@ -1,0 +1,104 @@
+"""How good are a model's exits, and what could early exit buy? Teacher-forced on held-out text, per exit:
+top-1 agreement with the final head, and for each threshold of a confidence measure the share of tokens that
+would leave at each exit (first confident exit wins, as in generation), their agreement with the final head, and
+the compute per token relative to full depth by the cost model below.
+
+Cost model (batch 1, multiply-adds per token): a decoder layer costs its matmuls, an exit its norm/MLP (and gate)
+on every token that reaches it plus its vocabulary projection on every token whose decision needs it (all of them
+for ``max_prob``; only the tokens that leave for ``gate``), the final head its projection. Deep KV of exited tokens
+is recomputed later in a batched pass, which costs little extra time on a CPU bound by reading weights, so it is
+not counted: the figure is an upper bound of the speedup (``ideal``), not a measurement.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+
+from ..code_corpus import python_source_documents
+
+THRESHOLDS = (0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
+
+
+def layer_cost(config: Any) -> float:
+    """Multiply-adds per token of one decoder layer's matmuls."""
+    h, i = config.hidden_size, config.intermediate_size
+    head_dim = config.head_dim or h // config.num_attention_heads
+    attention = 2 * h * config.num_attention_heads * head_dim + 2 * h * config.num_key_value_heads * head_dim
+    return attention + 3 * h * i
+
+
+def held_out_chunks(tokenizer: Any, tokens: int, length: int) -> list[torch.Tensor]:
+    """``tokens`` tokens of the held-out standard-library source, as rows of ``length`` (never trained on)."""
+    if tokens < length:
+        raise ValueError(f"tokens ({tokens}) must be at least one row of length {length}")
+    ids: list[int] = []
+    for document in python_source_documents(held_out=True):
+        ids.extend(tokenizer(document["text"]).input_ids)
+        if len(ids) >= tokens:
+            break
+    ids_tensor = torch.tensor(ids[: min(tokens, len(ids)) // length * length])
+    return list(ids_tensor.view(-1, length))
+
+
+@torch.no_grad()
+def collect(model: Any, chunks: Sequence[torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Per token: the final head's greedy token, each exit's greedy token, max probability and gate probability."""
+    final, tops, probs, gates = [], [], [], []
+    for chunk in chunks:
+        out = model(input_ids=chunk[None].to(model.device), compute_exits=True)
+        final.append(out.logits[0].argmax(-1).cpu())
+        tops.append(torch.stack([x[0].argmax(-1) for x in out.exit_logits]).cpu())
+        probs.append(torch.stack([x[0].float().softmax(-1).amax(-1) for x in out.exit_logits]).cpu())
+        if out.exit_gate_logits is not None:
+            gates.append(torch.stack([torch.sigmoid(x[0].float()) for x in out.exit_gate_logits]).cpu())
+    result = {"final": torch.cat(final), "top": torch.cat(tops, 1), "max_prob": torch.cat(probs, 1)}
+    if gates:
+        result["gate"] = torch.cat(gates, 1)
+    return result
+
+
+def exit_agreements(data: dict[str, torch.Tensor]) -> list[float]:
+    """Per exit: the share of tokens whose greedy token equals the final head's."""
+    return [float((top == data["final"]).float().mean()) for top in data["top"]]
+
+
+def policy(data: dict[str, torch.Tensor], measure: str, threshold: float, config: Any) -> dict[str, Any]:
+    """First exit whose confidence reaches the threshold: shares, agreement and the cost-model speedup."""
+    layers, unit, head = config.exit_layers, layer_cost(config), config.hidden_size * config.vocab_size
+    exit_extra = 3 * config.hidden_size * config.intermediate_size if config.exit_mlp else 0.0
+    exit_extra += unit if config.exit_block else 0.0
+    tokens = data["final"].numel()
+    undecided = torch.ones(tokens, dtype=torch.bool)
+    agree = torch.zeros(tokens, dtype=torch.bool)
+    cost = torch.zeros(tokens)
+    previous, shares = 0, []
+    for index, layer in enumerate(layers):
+        cost[undecided] += (layer - previous) * unit + exit_extra
+        fire = undecided & (data[measure][index] >= threshold)
+        cost[fire if measure == "gate" else undecided] += head
+        agree |= fire & (data["top"][index] == data["final"])
+        shares.append(float(fire.float().mean()))
+        undecided &= ~fire
+        previous = layer
+    cost[undecided] += (config.num_hidden_layers - previous) * unit + head
+    agree |= undecided
+    full = config.num_hidden_layers * unit + head
+    return {"measure": measure, "threshold": threshold, "shares": shares, "agreement": float(agree.float().mean()),
+            "ideal_speedup": full / float(cost.mean())}
+
+
+def measure_exits(model: Any, tokenizer: Any, tokens: int = 8192, length: int = 256,
+                  measures: Sequence[str] = ("max_prob", "gate"),
+                  thresholds: Sequence[float] = THRESHOLDS) -> dict[str, Any]:
+    """Held-out agreement per exit and, per measure the model has and threshold, :func:`policy`'s row."""
+    data = collect(model, held_out_chunks(tokenizer, tokens, length))
+    rows = [policy(data, measure, threshold, model.config)
+            for measure in measures if measure in data for threshold in thresholds]
+    return {"tokens": data["final"].numel(), "exit_layers": list(model.config.exit_layers),
+            "agreement": exit_agreements(data), "policies": rows}
+
+
+__all__ = ["THRESHOLDS", "collect", "exit_agreements", "held_out_chunks", "layer_cost", "measure_exits", "policy"]
