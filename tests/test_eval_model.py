@@ -270,3 +270,34 @@ def test_sweep_prompts_file(tiny_early_exit_dir: Path, tmp_path: Path) -> None:
     assert data["num_prompts"] == 3 and [run["threshold"] for run in data["runs"]] == [None, 0.9]
     assert set(data["runs"][1]["tokens_per_exit"]) <= {"3", "4"}
     assert (out / "speed_quality.png").is_file() and (out / "exit_histogram.png").is_file()
+
+
+def test_full_depth_stays_full_depth_when_the_export_recommends_early_exit(tiny_early_exit_dir: Path,
+                                                                           tmp_path: Path) -> None:
+    """An export's generation config may recommend early exit (the trainer's ``export_generation``): ``generate()``
+    follows it, but the sweep's and lm-eval's full-depth runs must still run every layer."""
+    import shutil
+
+    from lm_eval.api.instance import Instance
+    from transformers import AutoTokenizer, GenerationConfig
+
+    from eellm_hf import EarlyExitGPTForCausalLM
+    from eellm_hf.eval import sweep
+
+    model_dir = tmp_path / "model"
+    shutil.copytree(tiny_early_exit_dir, model_dir)
+    base = GenerationConfig.from_pretrained(model_dir)
+    ids = {name: getattr(base, name) for name in ("bos_token_id", "eos_token_id", "pad_token_id")}
+    GenerationConfig(**ids, early_exit_threshold=0.0).save_pretrained(model_dir)  # every token: the first exit
+    model = EarlyExitGPTForCausalLM.from_pretrained(model_dir).eval()
+    assert model.generation_config.early_exit_threshold == 0.0
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    prompts = [sweep.Prompt("In the beginning", None)]
+    assert set(sweep.generate_batch(model, tokenizer, prompts, 0.0, 4).layers[0]) == {1}  # the recommendation
+    assert set(sweep.generate_batch(model, tokenizer, prompts, None, 4).layers[0]) == {4}
+
+    lm = EarlyExitLM(pretrained=str(model_dir), dtype="float32", device="cpu")
+    request = Instance(request_type="generate_until", doc={}, idx=0,
+                       arguments=("In the beginning", {"until": ["\n"], "max_gen_toks": 4, "do_sample": False}))
+    lm.generate_until([request], disable_tqdm=True)
+    assert lm.cost()["mean_exit_layer"] == 4.0
