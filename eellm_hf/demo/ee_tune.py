@@ -57,7 +57,7 @@ class EETuneDemoSettings:
     model: dict[str, Any] = field(default_factory=dict)
     data: dict[str, Any] = field(default_factory=dict)
     train: dict[str, Any] = field(default_factory=dict)
-    agreement_tokens: int = 4096
+    agreement_tokens: int = 2048
     agreement_length: int = 256
     prompts: int = 4
     new_tokens: int = 32
