@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -193,6 +194,8 @@ class Demo:
         from rich.console import Console
         from rich.text import Text
 
+        from .modeling.early_exit_settings import mean_exit_layer
+
         threshold, new_tokens = self.settings.threshold, self.settings.new_tokens
         model, tokenizer = self._load_model()
         layers = [*model.config.exit_layers, model.config.num_hidden_layers]
@@ -236,7 +239,7 @@ class Demo:
             "threshold": threshold,
             "speedup": statistics.median(throughput("early_exit", i) / throughput("full_depth", i)
                                          for i in range(rounds)),
-            "mean_exit_layer": sum(all_layers) / len(all_layers),
+            "mean_exit_layer": mean_exit_layer(Counter(all_layers)),
             "tokens_per_exit": {str(layer): all_layers.count(layer) for layer in layers},
             "samples": samples,
         }

@@ -47,7 +47,7 @@ from lm_eval.models.utils_hf import stop_sequences_criteria
 
 import eellm_hf  # noqa: F401  (registers EarlyExitGPT with the Auto classes)
 from eellm_hf.eval.sweep import eos_token_ids, real_token_layers
-from eellm_hf.modeling.generation_early_exit import EXIT_CONFIDENCE_MEASURES
+from eellm_hf.modeling.early_exit_settings import EarlyExitSettings, check_threshold, mean_exit_layer
 from eellm_hf.modeling.speculative_early_exit import EARLY_EXIT_MODES
 
 COST_KEY = "eellm_cost"
@@ -65,9 +65,7 @@ def parse_threshold(value: Any) -> float | None:
         threshold = float(value)
     except (TypeError, ValueError):
         raise ValueError(f"early_exit_threshold must be a number in [0, 1] or None, got {value!r}.") from None
-    if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"early_exit_threshold must be in [0, 1] (or None for full depth), got {threshold}.")
-    return threshold
+    return check_threshold(threshold)
 
 
 def parse_bool(value: Any, name: str) -> bool | None:
@@ -142,7 +140,7 @@ class CostTracker:
     def summary(self) -> dict[str, Any]:
         """JSON-ready cost: settings, tokens per exit (layer -> count), mean exit layer, wall times."""
         tokens = sum(self.tokens_per_exit.values())
-        mean = sum(layer * n for layer, n in self.tokens_per_exit.items()) / tokens if tokens else None
+        mean = mean_exit_layer(self.tokens_per_exit)
         return {
             "num_hidden_layers": self.num_hidden_layers,
             "exit_layers": list(self.exit_layers),
@@ -197,11 +195,9 @@ class EarlyExitLM(HFLM):
                 "e.g. active_exits=4|8 or active_exits=4;8."
             )
         threshold = parse_threshold(early_exit_threshold)
-        if exit_confidence not in EXIT_CONFIDENCE_MEASURES:
-            raise ValueError(f"exit_confidence must be one of {EXIT_CONFIDENCE_MEASURES}, got {exit_confidence!r}.")
         active = parse_layers(active_exits)
         cap = parse_layers(max_recompute_tokens, "max_recompute_tokens")
-        if cap is not None and (len(cap) != 1 or cap[0] < 1):
+        if cap is not None and len(cap) != 1:
             raise ValueError(f"max_recompute_tokens must be an integer >= 1 or None, got {max_recompute_tokens!r}.")
         mode = None if early_exit_mode is None else str(early_exit_mode).strip().lower()
         if mode is not None and mode not in EARLY_EXIT_MODES:
@@ -231,11 +227,8 @@ class EarlyExitLM(HFLM):
         if not exits and (early_exit_requested or (score_layers is not None and score_layers[0] != num_layers)):
             raise ValueError(f"{type(self.model).__name__} has no early exits; early-exit model_args need an "
                              "EarlyExitGPT model.")
-        if active is not None:
-            wrong = [layer for layer in active if layer not in exits]
-            if wrong:
-                raise ValueError(f"active_exits {wrong} are not exits of this model: its exits sit after layers "
-                                 f"{exits}.")
+        EarlyExitSettings.resolve(config, {"early_exit_threshold": threshold, "exit_confidence": exit_confidence,
+                                           "active_exits": active, "max_recompute_tokens": cap[0] if cap else None})
         self._exit_index: int | None = None
         if score_layers is not None:
             layer = score_layers[0]

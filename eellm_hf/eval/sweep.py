@@ -37,10 +37,10 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..modeling.generation_early_exit import EXIT_CONFIDENCE_MEASURES
+from ..modeling.early_exit_settings import EXIT_CONFIDENCE_MEASURES, EarlyExitSettings, check_threshold, mean_exit_layer
+from ..modeling.loading import DTYPES, load_model, load_tokenizer
 
 DEFAULT_THRESHOLDS: list[float] = [round(1.0 - 0.1 * step, 1) for step in range(11)]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 FULL = "full"
 
 
@@ -369,7 +369,7 @@ def _row(model: Any, tokenizer: Any, prompt_set: PromptSet, threshold: float | N
          full: Generation, wall_time_s: float, speedup: float, wall_time_speedup: float) -> dict[str, Any]:
     counts = Counter(layer for row in result.layers for layer in row)
     num_tokens = sum(counts.values())
-    mean_layer = sum(layer * n for layer, n in counts.items()) / num_tokens if num_tokens else None
+    mean_layer = mean_exit_layer(counts)
     texts = [_cut(tokenizer.decode(row, skip_special_tokens=True), prompt_set.stop) for row in result.tokens]
     row: dict[str, Any] = {
         "threshold": threshold,
@@ -497,14 +497,13 @@ def build_parser() -> argparse.ArgumentParser:
 def sweep_from_args(argv: list[str] | None = None) -> dict[str, Any]:
     """Run ``eellm-sweep`` on ``argv``; returns what ``sweep.json`` holds."""
     args = build_parser().parse_args(argv)
-    if any(not 0.0 <= t <= 1.0 for t in args.thresholds):
-        raise SystemExit(f"eellm-sweep: thresholds must be in [0, 1], got {args.thresholds}")
+    try:  # before loading anything; the model's own checks follow (check_settings)
+        for threshold in args.thresholds:
+            check_threshold(threshold)
+    except ValueError as exc:
+        raise SystemExit(f"eellm-sweep: --thresholds: {exc}") from None
     if args.batch_size < 1 or args.repeats < 1 or args.warmup < 0:
         raise SystemExit("eellm-sweep: --batch-size and --repeats must be >= 1, --warmup >= 0")
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import eellm_hf  # noqa: F401  (registers EarlyExitGPT with the Auto classes)
 
     if args.task is not None:
         prompt_set = load_task(args.task, args.limit, args.include_path)
@@ -514,13 +513,8 @@ def sweep_from_args(argv: list[str] | None = None) -> dict[str, Any]:
         source = {"prompts_file": str(args.prompts_file)}
     max_new_tokens = args.max_new_tokens or prompt_set.max_new_tokens or 32
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype],
-                                                 trust_remote_code=args.trust_remote_code)
-    model = model.to(args.device).eval()
+    tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    model = load_model(args.model, args.dtype, args.device, trust_remote_code=args.trust_remote_code)
     config = model.config
     exits = [int(layer) for layer in getattr(config, "exit_layers", None) or []]
     if not exits:
@@ -531,6 +525,7 @@ def sweep_from_args(argv: list[str] | None = None) -> dict[str, Any]:
         early_exit_kwargs["active_exits"] = args.active_exits
     if args.max_recompute_tokens is not None:
         early_exit_kwargs["max_recompute_tokens"] = args.max_recompute_tokens
+    check_settings("eellm-sweep", config, early_exit_kwargs, args.thresholds)
 
     rows = run_sweep(model, tokenizer, prompt_set, args.thresholds, max_new_tokens, args.batch_size,
                      early_exit_kwargs, warmup=args.warmup, repeats=args.repeats)
@@ -572,6 +567,17 @@ def sweep_from_args(argv: list[str] | None = None) -> dict[str, Any]:
     return summary
 
 
+def check_settings(prog: str, model_config: Any, early_exit_kwargs: dict[str, Any], thresholds: Sequence[float]
+                   ) -> None:
+    """Every threshold with ``early_exit_kwargs`` is a valid setting of the model (``EarlyExitSettings.resolve``,
+    as ``generate`` checks it), or the command ends naming the bad value."""
+    try:
+        for threshold in thresholds:
+            EarlyExitSettings.resolve(model_config, {**early_exit_kwargs, "early_exit_threshold": threshold})
+    except ValueError as exc:
+        raise SystemExit(f"{prog}: {exc}") from None
+
+
 def main(argv: list[str] | None = None) -> None:
     """``eellm-sweep`` console entry point."""
     sweep_from_args(argv)
@@ -588,6 +594,7 @@ __all__ = [
     "PromptSet",
     "agreement",
     "build_parser",
+    "check_settings",
     "generate",
     "generate_batch",
     "load_prompts_file",

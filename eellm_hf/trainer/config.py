@@ -808,7 +808,7 @@ def _validate(cfg: TrainerConfig, world_size: int | None, check_files: bool) -> 
     if train.freeze_backbone:
         _need(model.num_exits > 0, "`train.freeze_backbone` is true but the model has no exits to train")
     if cfg.export_generation:
-        from eellm_hf.modeling.generation_early_exit import EarlyExitSettings
+        from eellm_hf.modeling.early_exit_settings import EarlyExitSettings
 
         try:
             EarlyExitSettings.resolve(model, cfg.export_generation, ())
