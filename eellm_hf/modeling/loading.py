@@ -11,20 +11,7 @@ from typing import Any
 
 import torch
 
-DTYPES: dict[str, torch.dtype] = {
-    "float32": torch.float32,
-    "bfloat16": torch.bfloat16,
-    "float16": torch.float16,
-    "float64": torch.float64,
-}
-"""Names of the dtypes a model can be loaded or trained in (command-line and config values)."""
-
-
-def torch_dtype(name: str) -> torch.dtype:
-    """The dtype named `name` (a key of `DTYPES`)."""
-    if name not in DTYPES:
-        raise ValueError(f"dtype must be one of {', '.join(DTYPES)}, got {name!r}")
-    return DTYPES[name]
+from ..dtypes import DTYPES, torch_dtype
 
 
 def load_tokenizer(model_dir: str | Path, trust_remote_code: bool = False) -> Any:
