@@ -106,6 +106,22 @@ def parse_layers(value: Any, name: str = "active_exits") -> list[int] | None:
     return layers
 
 
+def parse_speculative(early_exit_mode: Any, num_speculative_tokens: Any, stop_draft_when_unsure: Any,
+                      threshold: float | None) -> tuple[str | None, list[int] | None, bool | None]:
+    """The self-speculative model_args: mode (None when unset), drafted tokens per round, stop-draft flag."""
+    mode = None if early_exit_mode is None else str(early_exit_mode).strip().lower()
+    if mode is not None and mode not in EARLY_EXIT_MODES:
+        raise ValueError(f"early_exit_mode must be one of {EARLY_EXIT_MODES}, got {early_exit_mode!r}.")
+    speculative_tokens = parse_layers(num_speculative_tokens, "num_speculative_tokens")
+    if speculative_tokens is not None and (len(speculative_tokens) != 1 or speculative_tokens[0] < 1):
+        raise ValueError(f"num_speculative_tokens must be an integer >= 1, got {num_speculative_tokens!r}.")
+    stop_draft = parse_bool(stop_draft_when_unsure, "stop_draft_when_unsure")
+    if mode == "speculative" and threshold is None:
+        raise ValueError("early_exit_mode=speculative needs early_exit_threshold (the confidence at which an "
+                         "exit drafts a token).")
+    return mode, speculative_tokens, stop_draft
+
+
 class CostTracker:
     """Accumulates what early-exit generation and scoring cost, across requests and ``generate`` calls."""
 
@@ -199,16 +215,8 @@ class EarlyExitLM(HFLM):
         cap = parse_layers(max_recompute_tokens, "max_recompute_tokens")
         if cap is not None and len(cap) != 1:
             raise ValueError(f"max_recompute_tokens must be an integer >= 1 or None, got {max_recompute_tokens!r}.")
-        mode = None if early_exit_mode is None else str(early_exit_mode).strip().lower()
-        if mode is not None and mode not in EARLY_EXIT_MODES:
-            raise ValueError(f"early_exit_mode must be one of {EARLY_EXIT_MODES}, got {early_exit_mode!r}.")
-        speculative_tokens = parse_layers(num_speculative_tokens, "num_speculative_tokens")
-        if speculative_tokens is not None and (len(speculative_tokens) != 1 or speculative_tokens[0] < 1):
-            raise ValueError(f"num_speculative_tokens must be an integer >= 1, got {num_speculative_tokens!r}.")
-        stop_draft = parse_bool(stop_draft_when_unsure, "stop_draft_when_unsure")
-        if mode == "speculative" and threshold is None:
-            raise ValueError("early_exit_mode=speculative needs early_exit_threshold (the confidence at which an "
-                             "exit drafts a token).")
+        mode, speculative_tokens, stop_draft = parse_speculative(early_exit_mode, num_speculative_tokens,
+                                                                 stop_draft_when_unsure, threshold)
         score_layers = parse_layers(exit_layer, "exit_layer")
         if score_layers is not None and len(score_layers) != 1:
             raise ValueError(f"exit_layer must be a single layer, got {exit_layer!r}.")
