@@ -102,15 +102,15 @@ class KVWriter:
         return keys[rows, :, :end], values[rows, :, :end]
 
 
-
 class EarlyExitDecoder:
     """Runs an `EarlyExitGPTForCausalLM` token by token with per-row exits and per-row, per-layer KV bookkeeping.
 
     Keys/values live in preallocated `(batch, kv_heads, capacity, head_dim)` tensors, one per cache layer (backbone
     layers, then the active exits' blocks). `filled[layer][row]` counts the leading columns of `row` whose KV is
     computed at `layer`; it never grows with depth, and an exit block's count equals that of the layer it follows.
-    `state[row, column - prompt_length]` holds the hidden state at which a generated column's computation last
-    stopped, from which the next layer that needs it resumes (prompt columns are computed at full depth at once).
+    `saved_hidden[row, column - prompt_length]` holds the hidden state at which a generated column's computation
+    last stopped, from which the next layer that needs it resumes (prompt columns are computed at full depth at
+    once).
     """
 
     def __init__(self, model: nn.Module, settings: EarlyExitSettings, input_ids: torch.LongTensor, max_length: int):
@@ -132,8 +132,8 @@ class EarlyExitDecoder:
         self.positions = torch.zeros(batch_size, self.capacity, dtype=torch.long, device=device)
         self.key_mask = torch.ones(batch_size, self.capacity, dtype=torch.bool, device=device)
         self.row_padded = [False] * batch_size
-        self.state = torch.zeros(batch_size, self.capacity - prompt_length, config.hidden_size, dtype=self.dtype,
-                                 device=device)
+        self.saved_hidden = torch.zeros(batch_size, self.capacity - prompt_length, config.hidden_size,
+                                        dtype=self.dtype, device=device)
         self.arange = torch.arange(self.capacity, device=device)
 
         num_cache_layers = self.num_layers + len(self.exit_layers)
@@ -305,7 +305,8 @@ class EarlyExitDecoder:
             block_filled = self.filled[self.num_layers + exit_index]
             for row in state.x_rows:
                 block_filled[row] = state.end
-            self._count(state.kind, state.x_rows, state.x_starts, state.x_start, state.end, exit_block=exit_index)
+            self._count(state.kind, state.x_rows, state.x_starts, state.x_start, state.end,
+                        exit_block=exit_index)
         if not state.undecided:
             return
         x_rows, undecided = state.x_rows, state.undecided
@@ -339,7 +340,7 @@ class EarlyExitDecoder:
         keep, offset, end, x, x_start = [], self.prompt_length, state.end, state.x, state.x_start
         for index, (row, row_start) in enumerate(zip(state.x_rows, state.x_starts)):
             if row in stopping:
-                self.state[row, row_start - offset:end - offset] = x[index, row_start - x_start:]
+                self.saved_hidden[row, row_start - offset:end - offset] = x[index, row_start - x_start:]
             else:
                 keep.append(index)
         state.alive = [row for row in state.alive if row not in stopping]
@@ -352,10 +353,10 @@ class EarlyExitDecoder:
         state.x = x[keep, state.x_start - x_start:]
 
     def _resume(self, state: DecodingPass, work: list[int], starts: list[int], start: int) -> torch.Tensor:
-        """Input of a layer where some columns resume from a saved state: saved states, then this pass's outputs."""
+        """Input of a layer where some columns resume from `saved_hidden`: saved states, then this pass's outputs."""
         end = state.end
         sel = self._selector(work)
-        x_in = self.state[sel, start - self.prompt_length:end - self.prompt_length]
+        x_in = self.saved_hidden[sel, start - self.prompt_length:end - self.prompt_length]
         if isinstance(sel, slice):
             x_in = x_in.clone()
         if state.x is not None:
@@ -465,7 +466,7 @@ class EarlyExitDecoder:
         self.ids = pad(self.ids, 1)
         self.positions = pad(self.positions, 1)
         self.key_mask = pad(self.key_mask, 1, True)
-        self.state = pad(self.state, 1)
+        self.saved_hidden = pad(self.saved_hidden, 1)
         for layer in self.cache_layers:
             self.keys[layer] = pad(self.keys[layer], 2)
             self.values[layer] = pad(self.values[layer], 2)
