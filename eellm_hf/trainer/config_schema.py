@@ -112,24 +112,23 @@ class ParallelismConfig:
     def world_size(self) -> int:
         return self.tp * self.pp * self.dp
 
-    def stage_layers(self, model_config: Any, frozen_backbone: bool = False) -> list[int]:
-        """Number of decoder layers of each pipeline stage, exactly as the trainer splits them
-        (:func:`eellm_hf.trainer.parallel_model.make_layout`): ``layer_split``, else the cost-balanced split that
-        counts each exit head on its layer's stage and the final head on the last stage.
-        ``model_config``: the model's ``EarlyExitGPTConfig`` (:meth:`TrainerConfig.model_config`);
-        ``frozen_backbone``: ``train.freeze_backbone`` (EE-Tuning weighs the exits more)."""
+    def layout(self, model_config: Any, frozen_backbone: bool = False) -> Any:
+        """The trainer's pipeline layout of the model (:func:`eellm_hf.trainer.parallel_model.make_layout`):
+        ``layer_split``, else the cost-balanced split that counts each exit head on its layer's stage and the final
+        head on the last stage. ``model_config``: the model's ``EarlyExitGPTConfig``
+        (:meth:`TrainerConfig.model_config`); ``frozen_backbone``: ``train.freeze_backbone`` (EE-Tuning weighs the
+        exits more)."""
         from eellm_hf.trainer.parallel_model import make_layout  # imports torch/nanotron: only when needed
 
-        return list(make_layout(model_config, self.pp, self.layer_split, frozen_backbone).layer_split)
+        return make_layout(model_config, self.pp, self.layer_split, frozen_backbone)
+
+    def stage_layers(self, model_config: Any, frozen_backbone: bool = False) -> list[int]:
+        """Number of decoder layers of each pipeline stage, exactly as the trainer splits them (:meth:`layout`)."""
+        return list(self.layout(model_config, frozen_backbone).layer_split)
 
     def stage_of_layer(self, layer: int, model_config: Any) -> int:
         """Pipeline stage (0-based) holding decoder layer ``layer`` (1-based, as in ``exit_layers``)."""
-        end = 0
-        for stage, count in enumerate(self.stage_layers(model_config)):
-            end += count
-            if layer <= end:
-                return stage
-        raise ValueError(f"layer {layer} is outside [1, {model_config.num_hidden_layers}]")
+        return self.layout(model_config).stage_of_layer(layer)
 
 
 
