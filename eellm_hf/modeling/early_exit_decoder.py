@@ -45,7 +45,7 @@ class ExitDecision:
     logits: torch.Tensor
 
 
-@dataclass
+@dataclass(slots=True)
 class DecodingPass:
     """The state of one pass of `EarlyExitDecoder.run_pass` over columns up to `end - 1`.
 
@@ -56,6 +56,7 @@ class DecodingPass:
 
     kind: PassKind
     top: int
+    end: int  # top + 1
     fill: bool
     alive: list[int]
     undecided: set[int]
@@ -65,10 +66,6 @@ class DecodingPass:
     x_rows: list[int] = field(default_factory=list)
     x_starts: list[int] = field(default_factory=list)
     x_start: int = 0
-
-    @property
-    def end(self) -> int:
-        return self.top + 1
 
     def clear(self) -> None:
         """No row ran the last layer: nothing to carry to the next one."""
@@ -244,7 +241,7 @@ class EarlyExitDecoder:
         if top + 1 > self.capacity:
             self._grow(top + 1)
         self._pass_cache = {}
-        state = DecodingPass(kind=kind, top=top, fill=fill, alive=list(rows),
+        state = DecodingPass(kind=kind, top=top, end=top + 1, fill=fill, alive=list(rows),
                              undecided=set(rows) if decide else set(), refill_from=dict.fromkeys(rows, top),
                              x_start=top + 1)
         depth = self.num_layers if depth is None else depth
