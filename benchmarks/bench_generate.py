@@ -38,6 +38,7 @@ from typing import Any
 import torch
 
 from eellm_hf import EarlyExitGPTConfig, EarlyExitGPTForCausalLM, corpus
+from eellm_hf.modeling.early_exit_settings import mean_exit_layer
 
 EOS, PAD = "<|endoftext|>", "<|pad|>"
 WALL_CLOCK = False  # speedups from wall-clock time instead of process CPU time
@@ -224,14 +225,13 @@ def bench_trained(model_dir: Path, thresholds: list[float], batch_sizes: list[in
                 for stat in stats:
                     for layer, count in stat.tokens_per_exit.items():
                         tokens_per_exit[layer] = tokens_per_exit.get(layer, 0) + count
-                total = sum(tokens_per_exit.values())
                 ideal = full_flops / sum(flops.early_exit(stat) for stat in stats)
                 agree = [
                     (output.sequences[:, -new_tokens:] == ref[:, -new_tokens:]).float().mean().item()
                     for output, ref in zip(outputs, reference)
                 ]
                 row.update(
-                    mean_exit_layer=sum(layer * n for layer, n in tokens_per_exit.items()) / total,
+                    mean_exit_layer=mean_exit_layer(tokens_per_exit),
                     tokens_per_exit=tokens_per_exit,
                     recomputed=sum(stat.recomputed_tokens for stat in stats),
                     padding=sum(stat.padding_token_layers for stat in stats)

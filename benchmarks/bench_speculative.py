@@ -40,6 +40,7 @@ from typing import Any
 import torch
 
 from eellm_hf import corpus
+from eellm_hf.modeling.early_exit_settings import mean_exit_layer
 
 
 def prompts_from_held_out(count: int, words: int = 8) -> list[str]:
@@ -135,7 +136,7 @@ def bench(model: Any, llama: Any, tokenizer: Any, args: argparse.Namespace) -> l
                 for stat in stats:
                     for layer, count in stat.tokens_per_exit.items():
                         layers[layer] = layers.get(layer, 0) + count
-                row["mean_exit_layer"] = sum(layer * n for layer, n in layers.items()) / sum(layers.values())
+                row["mean_exit_layer"] = mean_exit_layer(layers)
                 if name.startswith("spec"):
                     drafted = sum(stat.draft_tokens for stat in stats)
                     row["acceptance"] = sum(stat.accepted_draft_tokens for stat in stats) / drafted if drafted \

@@ -26,9 +26,8 @@ from typing import Any
 
 import torch
 
-from .modeling.generation_early_exit import EXIT_CONFIDENCE_MEASURES
-
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16, "float64": torch.float64}
+from .modeling.early_exit_settings import EXIT_CONFIDENCE_MEASURES, EarlyExitSettings, mean_exit_layer
+from .modeling.loading import DTYPES, load_model, load_tokenizer
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -82,19 +81,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.pp is not None:
         return _main_pipeline(parser, args)
-    from transformers import AutoModelForCausalLM
-
-    import eellm_hf  # noqa: F401  (registers the model with the Auto classes)
-
-    tokenizer = _tokenizer(args)
-    model = AutoModelForCausalLM.from_pretrained(
-        args.model_dir, dtype=DTYPES[args.dtype], trust_remote_code=args.trust_remote_code
-    ).to(args.device).eval()
+    tokenizer = load_tokenizer(args.model_dir)
+    model = load_model(args.model_dir, args.dtype, args.device, trust_remote_code=args.trust_remote_code)
+    generate_kwargs = _generate_kwargs(parser, args, tokenizer, model.config)
     encoded = tokenizer(args.prompt, return_tensors="pt", padding=True).to(args.device)
     _check_prompt_lengths(parser, args, encoded["attention_mask"].sum(dim=1).tolist(),
                           model.config.max_position_embeddings)
     torch.manual_seed(args.seed)
-    output = model.generate(**encoded, **_generate_kwargs(args, tokenizer))
+    output = model.generate(**encoded, **generate_kwargs)
     _print_outputs(args, tokenizer, output, encoded["input_ids"].shape[1], model.config.num_hidden_layers,
                    model.generation_config.eos_token_id)
     return 0
@@ -113,29 +107,23 @@ def _main_pipeline(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         if not pipeline.is_first:
             pipeline.serve()
             return 0
-        tokenizer = _tokenizer(args)
+        tokenizer = load_tokenizer(args.model_dir)
+        generate_kwargs = _generate_kwargs(parser, args, tokenizer, pipeline.config)
         encoded = tokenizer(args.prompt, return_tensors="pt", padding=True).to(pipeline.device)
         _check_prompt_lengths(parser, args, encoded["attention_mask"].sum(dim=1).tolist(),
                               pipeline.config.max_position_embeddings)
         torch.manual_seed(args.seed)
-        output = pipeline.generate(**encoded, **_generate_kwargs(args, tokenizer))
+        output = pipeline.generate(**encoded, **generate_kwargs)
         pipeline.close()
         _print_outputs(args, tokenizer, output, encoded["input_ids"].shape[1], pipeline.config.num_hidden_layers,
                        pipeline.model.generation_config.eos_token_id)
     return 0
 
 
-def _tokenizer(args: argparse.Namespace) -> Any:
-    from transformers import AutoTokenizer
-
-    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    return tokenizer
-
-
-def _generate_kwargs(args: argparse.Namespace, tokenizer: Any) -> dict[str, Any]:
+def _generate_kwargs(parser: argparse.ArgumentParser, args: argparse.Namespace, tokenizer: Any,
+                     model_config: Any) -> dict[str, Any]:
+    """`generate`'s keyword arguments; the early-exit ones checked up front against the model
+    (`EarlyExitSettings.resolve`), so that a bad value is a usage error naming it."""
     generate_kwargs = {"max_new_tokens": args.max_new_tokens, "do_sample": args.do_sample,
                        "pad_token_id": tokenizer.pad_token_id, "return_dict_in_generate": True}
     if args.early_exit_threshold is not None:
@@ -146,6 +134,10 @@ def _generate_kwargs(args: argparse.Namespace, tokenizer: Any) -> dict[str, Any]
             generate_kwargs[name] = getattr(args, name)
     if args.stop_draft_when_unsure:
         generate_kwargs["stop_draft_when_unsure"] = True
+    try:
+        EarlyExitSettings.resolve(model_config, generate_kwargs)
+    except ValueError as exc:
+        parser.error(str(exc))
     return generate_kwargs
 
 
@@ -170,7 +162,7 @@ def _print_outputs(args: argparse.Namespace, tokenizer: Any, output: Any, prompt
             print(f"{prompt}{text}")
     if not args.json and counts:
         total = sum(counts.values())
-        mean = sum(layer * count for layer, count in counts.items()) / total
+        mean = mean_exit_layer(counts)
         per_exit = ", ".join(f"layer {layer}: {count}" for layer, count in sorted(counts.items()))
         print(f"-- {total} tokens, mean exit layer {mean:.2f} of {num_layers} ({per_exit})", file=sys.stderr)
         stats = getattr(output, "early_exit_stats", None)

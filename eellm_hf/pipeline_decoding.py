@@ -58,19 +58,17 @@ from transformers.generation import GenerationMixin
 from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from .modeling import EarlyExitGPTConfig, EarlyExitGPTForCausalLM
-from .modeling.generation_early_exit import (
-    EXIT_CONFIDENCE_MEASURES,
-    EarlyExitSettings,
-    EarlyExitStats,
-    _Decision,
-    _KVWriter,
+from .modeling.early_exit_decoder import (
+    ExitDecision,
+    KVWriter,
     causal_padding_mask,
     decide_exit,
     gather_decisions,
-    generate_with_decoder,
     prompt_mask_and_positions,
     rotary_embeddings,
 )
+from .modeling.early_exit_settings import EXIT_CONFIDENCE_MEASURES, EarlyExitSettings, EarlyExitStats
+from .modeling.generation_early_exit import generate_with_decoder
 from .trainer.nanotron_compat import DEFAULT_TIMEOUT_S, device_for_backend, init_distributed
 from .trainer.parallel_model import StageLayout, make_layout
 from .trainer.weights import read_hf_tensors
@@ -146,7 +144,7 @@ class PipelineStage:
         self.dtype = next(p for p in model.parameters() if p.device.type != "meta").dtype
         self.confidence_dtype = torch.promote_types(self.dtype, torch.float32)
         self.settings = EarlyExitSettings()
-        self.writer: _KVWriter | None = None
+        self.writer: KVWriter | None = None
 
     def decides(self, settings: EarlyExitSettings) -> bool:
         """Whether this stage can decide a token under `settings` (an active exit here, or the final head)."""
@@ -172,7 +170,7 @@ class PipelineStage:
             keys[layer] = torch.zeros(kv_shape, dtype=self.dtype, device=self.device)
             values[layer] = torch.zeros(kv_shape, dtype=self.dtype, device=self.device)
         self.cache_layers, self.capacity = cache_layers, capacity
-        self.writer = _KVWriter(keys, values)
+        self.writer = KVWriter(keys, values)
 
     def run(
         self,
@@ -340,14 +338,14 @@ class PipelineEarlyExitGPT:
         self._send_header(STOP)
         self._finish()
 
-    def _first_step(self, step: _Step, token_ids: torch.Tensor) -> list[_Decision]:
+    def _first_step(self, step: _Step, token_ids: torch.Tensor) -> list[ExitDecision]:
         """Run a step on stage 0, hand it down the pipeline and collect every row's decision in depth order."""
-        decisions: list[_Decision] = []
+        decisions: list[ExitDecision] = []
         rows = step.rows
 
         def keep(groups: list[tuple[list[int], int, torch.Tensor]]) -> None:
             for indices, layer, logits in groups:
-                decisions.append(_Decision([rows[i] for i in indices], layer, logits))
+                decisions.append(ExitDecision([rows[i] for i in indices], layer, logits))
 
         try:
             hidden, undecided = self.stage.run(rows, step.start, step.end, step.positions, token_ids, step.undecided,
@@ -373,7 +371,7 @@ class PipelineEarlyExitGPT:
             return True
         return any(self.layout.stage_of_exit(j) == stage for j in settings.active_exits)
 
-    def _receive_decisions(self, stage: int, rows: list[int]) -> list[_Decision]:
+    def _receive_decisions(self, stage: int, rows: list[int]) -> list[ExitDecision]:
         layers = torch.empty(len(rows), dtype=torch.long, device=self.device)
         torch_dist.recv(layers, src=stage)
         layers = layers.tolist()
@@ -386,7 +384,7 @@ class PipelineEarlyExitGPT:
         decisions = []
         for layer in sorted({layers[i] for i in fired}):
             positions = [k for k, i in enumerate(fired) if layers[i] == layer]
-            decisions.append(_Decision([rows[fired[k]] for k in positions], layer, logits[positions]))
+            decisions.append(ExitDecision([rows[fired[k]] for k in positions], layer, logits[positions]))
         return decisions
 
     # -- ranks 1.. -----------------------------------------------------------------------------------------------
@@ -529,7 +527,7 @@ class _FirstStageDecoder:
                                     exit_block_tokens=[0] * len(exit_layers), exit_head_tokens=[0] * len(exit_layers))
 
     def prefill(self, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None, cache: Any
-                ) -> list[_Decision]:
+                ) -> list[ExitDecision]:
         if cache is not None and cache.get_seq_length() > 0:
             raise NotImplementedError("Pipeline decoding starts from the prompt: it cannot continue a cache.")
         length, rows = self.prompt_length, list(range(self.batch_size))
@@ -542,7 +540,7 @@ class _FirstStageDecoder:
                      self.batch_size, self.capacity, key_mask)
         return self.pipeline._first_step(step, self.ids[:, :length])
 
-    def step(self, rows: list[int], column: int) -> list[_Decision]:
+    def step(self, rows: list[int], column: int) -> list[ExitDecision]:
         index = torch.tensor(rows, device=self.device)
         step = _Step(DECODE, rows, column, column + 1, self.positions[index, column:column + 1], [True] * len(rows),
                      self.settings)
@@ -557,7 +555,7 @@ class _FirstStageDecoder:
         self.ids[:, column] = tokens
         self.positions[:, column] = self.positions[:, column - 1] + 1
 
-    def gather_logits(self, decisions: list[_Decision]) -> tuple[torch.Tensor, list[int]]:
+    def gather_logits(self, decisions: list[ExitDecision]) -> tuple[torch.Tensor, list[int]]:
         return gather_decisions(decisions, self.stats, self.batch_size, self.config.vocab_size,
                                 self.pipeline.stage.confidence_dtype, self.device)
 

@@ -151,26 +151,6 @@ def test_validation_split_disjoint_and_deterministic():
         D.train_val_split(ds, 100)
 
 
-@pytest.mark.parametrize("dp_size", [1, 2, 4])
-def test_dp_slices_union_is_global_batch(dp_size):
-    n, gbs, mbs = 37, 16, 2
-    for step in (0, 1, 5):
-        global_batch = D.global_batch_indices(step, gbs, n, seed=11)
-        parts = [D.dp_slice(global_batch, r, dp_size) for r in range(dp_size)]
-        np.testing.assert_array_equal(np.concatenate(parts), global_batch)  # same ordered batch, any layout
-        for r in range(dp_size):
-            mbs_list = D.rank_micro_batches(step, gbs, mbs, r, dp_size, n, seed=11)
-            assert len(mbs_list) == gbs // (dp_size * mbs)
-            assert all(len(m) == mbs for m in mbs_list)
-            np.testing.assert_array_equal(np.concatenate(mbs_list), parts[r])
-    with pytest.raises(ValueError):
-        D.dp_slice(np.arange(6), 0, 4)
-    with pytest.raises(ValueError):
-        D.micro_batches(np.arange(6), 4)
-    with pytest.raises(ValueError):
-        D.rank_micro_batches(0, 12, 4, 0, 2, n, seed=0)
-
-
 def test_load_txt_jsonl_parquet(tmp_path):
     import datasets
 

@@ -637,6 +637,8 @@ def test_remote_code_generate_without_eellm_hf(tmp_path, models):
     GenerationConfig(early_exit_threshold=threshold, pad_token_id=0).save_pretrained(tmp_path / "model")
     assert (tmp_path / "model" / "generation_early_exit.py").exists()
     assert (tmp_path / "model" / "speculative_early_exit.py").exists()
+    assert (tmp_path / "model" / "early_exit_decoder.py").exists()
+    assert (tmp_path / "model" / "early_exit_settings.py").exists()
     prompt = prompts(lengths=(6,))[0]
     expected = model.generate(prompt, max_new_tokens=8, early_exit_threshold=threshold, return_dict_in_generate=True)
     full_depth = model.generate(prompt, max_new_tokens=8, do_sample=False)

@@ -352,3 +352,41 @@ def test_shipped_configs_validate(name: str, world_size: int, is_cpu: bool) -> N
         # every exit sits on a stage boundary here, as in EE-LLM's released runs
         ends = [sum(cfg.parallelism.stage_layers(model)[: i + 1]) for i in range(cfg.parallelism.pp)]
         assert set(model.exit_layers) <= set(ends)
+
+
+def test_sections_built_in_python_validate_themselves(workdir: Path) -> None:
+    """A config built in Python is checked like one read from YAML: each section in its __post_init__, the
+    sections against each other and the model in TrainerConfig's."""
+    import dataclasses
+
+    from eellm_hf.trainer.config import (
+        CheckpointConfig,
+        DataConfig,
+        ExitLossWeightSchedule,
+        LayerDropout,
+        ParallelismConfig,
+        TrainConfig,
+    )
+
+    with pytest.raises(ValueError, match=r"`parallelism\.tp` must be >= 1, got 0"):
+        ParallelismConfig(tp=0)
+    with pytest.raises(ValueError, match=r"`parallelism\.pp_engine` must be one of 1f1b, afab; got 'gpipe'"):
+        ParallelismConfig(pp_engine="gpipe")
+    with pytest.raises(ValueError, match=r"`train\.micro_batch_size` must be a positive integer, got 0"):
+        TrainConfig(steps=3, global_batch_size=8, micro_batch_size=0, lr=1e-3)
+    with pytest.raises(ValueError, match=r"`train\.lr` must be > 0, got -1\.0"):
+        TrainConfig(steps=3, global_batch_size=8, micro_batch_size=2, lr=-1.0)
+    with pytest.raises(ValueError, match=r"layer_dropout\.max_rate` must be in \[0, 1\), got 1\.0"):
+        LayerDropout(max_rate=1.0)
+    with pytest.raises(ValueError, match=r"exit_loss_weight_schedule\.init` must be >= 0, got -1"):
+        ExitLossWeightSchedule(init=-1)
+    with pytest.raises(ValueError, match=r"`checkpoint\.keep_last` must be >= 1.*got 0"):
+        CheckpointConfig(dir=workdir / "ckpt", keep_last=0)
+    with pytest.raises(ValueError, match=r"`data\.files` must list at least one file"):
+        DataConfig(files=[], tokenizer=workdir / "tok", seq_len=64)
+    cfg = load_config(workdir / "config.yaml", world_size=1)
+    with pytest.raises(ValueError, match=r"global_batch_size`=7 is not divisible by dp\*micro_batch_size=1\*2=2"):
+        dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, global_batch_size=7))
+    with pytest.raises(ValueError, match=r"num_attention_heads=4 is not divisible by parallelism\.tp=3"):
+        dataclasses.replace(cfg, parallelism=ParallelismConfig(tp=3))
+    assert dataclasses.replace(cfg, parallelism=ParallelismConfig(tp=2)).parallelism.world_size == 2

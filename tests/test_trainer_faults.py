@@ -17,7 +17,6 @@ This file is also the worker script (``python tests/test_trainer_faults.py fault
 from __future__ import annotations
 
 import copy
-import dataclasses
 import json
 import math
 import os
@@ -135,7 +134,8 @@ def _poison_exit_loss_at(step: int):
         if index + 1 != step:
             return original(self, index, *args, **kwargs)
         saved = self.train_config
-        self.train_config = dataclasses.replace(saved, exit_temperature=0.0)
+        self.train_config = copy.copy(saved)  # past TrainConfig's own check, which refuses a temperature of 0
+        self.train_config.exit_temperature = 0.0
         try:
             return original(self, index, *args, **kwargs)
         finally:

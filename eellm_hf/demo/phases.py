@@ -12,6 +12,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections import Counter
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -78,12 +79,9 @@ def torchrun_trainer(config: Path, processes: int = 2) -> None:
 
 def load_model(model_dir: Path):
     """The exported model (remote code, as a user loads it) in eval mode, and its tokenizer."""
-    import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from ..modeling.loading import load_model_and_tokenizer
 
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_pretrained(model_dir, trust_remote_code=True).eval()
-    return model, AutoTokenizer.from_pretrained(model_dir)
+    return load_model_and_tokenizer(model_dir, trust_remote_code=True)
 
 
 def colored_generation(model: Any, tokenizer: Any, prompts: Sequence[str], new_tokens: int,
@@ -94,6 +92,8 @@ def colored_generation(model: Any, tokenizer: Any, prompts: Sequence[str], new_t
     import torch
     from rich.console import Console
     from rich.text import Text
+
+    from ..modeling.early_exit_settings import mean_exit_layer
 
     layers = [*model.config.exit_layers, model.config.num_hidden_layers]
     console = Console()
@@ -133,13 +133,13 @@ def colored_generation(model: Any, tokenizer: Any, prompts: Sequence[str], new_t
     def throughput(name: str, index: int) -> float:  # per generated token: the two may stop at other lengths
         return tokens[name][index] / seconds[name][index]
 
-    all_layers = [layer for sample in samples for layer in sample["exit_layers"]]
+    tokens_per_exit = Counter(layer for sample in samples for layer in sample["exit_layers"])
     result = {
         "settings": early_exit,
         "speedup": statistics.median(throughput("early_exit", i) / throughput("full_depth", i) for i in range(rounds)),
         "full_depth_tokens_per_s": statistics.median(throughput("full_depth", i) for i in range(rounds)),
-        "mean_exit_layer": sum(all_layers) / len(all_layers),
-        "tokens_per_exit": {str(layer): all_layers.count(layer) for layer in layers},
+        "mean_exit_layer": mean_exit_layer(tokens_per_exit),
+        "tokens_per_exit": {str(layer): tokens_per_exit[layer] for layer in layers},
         "samples": samples,
     }
     console.print(f"{early_exit}: speedup {result['speedup']:.2f}x against full depth, "

@@ -38,15 +38,17 @@ from typing import Any
 import torch
 
 from eellm_hf.eval.sweep import (
-    DTYPES,
     Generation,
     PromptSet,
     _cut,
+    check_settings,
     load_prompts_file,
     load_task,
     prompt_agreements,
     run_sweep,
 )
+from eellm_hf.modeling.early_exit_settings import check_threshold
+from eellm_hf.modeling.loading import DTYPES, load_model, load_tokenizer
 
 DEFAULT_THRESHOLDS: list[float] = [round(1.0 - 0.05 * step, 2) for step in range(21)]
 
@@ -267,8 +269,11 @@ def _check_args(args: argparse.Namespace) -> tuple[float, float, float]:
         fail(f"--delta must be in (0, 1), got {args.delta}")
     if args.prompts is not None and args.prompts < 1:
         fail(f"--prompts must be >= 1, got {args.prompts}")
-    if any(not 0.0 <= threshold <= 1.0 for threshold in args.thresholds):
-        fail(f"--thresholds must be in [0, 1], got {args.thresholds}")
+    try:
+        for threshold in args.thresholds:
+            check_threshold(threshold)
+    except ValueError as exc:
+        fail(f"--thresholds: {exc}")
     if by_task:
         if args.target_metric is None or args.max_drop is None:
             fail("--target-task needs --target-metric and --max-drop")
@@ -290,10 +295,6 @@ def calibrate_from_args(argv: list[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
     alpha, target, delta = _check_args(args)
 
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import eellm_hf  # noqa: F401  (registers EarlyExitGPT with the Auto classes)
-
     if args.target_task is not None:
         prompt_set = load_task(args.target_task, args.prompts, args.include_path)
     else:
@@ -309,11 +310,9 @@ def calibrate_from_args(argv: list[str] | None = None) -> dict[str, Any]:
     if not json.loads(config_path.read_text()).get("exit_layers"):
         raise SystemExit(f"eellm-calibrate: {args.model_dir} has no early exits (config.exit_layers is empty)")
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(args.model_dir, dtype=DTYPES[args.dtype]).to(args.device).eval()
+    tokenizer = load_tokenizer(args.model_dir)
+    model = load_model(args.model_dir, args.dtype, args.device)
+    check_settings("eellm-calibrate", model.config, {"exit_confidence": args.exit_confidence}, args.thresholds)
     max_new_tokens = args.max_new_tokens or prompt_set.max_new_tokens or 32
     result = calibrate(model, tokenizer, prompt_set, args.thresholds, alpha, delta, max_new_tokens,
                        args.batch_size, metric=args.target_metric if args.target_task else None,

@@ -48,7 +48,7 @@ from lm_eval.models.utils_hf import stop_sequences_criteria
 
 import eellm_hf  # noqa: F401  (registers EarlyExitGPT with the Auto classes)
 from eellm_hf.eval.sweep import eos_token_ids, real_token_layers
-from eellm_hf.modeling.generation_early_exit import EXIT_CONFIDENCE_MEASURES
+from eellm_hf.modeling.early_exit_settings import EarlyExitSettings, check_threshold, mean_exit_layer
 from eellm_hf.modeling.speculative_early_exit import EARLY_EXIT_MODES
 
 COST_KEY = "eellm_cost"
@@ -66,9 +66,7 @@ def parse_threshold(value: Any) -> float | None:
         threshold = float(value)
     except (TypeError, ValueError):
         raise ValueError(f"early_exit_threshold must be a number in [0, 1] or None, got {value!r}.") from None
-    if not 0.0 <= threshold <= 1.0:
-        raise ValueError(f"early_exit_threshold must be in [0, 1] (or None for full depth), got {threshold}.")
-    return threshold
+    return check_threshold(threshold)
 
 
 def parse_bool(value: Any, name: str) -> bool | None:
@@ -109,6 +107,22 @@ def parse_layers(value: Any, name: str = "active_exits") -> list[int] | None:
     return layers
 
 
+def parse_speculative(early_exit_mode: Any, num_speculative_tokens: Any, stop_draft_when_unsure: Any,
+                      threshold: float | None) -> tuple[str | None, list[int] | None, bool | None]:
+    """The self-speculative model_args: mode (None when unset), drafted tokens per round, stop-draft flag."""
+    mode = None if early_exit_mode is None else str(early_exit_mode).strip().lower()
+    if mode is not None and mode not in EARLY_EXIT_MODES:
+        raise ValueError(f"early_exit_mode must be one of {EARLY_EXIT_MODES}, got {early_exit_mode!r}.")
+    speculative_tokens = parse_layers(num_speculative_tokens, "num_speculative_tokens")
+    if speculative_tokens is not None and (len(speculative_tokens) != 1 or speculative_tokens[0] < 1):
+        raise ValueError(f"num_speculative_tokens must be an integer >= 1, got {num_speculative_tokens!r}.")
+    stop_draft = parse_bool(stop_draft_when_unsure, "stop_draft_when_unsure")
+    if mode == "speculative" and threshold is None:
+        raise ValueError("early_exit_mode=speculative needs early_exit_threshold (the confidence at which an "
+                         "exit drafts a token).")
+    return mode, speculative_tokens, stop_draft
+
+
 class CostTracker:
     """Accumulates what early-exit generation and scoring cost, across requests and ``generate`` calls."""
 
@@ -143,7 +157,7 @@ class CostTracker:
     def summary(self) -> dict[str, Any]:
         """JSON-ready cost: settings, tokens per exit (layer -> count), mean exit layer, wall times."""
         tokens = sum(self.tokens_per_exit.values())
-        mean = sum(layer * n for layer, n in self.tokens_per_exit.items()) / tokens if tokens else None
+        mean = mean_exit_layer(self.tokens_per_exit)
         return {
             "num_hidden_layers": self.num_hidden_layers,
             "exit_layers": list(self.exit_layers),
@@ -198,22 +212,12 @@ class EarlyExitLM(HFLM):
                 "e.g. active_exits=4|8 or active_exits=4;8."
             )
         threshold = parse_threshold(early_exit_threshold)
-        if exit_confidence not in EXIT_CONFIDENCE_MEASURES:
-            raise ValueError(f"exit_confidence must be one of {EXIT_CONFIDENCE_MEASURES}, got {exit_confidence!r}.")
         active = parse_layers(active_exits)
         cap = parse_layers(max_recompute_tokens, "max_recompute_tokens")
-        if cap is not None and (len(cap) != 1 or cap[0] < 1):
+        if cap is not None and len(cap) != 1:
             raise ValueError(f"max_recompute_tokens must be an integer >= 1 or None, got {max_recompute_tokens!r}.")
-        mode = None if early_exit_mode is None else str(early_exit_mode).strip().lower()
-        if mode is not None and mode not in EARLY_EXIT_MODES:
-            raise ValueError(f"early_exit_mode must be one of {EARLY_EXIT_MODES}, got {early_exit_mode!r}.")
-        speculative_tokens = parse_layers(num_speculative_tokens, "num_speculative_tokens")
-        if speculative_tokens is not None and (len(speculative_tokens) != 1 or speculative_tokens[0] < 1):
-            raise ValueError(f"num_speculative_tokens must be an integer >= 1, got {num_speculative_tokens!r}.")
-        stop_draft = parse_bool(stop_draft_when_unsure, "stop_draft_when_unsure")
-        if mode == "speculative" and threshold is None:
-            raise ValueError("early_exit_mode=speculative needs early_exit_threshold (the confidence at which an "
-                             "exit drafts a token).")
+        mode, speculative_tokens, stop_draft = parse_speculative(early_exit_mode, num_speculative_tokens,
+                                                                 stop_draft_when_unsure, threshold)
         score_layers = parse_layers(exit_layer, "exit_layer")
         if score_layers is not None and len(score_layers) != 1:
             raise ValueError(f"exit_layer must be a single layer, got {exit_layer!r}.")
@@ -232,11 +236,8 @@ class EarlyExitLM(HFLM):
         if not exits and (early_exit_requested or (score_layers is not None and score_layers[0] != num_layers)):
             raise ValueError(f"{type(self.model).__name__} has no early exits; early-exit model_args need an "
                              "EarlyExitGPT model.")
-        if active is not None:
-            wrong = [layer for layer in active if layer not in exits]
-            if wrong:
-                raise ValueError(f"active_exits {wrong} are not exits of this model: its exits sit after layers "
-                                 f"{exits}.")
+        EarlyExitSettings.resolve(config, {"early_exit_threshold": threshold, "exit_confidence": exit_confidence,
+                                           "active_exits": active, "max_recompute_tokens": cap[0] if cap else None})
         self._exit_index: int | None = None
         if score_layers is not None:
             layer = score_layers[0]

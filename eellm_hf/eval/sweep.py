@@ -24,7 +24,6 @@ A prompt file is JSON lines (``prompt``, optional ``reference``; ``text``/``cont
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import statistics
 import time
@@ -37,11 +36,11 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
-from ..modeling.generation_early_exit import EXIT_CONFIDENCE_MEASURES
+from ..modeling.early_exit_settings import EXIT_CONFIDENCE_MEASURES, EarlyExitSettings, check_threshold, mean_exit_layer
+from ..modeling.loading import DTYPES, load_model, load_tokenizer
+from .sweep_report import label, plot_exit_histogram, plot_speed_quality, write_csv
 
 DEFAULT_THRESHOLDS: list[float] = [round(1.0 - 0.1 * step, 1) for step in range(11)]
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
-FULL = "full"
 
 
 @dataclass
@@ -321,7 +320,7 @@ def run_sweep(
               unit="batch") as progress:
         for round_index in range(repeats):
             for threshold in settings:
-                progress.set_postfix_str(f"round={round_index + 1} threshold={_label(threshold)}")
+                progress.set_postfix_str(f"round={round_index + 1} threshold={label(threshold)}")
                 full_parts, own_parts = [], []
                 for index, batch in enumerate(batches):
                     if threshold is None:
@@ -371,7 +370,7 @@ def _row(model: Any, tokenizer: Any, prompt_set: PromptSet, threshold: float | N
          full: Generation, wall_time_s: float, speedup: float, wall_time_speedup: float) -> dict[str, Any]:
     counts = Counter(layer for row in result.layers for layer in row)
     num_tokens = sum(counts.values())
-    mean_layer = sum(layer * n for layer, n in counts.items()) / num_tokens if num_tokens else None
+    mean_layer = mean_exit_layer(counts)
     texts = [_cut(tokenizer.decode(row, skip_special_tokens=True), prompt_set.stop) for row in result.tokens]
     row: dict[str, Any] = {
         "threshold": threshold,
@@ -389,81 +388,6 @@ def _row(model: Any, tokenizer: Any, prompt_set: PromptSet, threshold: float | N
     if prompt_set.score is not None:
         row.update(prompt_set.score(prompt_set.prompts, texts))
     return row
-
-
-def write_csv(rows: list[dict[str, Any]], path: Path, layers: list[int]) -> None:
-    """``rows`` as CSV: ``tokens_per_exit`` becomes one ``tokens_layer_<L>`` column per layer."""
-    scalar = [key for key in rows[0] if key != "tokens_per_exit"]
-    extra = sorted({key for row in rows for key in row} - set(scalar) - {"tokens_per_exit"})
-    fields = scalar + extra + [f"tokens_layer_{layer}" for layer in layers]
-    with path.open("w", newline="", encoding="utf-8") as fh:
-        writer = csv.DictWriter(fh, fieldnames=fields)
-        writer.writeheader()
-        for row in rows:
-            flat = {key: row.get(key) for key in scalar + extra}
-            flat["threshold"] = FULL if row["threshold"] is None else row["threshold"]
-            flat.update({f"tokens_layer_{layer}": row["tokens_per_exit"].get(str(layer), 0) for layer in layers})
-            writer.writerow(flat)
-
-
-def _label(threshold: float | None) -> str:
-    return FULL if threshold is None else f"{threshold:g}"
-
-
-def plot_speed_quality(rows: list[dict[str, Any]], path: Path, metric: str | None, title: str) -> None:
-    """Quality (``metric``) and token agreement against speedup, one point per setting."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    speedups = [row["speedup"] for row in rows]
-    series = [("agreement", "token agreement with full depth", "s--")]
-    if metric is not None and all(row.get(metric) is not None for row in rows):
-        series.insert(0, (metric, metric, "o-"))
-    for key, name, style in series:
-        values = [row[key] for row in rows]
-        ax.plot(speedups, values, style, label=name)
-        for x, y, row in zip(speedups, values, rows):
-            ax.annotate(_label(row["threshold"]), (x, y), textcoords="offset points", xytext=(3, 4), fontsize=7)
-    ax.axvline(1.0, color="grey", linewidth=0.5)
-    ax.set_xlabel("speedup against full depth (per generated token, paired wall clock)")
-    ax.set_ylabel("quality")
-    ax.set_title(title, fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-
-
-def plot_exit_histogram(rows: list[dict[str, Any]], path: Path, layers: list[int], num_layers: int,
-                        title: str) -> None:
-    """Stacked bars: per setting, the share of generated tokens produced at each layer."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(max(5.0, 0.55 * len(rows) + 2.5), 4.4))
-    labels = [_label(row["threshold"]) for row in rows]
-    bottoms = [0.0] * len(rows)
-    colors = plt.get_cmap("viridis")
-    for position, layer in enumerate(layers):
-        shares = [row["tokens_per_exit"].get(str(layer), 0) / row["tokens"] if row["tokens"] else 0.0
-                  for row in rows]
-        name = f"layer {layer}" + (" (final head)" if layer == num_layers else "")
-        ax.bar(labels, shares, bottom=bottoms, label=name, color=colors(position / max(1, len(layers) - 1)))
-        bottoms = [b + s for b, s in zip(bottoms, shares)]
-    ax.set_xlabel("early-exit threshold")
-    ax.set_ylabel("share of generated tokens")
-    ax.set_ylim(0, 1)
-    ax.set_title(title, fontsize=10)
-    ax.legend(fontsize=8, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -499,14 +423,13 @@ def build_parser() -> argparse.ArgumentParser:
 def sweep_from_args(argv: list[str] | None = None) -> dict[str, Any]:
     """Run ``eellm-sweep`` on ``argv``; returns what ``sweep.json`` holds."""
     args = build_parser().parse_args(argv)
-    if any(not 0.0 <= t <= 1.0 for t in args.thresholds):
-        raise SystemExit(f"eellm-sweep: thresholds must be in [0, 1], got {args.thresholds}")
+    try:  # before loading anything; the model's own checks follow (check_settings)
+        for threshold in args.thresholds:
+            check_threshold(threshold)
+    except ValueError as exc:
+        raise SystemExit(f"eellm-sweep: --thresholds: {exc}") from None
     if args.batch_size < 1 or args.repeats < 1 or args.warmup < 0:
         raise SystemExit("eellm-sweep: --batch-size and --repeats must be >= 1, --warmup >= 0")
-
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    import eellm_hf  # noqa: F401  (registers EarlyExitGPT with the Auto classes)
 
     if args.task is not None:
         prompt_set = load_task(args.task, args.limit, args.include_path)
@@ -516,13 +439,8 @@ def sweep_from_args(argv: list[str] | None = None) -> dict[str, Any]:
         source = {"prompts_file": str(args.prompts_file)}
     max_new_tokens = args.max_new_tokens or prompt_set.max_new_tokens or 32
 
-    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:
-        tokenizer.pad_token = tokenizer.eos_token
-    model = AutoModelForCausalLM.from_pretrained(args.model, dtype=DTYPES[args.dtype],
-                                                 trust_remote_code=args.trust_remote_code)
-    model = model.to(args.device).eval()
+    tokenizer = load_tokenizer(args.model, trust_remote_code=args.trust_remote_code)
+    model = load_model(args.model, args.dtype, args.device, trust_remote_code=args.trust_remote_code)
     config = model.config
     exits = [int(layer) for layer in getattr(config, "exit_layers", None) or []]
     if not exits:
@@ -533,6 +451,7 @@ def sweep_from_args(argv: list[str] | None = None) -> dict[str, Any]:
         early_exit_kwargs["active_exits"] = args.active_exits
     if args.max_recompute_tokens is not None:
         early_exit_kwargs["max_recompute_tokens"] = args.max_recompute_tokens
+    check_settings("eellm-sweep", config, early_exit_kwargs, args.thresholds)
 
     rows = run_sweep(model, tokenizer, prompt_set, args.thresholds, max_new_tokens, args.batch_size,
                      early_exit_kwargs, warmup=args.warmup, repeats=args.repeats)
@@ -568,10 +487,21 @@ def sweep_from_args(argv: list[str] | None = None) -> dict[str, Any]:
     for row in rows:
         quality = f", {metric} {row[metric]:.3f}" if metric else ""
         mean = f"{row['mean_exit_layer']:.2f}" if row["mean_exit_layer"] is not None else "-"
-        print(f"threshold {_label(row['threshold']):>4}: speedup {row['speedup']:.2f}x, mean exit layer {mean}, "
+        print(f"threshold {label(row['threshold']):>4}: speedup {row['speedup']:.2f}x, mean exit layer {mean}, "
               f"agreement {row['agreement']:.3f}{quality}")
     print(f"wrote {out / 'sweep.csv'}, sweep.json, speed_quality.png, exit_histogram.png")
     return summary
+
+
+def check_settings(prog: str, model_config: Any, early_exit_kwargs: dict[str, Any], thresholds: Sequence[float]
+                   ) -> None:
+    """Every threshold with ``early_exit_kwargs`` is a valid setting of the model (``EarlyExitSettings.resolve``,
+    as ``generate`` checks it), or the command ends naming the bad value."""
+    try:
+        for threshold in thresholds:
+            EarlyExitSettings.resolve(model_config, {**early_exit_kwargs, "early_exit_threshold": threshold})
+    except ValueError as exc:
+        raise SystemExit(f"{prog}: {exc}") from None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -590,6 +520,7 @@ __all__ = [
     "PromptSet",
     "agreement",
     "build_parser",
+    "check_settings",
     "generate",
     "generate_batch",
     "load_prompts_file",

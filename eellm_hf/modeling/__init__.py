@@ -1,7 +1,8 @@
 """Hugging Face modeling of early-exit LLMs: config, model with exit heads, conversion."""
 
 from .configuration_early_exit_gpt import EarlyExitGPTConfig
-from .generation_early_exit import EarlyExitStats, GenerateEarlyExitDecoderOnlyOutput
+from .early_exit_settings import EarlyExitStats
+from .generation_early_exit import GenerateEarlyExitDecoderOnlyOutput
 from .modeling_early_exit_gpt import (
     EarlyExitCausalLMOutputWithPast,
     EarlyExitGPTForCausalLM,

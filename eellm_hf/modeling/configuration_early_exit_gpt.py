@@ -89,7 +89,7 @@ class EarlyExitGPTConfig(PreTrainedConfig):
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:
             self.num_key_value_heads = self.num_attention_heads
-        self._validate_backbone()
+        self.validate_architecture()
         if self.head_dim is None:
             self.head_dim = self.hidden_size // self.num_attention_heads
         self._check_exit_types()
@@ -97,7 +97,7 @@ class EarlyExitGPTConfig(PreTrainedConfig):
         if self.exit_loss_weights is None:
             self.exit_loss_weights = [1.0] * len(self.exit_layers)
         self.exit_loss_weights = [float(weight) for weight in self.exit_loss_weights]
-        self._validate_exits()
+        self.validate_exits()
         super().__post_init__(**kwargs)
 
     @property
@@ -105,7 +105,12 @@ class EarlyExitGPTConfig(PreTrainedConfig):
         """Number of early exits (the final head not included)."""
         return len(self.exit_layers)
 
-    def _validate_backbone(self) -> None:
+    # Validation in transformers' style (`validate_architecture`, as `LlamaConfig`), called from `__post_init__` so
+    # that a bad value raises a plain `ValueError` / `TypeError`: transformers' `@strict` would wrap it in
+    # huggingface_hub's `StrictDataclass*Error`, which is neither.
+
+    def validate_architecture(self) -> None:
+        """The backbone's sizes are positive and fit together (heads, key/value heads, rotary head size)."""
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "num_attention_heads", "num_key_value_heads", "max_position_embeddings"):
             value = getattr(self, name)
@@ -150,7 +155,8 @@ class EarlyExitGPTConfig(PreTrainedConfig):
             if not isinstance(value, bool):
                 raise TypeError(f"`{name}` must be true or false, got {type(value).__name__} {value!r}.")
 
-    def _validate_exits(self) -> None:
+    def validate_exits(self) -> None:
+        """Exits sit after distinct backbone layers in increasing order, with one non-negative weight each."""
         layers, weights = self.exit_layers, self.exit_loss_weights
         for layer in layers:
             if not 1 <= layer <= self.num_hidden_layers - 1:

@@ -102,6 +102,10 @@ class EarlyExitGPTExit(nn.Module):
     def forward(self, hidden_states: torch.Tensor, **layer_kwargs) -> torch.Tensor:
         if hasattr(self, "block"):
             hidden_states = self.block(hidden_states, **layer_kwargs)
+        return self.after_block(hidden_states)
+
+    def after_block(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """Norm, then residual MLP: the exit after its block (generation runs the block over more columns)."""
         if hasattr(self, "norm"):
             hidden_states = self.norm(hidden_states)
         if hasattr(self, "mlp"):

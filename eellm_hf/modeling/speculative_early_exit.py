@@ -39,14 +39,9 @@ from torch import nn
 from transformers.generation import GenerationConfig, LogitsProcessorList, StoppingCriteriaList
 from transformers.generation.streamers import BaseStreamer
 
-from .generation_early_exit import (
-    EarlyExitDecoder,
-    EarlyExitSettings,
-    EarlyExitStats,
-    GenerateEarlyExitDecoderOnlyOutput,
-    check_decoding_request,
-    decide_exit,
-)
+from .early_exit_decoder import EarlyExitDecoder, PassKind, decide_exit
+from .early_exit_settings import EarlyExitSettings, EarlyExitStats
+from .generation_early_exit import GenerateEarlyExitDecoderOnlyOutput, check_decoding_request
 
 EARLY_EXIT_MODES = ("lossy", "speculative")
 SPECULATIVE_GENERATION_KEYS = ("early_exit_mode", "num_speculative_tokens", "stop_draft_when_unsure")
@@ -178,7 +173,7 @@ class SpeculativeDecoder(EarlyExitDecoder):
     def prefill_logits(self, attention_mask: torch.Tensor | None, position_ids: torch.Tensor | None) -> torch.Tensor:
         """Compute the prompt at full depth; return the final head's `(batch, vocab)` logits at its last column."""
         rows = self.prepare_prompt(attention_mask, position_ids, None)
-        hidden = self._full_depth(rows, self.prompt_length - 1)[0][:, -1]
+        hidden = self._full_depth(rows, self.prompt_length - 1, PassKind.PREFILL)[0][:, -1]
         self.next_position = (self.positions[:, self.prompt_length - 1] + 1).tolist()
         self.stats.final_head_tokens += len(rows)
         return self.model.lm_head(self.backbone.norm(hidden)).to(self.confidence_dtype)
@@ -189,10 +184,9 @@ class SpeculativeDecoder(EarlyExitDecoder):
         Rows that no exit is confident about stop after the deepest active exit without a decision (or, when
         drafting goes on regardless, take that exit's logits).
         """
-        self._kind = "decode"
         self._force_deepest = not self.speculative.stop_draft_when_unsure
         try:
-            decisions = self._run(rows, column, decide=True, fill=False, depth=self.draft_depth)
+            decisions = self.run_pass(rows, column, PassKind.DECODE, decide=True, fill=False, depth=self.draft_depth)
         finally:
             self._force_deepest = False
         return {row: (decision.layer, decision.logits[index])
@@ -200,19 +194,18 @@ class SpeculativeDecoder(EarlyExitDecoder):
 
     def verify(self, rows: list[int], top: int) -> torch.Tensor:
         """Bring `rows` to full depth up to column `top`; the final head's `(rows, top - base + 1, vocab)` logits."""
-        self._kind = "verify"
         layer_tokens = self.stats.layer_tokens
-        x, start = self._full_depth(rows, top)
+        x, start = self._full_depth(rows, top, PassKind.VERIFY)
         hidden = x[:, self.base - start:]
         self.stats.verify_token_layers += self.stats.layer_tokens - layer_tokens
         self.stats.final_head_tokens += hidden.shape[0] * hidden.shape[1]
         return self.model.lm_head(self.backbone.norm(hidden)).to(self.confidence_dtype)
 
-    def _full_depth(self, rows: list[int], top: int) -> tuple[torch.Tensor, int]:
+    def _full_depth(self, rows: list[int], top: int, kind: PassKind) -> tuple[torch.Tensor, int]:
         """Run `rows` to full depth up to `top`; the last layer's output for `rows` and its first column."""
         self.on_last_layer = self._capture
         try:
-            self._run(rows, top, decide=False, fill=True)
+            self.run_pass(rows, top, kind, decide=False, fill=True)
         finally:
             self.on_last_layer = None
         x, x_rows, start = self._captured

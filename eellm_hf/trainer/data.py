@@ -10,8 +10,8 @@ Conventions
 * The sampler sees the rows as an endless stream of epochs, each a permutation of all rows seeded by
   ``(seed, epoch)``. Global batch ``step`` is positions ``[step * B, (step + 1) * B)`` of that stream (``B`` =
   global batch size), so the batch depends on ``step`` alone (resumable), and the same whatever the
-  data-parallel layout: :func:`dp_slice` gives each DP rank a contiguous block of it and :func:`micro_batches`
-  splits that block into micro-batches.
+  data-parallel layout: the trainer gives each DP rank a contiguous block of it, split into micro-batches
+  (``ParallelTrainer._rank_micro_batches``).
 """
 
 from __future__ import annotations
@@ -39,13 +39,10 @@ __all__ = [
     "bible_chapters",
     "bible_text",
     "content_fingerprint",
-    "dp_slice",
     "epoch_permutation",
     "global_batch_indices",
     "load_text_dataset",
-    "micro_batches",
     "pack_tokens",
-    "rank_micro_batches",
     "tokenize_documents",
     "train_bpe_tokenizer",
     "train_val_split",
@@ -444,46 +441,6 @@ def global_batch_indices(
         mask = epochs == epoch
         out[mask] = epoch_permutation(int(epoch), num_sequences, seed, shuffle)[positions[mask] % num_sequences]
     return out
-
-
-def dp_slice(indices: np.ndarray | Sequence[int], dp_rank: int, dp_size: int) -> np.ndarray:
-    """Data-parallel rank ``dp_rank``'s contiguous block of a global batch (its length must divide evenly)."""
-    indices = np.asarray(indices)
-    if not 0 <= dp_rank < dp_size:
-        raise ValueError(f"dp_rank {dp_rank} out of range for dp_size {dp_size}")
-    if len(indices) % dp_size:
-        raise ValueError(f"global batch of {len(indices)} is not divisible by dp_size={dp_size}")
-    per_rank = len(indices) // dp_size
-    return indices[dp_rank * per_rank : (dp_rank + 1) * per_rank]
-
-
-def micro_batches(indices: np.ndarray | Sequence[int], micro_batch_size: int) -> list[np.ndarray]:
-    """Split a rank's indices into consecutive micro-batches of ``micro_batch_size``."""
-    indices = np.asarray(indices)
-    if micro_batch_size < 1 or len(indices) % micro_batch_size:
-        raise ValueError(f"{len(indices)} rows are not divisible into micro-batches of {micro_batch_size}")
-    return [indices[i : i + micro_batch_size] for i in range(0, len(indices), micro_batch_size)]
-
-
-def rank_micro_batches(
-    step: int,
-    global_batch_size: int,
-    micro_batch_size: int,
-    dp_rank: int,
-    dp_size: int,
-    num_sequences: int,
-    seed: int,
-    shuffle: bool = True,
-) -> list[np.ndarray]:
-    """This DP rank's micro-batches (row indices) for ``step``: ``global_batch_size / (dp_size *
-    micro_batch_size)`` of them, the gradient-accumulation / pipeline micro-batch count."""
-    if global_batch_size % (dp_size * micro_batch_size):
-        raise ValueError(
-            f"global_batch_size={global_batch_size} must be divisible by dp_size*micro_batch_size"
-            f"={dp_size * micro_batch_size}"
-        )
-    indices = global_batch_indices(step, global_batch_size, num_sequences, seed, shuffle)
-    return micro_batches(dp_slice(indices, dp_rank, dp_size), micro_batch_size)
 
 
 def main(argv: Sequence[str] | None = None) -> None:

@@ -16,7 +16,17 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-__all__ = ["EXIT_FIELDS", "converted_dir", "is_early_exit_folder", "pretrained_config", "prepare_init_model"]
+__all__ = [
+    "EXIT_FIELDS", "SHAPE_FIELDS", "check_init_from", "converted_dir", "is_early_exit_folder", "pretrained_config",
+    "prepare_init_model",
+]
+
+SHAPE_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "hidden_act", "tie_word_embeddings", "attention_bias", "mlp_bias",
+    "exit_layers", "exit_norm", "exit_mlp", "exit_block", "exit_gate", "tie_exit_heads",
+)
+"""Model fields that `init_from` configs may not change (they define the parameters to load)."""
 
 EXIT_FIELDS = ("exit_layers", "exit_loss_weights", "exit_norm", "exit_mlp", "exit_block", "exit_gate", "tie_exit_heads")
 """EarlyExitGPTConfig fields that say which exits a converted checkpoint gets."""
@@ -88,3 +98,48 @@ def _convert(init_from: str | Path, model_config: Any, out: Path, record: dict[s
     if out.exists():
         shutil.rmtree(out)
     os.replace(tmp, out)
+
+
+def check_init_from(init_from: str | Path, fields: dict[str, Any], converts: bool) -> None:
+    """``model.init_from`` exists and the ``model`` section's other keys (``fields``) fit it: an EarlyExitGPT
+    folder whose shapes they leave alone, or (``converts``) a checkpoint to convert, to which they only add exits."""
+    if converts:
+        _check_conversion(init_from, fields)
+        return
+    folder = Path(init_from)
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"`model.init_from`: no config.json in {folder}")
+    with open(folder / "config.json", encoding="utf-8") as f:
+        saved = json.load(f)
+    if saved.get("model_type") != "early_exit_gpt":
+        raise ValueError(
+            f"`model.init_from` {folder} has model_type {saved.get('model_type')!r}, not 'early_exit_gpt': "
+            "convert it first with `eellm-convert SRC DST --exit-layers ...`"
+        )
+    for name in SHAPE_FIELDS:
+        if name in fields and name in saved and fields[name] != saved[name]:
+            raise ValueError(
+                f"`model.{name}`={fields[name]!r} differs from {saved[name]!r} in `model.init_from` "
+                f"({folder}); fields that change parameter shapes cannot be overridden"
+            )
+
+
+def _check_conversion(init_from: str | Path, fields: dict[str, Any]) -> None:
+    """A pretrained checkpoint to convert: it exists, and the model keys only add exits (and non-shape keys)."""
+    from eellm_hf.modeling.sources import resolve_source
+
+    try:
+        resolve_source(init_from)
+    except FileNotFoundError as exc:
+        raise FileNotFoundError(f"`model.init_from`: {exc}") from None
+    _require("exit_layers" in fields,
+             f"`model.init_from` {init_from} is not an EarlyExitGPT folder, so it is converted on the fly: "
+             "`model.exit_layers` must say where the exits go")
+    backbone = [name for name in SHAPE_FIELDS if name in fields and name not in EXIT_FIELDS]
+    _require(not backbone, f"`model.{', model.'.join(backbone)}` cannot be set when converting `model.init_from` "
+             f"{init_from}: the checkpoint defines the backbone's shapes")
+
+
+def _require(condition: bool, message: str) -> None:
+    if not condition:
+        raise ValueError(message)

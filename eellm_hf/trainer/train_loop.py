@@ -33,6 +33,7 @@ import numpy as np
 import torch
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
+from ..dtypes import DTYPES
 from .ee_tuning import FrozenBackboneStep
 from .layer_dropout import layer_keep_mask
 from .loss import count_label_tokens, reduce_head_sums, summarize_losses
@@ -59,8 +60,6 @@ if TYPE_CHECKING:
     from .config import TrainConfig, TrainerConfig
 
 __all__ = ["NonFiniteTrainingError", "ParallelTrainer", "StepResult", "run"]
-
-_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 
 
 @dataclasses.dataclass
@@ -105,7 +104,7 @@ class ParallelTrainer:
         self.ctx = parallel_context
         self.train_config = train
         self.device = parallel_context.device
-        self.dtype = _DTYPES[train.dtype]
+        self.dtype = DTYPES[train.dtype]
         torch.manual_seed(train.seed)
         layout = make_layout(model_config, parallel_context.pipeline_parallel_size, layer_split,
                              frozen_backbone=train.freeze_backbone)
