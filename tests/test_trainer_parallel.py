@@ -9,12 +9,13 @@ with validation, checkpoints, HF export and a (generous) time budget; a resume t
 of steps; EE-Tuning from the export under a tiny time budget (the run stops early, all ranks together).
 
 This file is also the worker script (``python tests/test_trainer_parallel.py equivalence SPEC OUT``). Workers
-import ``eellm_hf.trainer`` without ``eellm_hf/__init__.py`` (which imports transformers, ~5 s per rank): the
-parallel trainer needs only torch and nanotron.
+import ``eellm_hf.trainer`` without ``eellm_hf/__init__.py`` (the auto-class registrations): the parallel trainer
+needs torch, nanotron and the model's transformers modules only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -96,7 +97,7 @@ def _layout_name(layout: dict) -> str:
 
 def _import_trainer_without_transformers() -> None:
     """Make ``eellm_hf`` a bare namespace so that importing ``eellm_hf.trainer.*`` skips the package
-    ``__init__`` (and its transformers import)."""
+    ``__init__`` (and its transformers auto-class imports)."""
     package = types.ModuleType("eellm_hf")
     package.__path__ = [str(REPO_ROOT / "eellm_hf")]
     sys.modules.setdefault("eellm_hf", package)
@@ -113,6 +114,31 @@ def _train_config(spec: dict):
     if layer_dropout is not None:
         kwargs["layer_dropout"] = LayerDropout(**layer_dropout)
     return TrainConfig(**kwargs)
+
+
+@contextlib.contextmanager
+def _head_logits(model):
+    """``{head: [full logits of each call]}`` of the heads on this rank (exits, then the final head) while the block
+    runs: a forward pre-hook gives each head's input to its own projection, TP-gathered, vocabulary padding
+    removed."""
+    import torch
+
+    captured, handles = {}, []
+
+    def capture(head, args, kwargs):
+        shard = head.sharded_logits(kwargs["hidden_states"]).contiguous()
+        pieces = [torch.empty_like(shard) for _ in range(head.pg.size())]
+        torch.distributed.all_gather(pieces, shard, group=head.pg)
+        captured.setdefault(head.head, []).append(torch.cat(pieces, dim=-1)[..., : head.vocab_size].cpu())
+
+    for block in [*model.exit_lm_heads, model.lm_head]:
+        if hasattr(block, "pp_block"):
+            handles.append(block.pp_block.register_forward_pre_hook(capture, with_kwargs=True))
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _worker_equivalence(spec_path: str, out_dir: str) -> None:
@@ -153,12 +179,11 @@ def _worker_equivalence(spec_path: str, out_dir: str) -> None:
                                   "lr": r.lr, "exit_weights": r.exit_weights, "gate_losses": r.gate_losses})
                 # logits of every head on a fixed batch, where each head lives
                 trainer.model.eval()
-                trainer.model.loss.captured_logits = {}
                 trainer.model.loss.reset_sums()
                 ids, labels = spec["eval_batch"]
-                forward_only(trainer.model, [{"input_ids": ids, "labels": labels}])
-                captured = {k: torch.cat(v) for k, v in trainer.model.loss.captured_logits.items()}
-                trainer.model.loss.captured_logits = None
+                with _head_logits(trainer.model) as calls:
+                    forward_only(trainer.model, [{"input_ids": ids, "labels": labels}])
+                captured = {head: torch.cat(logits) for head, logits in calls.items()}
                 received = torch.tensor(grad_messages[0])
                 torch.distributed.all_reduce(received)
                 state = gather_hf_state_dict(trainer.model)
@@ -389,18 +414,31 @@ def test_ee_tuning_leaves_backbone_bit_identical(equivalence):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Single-process pieces: names, sharding, layout, rotary embeddings
+# Single-process pieces: names, ties, sharding, layout
 # ------------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_hf_names_and_shapes_match_the_hf_model(case):
+def test_initial_weights_and_ties_are_the_hf_models(case):
+    """The initial state dict has the HF model's keys and shapes, and each parallel parameter is tied to the very
+    parameter the HF model uses for it (embedding and final head, exits projecting with the final head)."""
     from eellm_hf.modeling import EarlyExitGPTForCausalLM
-    from eellm_hf.trainer.weights import hf_parameter_shapes
+    from eellm_hf.trainer.parallel_model import HFParameters
+    from eellm_hf.trainer.weights import init_hf_state_dict
 
     config = _model_config(CASES[case])
-    expected = {k: tuple(v.shape) for k, v in EarlyExitGPTForCausalLM(config).state_dict().items()}
-    assert hf_parameter_shapes(config) == expected
+    model = EarlyExitGPTForCausalLM(config)
+    state = init_hf_state_dict(config, seed=0)
+    assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in model.state_dict().items()}
+    model.load_state_dict(state, strict=True)
+    used = {name: model.get_parameter(name) for name in state}
+    used.update({f"exit_lm_heads.{j}.weight": model.exit_projection(j).weight for j in range(config.num_exits)})
+    sources = HFParameters.of(config).sources
+    assert set(sources) == set(used)
+    for name, source in sources.items():
+        assert used[name] is model.get_parameter(source), (name, source)
+        if name in state:
+            assert state[name] is state[source], (name, source)
 
 
 def test_shards_reassemble_with_vocab_padding():
@@ -472,22 +510,6 @@ def test_layer_split_balances_cost_with_exit_heads():
     split = balanced_layer_split(config, 2)
     assert sum(split) == 8 and split[0] < 4  # the exits' vocabulary projections weigh on stage 0
     assert balanced_layer_split(_model_config({"model": dict(vocab_size=64, num_hidden_layers=4)}), 4) == [1] * 4
-
-
-@pytest.mark.parametrize("rope", [None, {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                         "original_max_position_embeddings": 16}])
-def test_rotary_embedding_matches_transformers(rope):
-    import torch
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
-    from eellm_hf.trainer.parallel_model import RotaryEmbedding
-
-    config = _model_config({"model": dict(vocab_size=64, rope_parameters=rope)})
-    x = torch.zeros(1, 40, config.hidden_size)
-    cos_ref, sin_ref = LlamaRotaryEmbedding(config)(x, torch.arange(40)[None])
-    cos, sin = RotaryEmbedding(config)(40, x.device, x.dtype)
-    assert torch.allclose(cos, cos_ref[0], atol=1e-6) and torch.allclose(sin, sin_ref[0], atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------------------

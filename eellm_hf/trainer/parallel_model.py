@@ -1,33 +1,36 @@
-"""EarlyExitGPT on nanotron's 3D-parallel primitives.
+"""EarlyExitGPT on nanotron's 3D-parallel primitives, built from the Hugging Face model's own modules.
 
-* Tensor parallelism (sync all-reduce mode): vocabulary-parallel embedding and heads, column-parallel
-  ``q/k/v_proj`` and ``gate/up_proj``, row-parallel ``o_proj`` and ``down_proj``; attention and KV heads are split
-  over TP ranks (GQA groups stay on one rank). The vocabulary is padded to a multiple of ``tp`` internally; the
-  padding entries get ``-inf`` logits (see :mod:`.loss`) and are removed on export.
+* The decoder layers, norms, exits and rotary embedding are those of :mod:`eellm_hf.modeling` (transformers'
+  Llama modules). Each pipeline block builds its module on the meta device and swaps in nanotron's
+  tensor-parallel modules where :data:`TP_PLAN` says, per module name (as transformers' ``base_model_tp_plan``,
+  or torchtitan on a model it leaves unmodified): column-parallel ``q/k/v_proj`` and ``gate/up_proj``,
+  row-parallel ``o_proj`` and ``down_proj`` (sync all-reduce mode), so attention runs on this TP rank's heads
+  (GQA groups stay on one rank); vocabulary-parallel embedding and heads. The vocabulary is padded to a multiple
+  of ``tp`` internally; the padding entries get ``-inf`` logits (see :mod:`.loss`) and are removed on export.
 * Pipeline parallelism: every module is a ``PipelineBlock`` placed on a stage (:class:`StageLayout`). An exit's
   modules and its head sit on the stage of its layer, so its vocabulary-sized logits and loss never cross stages;
   exit losses join the stage's backward through nanotron's "activations requiring backward" list.
 * Parameter names are Hugging Face ``EarlyExitGPTForCausalLM`` names with ``.pp_block`` inserted after the block
   (:func:`hf_name`), so HF <-> parallel conversion is (un)sharding only (:mod:`.weights`).
-* Tied weights (input embedding and final head with ``tie_word_embeddings``; exit heads and final head with
-  ``tie_exit_heads``) are nanotron tied parameters, possibly across stages; parameters replicated over TP are
-  tied across the TP group so that gradient clipping counts them once.
-
-Only attributes of the config are read (an ``EarlyExitGPTConfig``, or any object with its fields), so this
-module imports neither transformers nor the HF model.
+* Tied weights are the HF model's (:class:`HFParameters`): nanotron tied parameters, possibly across stages;
+  parameters replicated over TP are tied across the TP group so that gradient clipping counts them once.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import fnmatch
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from transformers.masking_utils import create_causal_mask
+from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding
 
+from ..modeling import EarlyExitGPTConfig, EarlyExitGPTForCausalLM
+from ..modeling.modeling_early_exit_gpt import EarlyExitGPTDecoderLayer, EarlyExitGPTExit
 from .loss import (
     MultiExitLoss,
     TeacherTargets,
@@ -46,7 +49,6 @@ from .nanotron_compat import (
     TensorParallelLinearMode,
     TensorParallelRowLinear,
     TensorPointer,
-    differentiable_all_gather,
     dist,
     make_p2p,
     tie_parameters,
@@ -54,8 +56,11 @@ from .nanotron_compat import (
 )
 
 __all__ = [
+    "TP_PLAN",
+    "HFParameters",
     "ParallelEarlyExitGPT",
     "StageLayout",
+    "as_hf_config",
     "balanced_layer_split",
     "exit_flops_per_token",
     "head_flops_per_token",
@@ -63,6 +68,7 @@ __all__ = [
     "layer_flops_per_token",
     "make_layout",
     "padded_vocab_size",
+    "tp_style",
 ]
 
 TP_MODE = TensorParallelLinearMode.ALL_REDUCE
@@ -207,179 +213,179 @@ def hf_name(name: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Tensor-parallel modules
+# The HF model: its parameters, its TP plan
 # ------------------------------------------------------------------------------------------------------------
 
 
-class RMSNorm(nn.Module):
-    """Llama's RMSNorm (normalise in fp32, scale in the input dtype)."""
-
-    def __init__(self, hidden_size: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.eps = eps
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        dtype = hidden_states.dtype
-        x = hidden_states.to(torch.float32)
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
-
-
-_ACTIVATIONS = {
-    "silu": F.silu,
-    "swish": F.silu,
-    "gelu": F.gelu,
-    "relu": F.relu,
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+TP_PLAN: dict[str, str] = {
+    "model.embed_tokens": "vocab",
+    "*.self_attn.q_proj": "colwise",
+    "*.self_attn.k_proj": "colwise",
+    "*.self_attn.v_proj": "colwise",
+    "*.self_attn.o_proj": "rowwise",
+    "*.mlp.gate_proj": "colwise",
+    "*.mlp.up_proj": "colwise",
+    "*.mlp.down_proj": "rowwise",
+    "lm_head": "vocab",
+    "exit_lm_heads.*": "vocab",
 }
+"""How each module of ``EarlyExitGPTForCausalLM`` (by HF module name, ``*`` matching any part) is split over
+the TP group; unlisted modules (norms, gates) are replicated. ``colwise``: output features split (weight and bias
+on dim 0); ``rowwise``: input features split (weight on dim 1, the bias on TP rank 0 only); ``vocab``: the
+vocabulary, padded to a multiple of ``tp``, split on dim 0. Backbone layers and exit blocks and MLPs share the
+``self_attn`` / ``mlp`` entries."""
 
 
-def _activation(name: str):
-    if name in _ACTIVATIONS:
-        return _ACTIVATIONS[name]
-    from transformers.activations import ACT2FN  # other activations: transformers' own
-
-    return ACT2FN[name]
+def tp_style(module_name: str) -> str | None:
+    """The :data:`TP_PLAN` style of HF module ``module_name`` (``None``: replicated)."""
+    return next((style for pattern, style in TP_PLAN.items() if fnmatch.fnmatchcase(module_name, pattern)), None)
 
 
-class RotaryEmbedding:
-    """Llama rotary embedding cos/sin for positions ``0..seq_len-1`` (cached); not a module, so it never holds
-    parameters or buffers and is unaffected by dtype casts."""
-
-    def __init__(self, config: Any) -> None:
-        rope = dict(getattr(config, "rope_parameters", None) or {})
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type == "default":
-            dim = _head_dim(config)
-            theta = float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
-            self.inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
-            self.scaling = 1.0
-        else:
-            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-            self.inv_freq, self.scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
-        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def __call__(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (seq_len, str(device), dtype)
-        if key not in self._cache:
-            positions = torch.arange(seq_len, dtype=torch.float, device=device)
-            freqs = positions[:, None] * self.inv_freq.to(device)[None, :]
-            emb = torch.cat((freqs, freqs), dim=-1)
-            self._cache[key] = ((emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype))
-        return self._cache[key]
+def as_hf_config(config: Any) -> EarlyExitGPTConfig:
+    """``config`` as an ``EarlyExitGPTConfig`` (an object with its fields, e.g. a namespace, is converted)."""
+    return config if isinstance(config, EarlyExitGPTConfig) else EarlyExitGPTConfig(**vars(config))
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+@dataclasses.dataclass(frozen=True)
+class HFParameters:
+    """The parameters of ``EarlyExitGPTForCausalLM(config)``, read from that model on the meta device.
+
+    ``shapes``: every state-dict key (tied keys included) and its shape. ``sources``: every parameter name of the
+    parallel model (those keys, plus ``exit_lm_heads.{j}.weight`` for each exit, which the parallel model has on
+    the exit's stage even when the exits project with the final head) -> the state-dict key whose tensor it is
+    (itself when untied): the model's ``_tied_weights_keys`` as its config resolves them, and its
+    ``exit_projection``.
+    """
+
+    shapes: dict[str, tuple[int, ...]]
+    sources: dict[str, str]
+
+    @classmethod
+    def of(cls, config: Any) -> HFParameters:
+        with torch.device("meta"):
+            model = EarlyExitGPTForCausalLM(as_hf_config(config))
+        shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+        module_names = {id(module): name for name, module in model.named_modules()}
+        names = {name: name for name in shapes}
+        for j in range(model.config.num_exits):
+            names[f"exit_lm_heads.{j}.weight"] = f"{module_names[id(model.exit_projection(j))]}.weight"
+        ties = model.all_tied_weights_keys  # {tied key: the key it reads}
+        return cls(shapes, {name: ties.get(key, key) for name, key in names.items()})
+
+    def aliases(self, name: str) -> list[str]:
+        """``name``, then the other names of its tensor (its source first)."""
+        source = self.sources.get(name, name)
+        group = [other for other, other_source in self.sources.items() if other_source == source]
+        return [name] + [other for other in dict.fromkeys([source, *group]) if other != name]
 
 
-class ParallelAttention(nn.Module):
-    """Causal self-attention with rotary embeddings and GQA; heads split over the TP group."""
+class LayerInputs:
+    """What ``EarlyExitGPTModel.forward`` computes once for all its layers: the positions, the causal mask of the
+    config's attention implementation (``create_causal_mask``) and the rotary cos/sin (``LlamaRotaryEmbedding``).
+    A stage computes them once per sequence shape and shares them between its decoder layers and exit blocks. Not a
+    module, so casting the model to a low-precision dtype leaves the rotary frequencies in fp32."""
 
-    def __init__(self, config: Any, tp_pg: dist.ProcessGroup) -> None:
-        super().__init__()
-        tp = tp_pg.size()
-        h, self.head_dim = config.hidden_size, _head_dim(config)
-        heads, kv_heads = config.num_attention_heads, _kv_heads(config)
-        if heads % tp or kv_heads % tp:
-            raise ValueError(f"attention heads ({heads}) and KV heads ({kv_heads}) must be divisible by tp={tp}")
-        self.groups = heads // kv_heads
-        bias = bool(getattr(config, "attention_bias", False))
-        self.q_proj = TensorParallelColumnLinear(h, heads * self.head_dim, pg=tp_pg, mode=TP_MODE, bias=bias)
-        self.k_proj = TensorParallelColumnLinear(h, kv_heads * self.head_dim, pg=tp_pg, mode=TP_MODE, bias=bias)
-        self.v_proj = TensorParallelColumnLinear(h, kv_heads * self.head_dim, pg=tp_pg, mode=TP_MODE, bias=bias)
-        self.o_proj = TensorParallelRowLinear(heads * self.head_dim, h, pg=tp_pg, mode=TP_MODE, bias=bias)
-        self.rotary = RotaryEmbedding(config)
+    def __init__(self, config: EarlyExitGPTConfig) -> None:
+        self.config = config
+        self.rotary_emb = LlamaRotaryEmbedding(config)
+        self._key: tuple | None = None
+        self._inputs: dict[str, Any] = {}
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        batch, seq, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        cos, sin = self.rotary(seq, hidden_states.device, q.dtype)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        if self.groups > 1:
-            k = k.repeat_interleave(self.groups, dim=1)
-            v = v.repeat_interleave(self.groups, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.head_dim**-0.5)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+    def __call__(self, hidden_states: torch.Tensor) -> dict[str, Any]:
+        key = (*hidden_states.shape[:2], hidden_states.dtype, hidden_states.device)
+        if key != self._key:
+            position_ids = torch.arange(hidden_states.shape[1], device=hidden_states.device).unsqueeze(0)
+            with torch.no_grad():
+                mask = create_causal_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=None,
+                                          cache=None, position_ids=position_ids)
+                position_embeddings = self.rotary_emb(hidden_states, position_ids)
+            self._key = key
+            self._inputs = dict(attention_mask=mask, position_ids=position_ids,
+                                position_embeddings=position_embeddings)
+        return self._inputs
 
 
-class ParallelMLP(nn.Module):
-    """SwiGLU MLP: column-parallel ``gate/up_proj``, row-parallel ``down_proj``."""
+class PipelineDecoderLayer(EarlyExitGPTDecoderLayer):
+    """A backbone decoder layer as a pipeline module: its inputs come from the stage's :class:`LayerInputs`;
+    ``keep`` (layer dropout, training only): per sequence, False to pass ``hidden_states`` through unchanged."""
 
-    def __init__(self, config: Any, tp_pg: dist.ProcessGroup) -> None:
-        super().__init__()
-        h, i = config.hidden_size, config.intermediate_size
-        bias = bool(getattr(config, "mlp_bias", False))
-        self.gate_proj = TensorParallelColumnLinear(h, i, pg=tp_pg, mode=TP_MODE, bias=bias)
-        self.up_proj = TensorParallelColumnLinear(h, i, pg=tp_pg, mode=TP_MODE, bias=bias)
-        self.down_proj = TensorParallelRowLinear(i, h, pg=tp_pg, mode=TP_MODE, bias=bias)
-        self.act_fn = _activation(getattr(config, "hidden_act", "silu"))
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
-
-
-class ParallelDecoderLayer(nn.Module):
-    """A Llama decoder layer (pre-norm attention, then pre-norm MLP, both residual)."""
-
-    def __init__(self, config: Any, tp_pg: dist.ProcessGroup) -> None:
-        super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = ParallelAttention(config, tp_pg)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = ParallelMLP(config, tp_pg)
+    def __init__(self, config: EarlyExitGPTConfig, layer_idx: int, layer_inputs: LayerInputs) -> None:
+        super().__init__(config, layer_idx)
+        self.layer_inputs = layer_inputs
 
     def forward(self, hidden_states: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """``keep`` (layer dropout, training only): per sequence, False to pass ``hidden_states`` through."""
-        output = hidden_states + self.self_attn(self.input_layernorm(hidden_states))
-        output = output + self.mlp(self.post_attention_layernorm(output))
+        output = super().forward(hidden_states, **self.layer_inputs(hidden_states))
         if keep is None:
             return output
         return torch.where(keep.view(-1, 1, 1), output, hidden_states)
 
 
-class ParallelExit(nn.Module):
-    """An exit before its projection: optional decoder layer (``block``), RMSNorm (``norm``), residual MLP; and
-    its optional confidence gate (``gate``, replicated over TP), read from its output by :meth:`gate_logit`."""
+class PipelineExit(EarlyExitGPTExit):
+    """An exit before its projection (``EarlyExitGPTExit``: block, norm, MLP; its gate read by ``gate_logit``) as a
+    pipeline module; its block's inputs come from the stage's :class:`LayerInputs`."""
 
-    def __init__(self, config: Any, tp_pg: dist.ProcessGroup) -> None:
-        super().__init__()
-        if getattr(config, "exit_block", False):
-            self.block = ParallelDecoderLayer(config, tp_pg)
-        if getattr(config, "exit_norm", True):
-            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        if getattr(config, "exit_mlp", False):
-            self.mlp = ParallelMLP(config, tp_pg)
-        if getattr(config, "exit_gate", False):
-            self.gate = nn.Linear(config.hidden_size, 1)
-
-    def gate_logit(self, exit_hidden_states: torch.Tensor) -> torch.Tensor:
-        """The gate's logit per token from this exit's output (input detached, as in the HF model)."""
-        return self.gate(exit_hidden_states.detach()).squeeze(-1)
+    def __init__(self, config: EarlyExitGPTConfig, exit_index: int, layer_inputs: LayerInputs) -> None:
+        super().__init__(config, exit_index)
+        self.layer_inputs = layer_inputs
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if hasattr(self, "block"):
-            hidden_states = self.block(hidden_states)
-        if hasattr(self, "norm"):
-            hidden_states = self.norm(hidden_states)
-        if hasattr(self, "mlp"):
-            hidden_states = hidden_states + self.mlp(hidden_states)
-        return hidden_states
+        return super().forward(hidden_states, **self.layer_inputs(hidden_states))
+
+
+def _tensor_parallel_linears(module: nn.Module, prefix: str, tp_pg: dist.ProcessGroup,
+                             device: torch.device) -> None:
+    """Replace each ``nn.Linear`` of ``module`` (HF module ``prefix``) that :data:`TP_PLAN` splits by nanotron's
+    column- or row-parallel linear of the same full shape (uninitialised; on ``device``)."""
+    tp = tp_pg.size()
+    for name, child in list(module.named_modules()):
+        full_name = f"{prefix}.{name}" if name else prefix
+        style = tp_style(full_name)
+        if style is None:
+            continue
+        if style not in ("colwise", "rowwise") or not isinstance(child, nn.Linear):
+            raise TypeError(f"{full_name}: TP_PLAN style {style!r} does not apply to a {type(child).__name__}")
+        split = child.out_features if style == "colwise" else child.in_features
+        if split % tp:
+            raise ValueError(f"{full_name}: {split} features are not divisible by tp={tp}")
+        linear = TensorParallelColumnLinear if style == "colwise" else TensorParallelRowLinear
+        parallel = linear(child.in_features, child.out_features, pg=tp_pg, mode=TP_MODE,
+                          bias=child.bias is not None, device=device)
+        parent, _, attribute = name.rpartition(".")
+        setattr(module.get_submodule(parent), attribute, parallel)
+
+
+def _materialize(module: nn.Module, device: torch.device) -> None:
+    """Give the parameters still on the meta device uninitialised storage on ``device``."""
+    for submodule in module.modules():
+        for name, param in list(submodule.named_parameters(recurse=False)):
+            if param.is_meta:
+                setattr(submodule, name, nn.Parameter(torch.empty_like(param, device=device),
+                                                      requires_grad=param.requires_grad))
+
+
+def build_parallel_module(name: str, build: Callable[[], nn.Module], tp_pg: dist.ProcessGroup,
+                          device: torch.device) -> nn.Module:
+    """The HF module ``build()`` (HF module name ``name``), built on the meta device, with the tensor-parallel
+    linears of :data:`TP_PLAN` swapped in, on ``device``; its weights are uninitialised."""
+    with torch.device("meta"):
+        module = build()
+    _tensor_parallel_linears(module, name, tp_pg, device)
+    _materialize(module, device)
+    return module
+
+
+# ------------------------------------------------------------------------------------------------------------
+# Vocabulary-parallel modules
+# ------------------------------------------------------------------------------------------------------------
 
 
 class VocabParallelEmbedding(TensorParallelEmbedding):
     """nanotron's vocabulary-parallel embedding over the padded vocabulary; ``padding_idx`` rows get no gradient
     from lookups (as ``nn.Embedding(padding_idx=...)``)."""
 
-    def __init__(self, padded_vocab: int, hidden_size: int, tp_pg: dist.ProcessGroup, padding_idx: int | None):
-        super().__init__(padded_vocab, hidden_size, pg=tp_pg, mode=TP_MODE)
+    def __init__(self, padded_vocab: int, hidden_size: int, tp_pg: dist.ProcessGroup, padding_idx: int | None,
+                 device: torch.device | None = None) -> None:
+        super().__init__(padded_vocab, hidden_size, pg=tp_pg, mode=TP_MODE, device=device)
         self.pad_id = padding_idx
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
@@ -400,8 +406,8 @@ class VocabParallelHead(TensorParallelColumnLinear):
     """
 
     def __init__(self, hidden_size: int, padded_vocab: int, vocab_size: int, tp_pg: dist.ProcessGroup,
-                 loss: MultiExitLoss, head: int) -> None:
-        super().__init__(hidden_size, padded_vocab, pg=tp_pg, mode=TP_MODE, bias=False)
+                 loss: MultiExitLoss, head: int, device: torch.device | None = None) -> None:
+        super().__init__(hidden_size, padded_vocab, pg=tp_pg, mode=TP_MODE, bias=False, device=device)
         self.vocab_size = vocab_size
         self.loss = loss
         self.head = head
@@ -414,9 +420,6 @@ class VocabParallelHead(TensorParallelColumnLinear):
                 teacher: TeacherTargets | None = None,
                 gate_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         sharded_logits = self.sharded_logits(hidden_states)
-        if self.loss.captured_logits is not None:
-            full = differentiable_all_gather(sharded_logits.transpose(0, -1).contiguous(), group=self.pg)
-            self.loss.capture(self.head, full.transpose(0, -1)[..., : self.vocab_size])
         is_exit = self.head != self.loss.final_index
         if is_exit and self.training and self.loss.temperature != 1.0:
             sharded_logits = sharded_logits / self.loss.temperature
@@ -461,7 +464,8 @@ class ParallelEarlyExitGPT(nn.Module):
     ``forward(input_ids, labels)`` (full micro-batch tensors on every rank; each block uses them only on its own
     stage) returns ``{"loss": ...}`` on the last stage (``TensorPointer`` elsewhere), the final head's scaled loss
     for nanotron's engine; exit losses are registered on their stages. Per-head token-loss sums accumulate in
-    :attr:`loss` (:class:`MultiExitLoss`). Weights are uninitialised: load them with :mod:`.weights`.
+    :attr:`loss` (:class:`MultiExitLoss`). ``config``: an ``EarlyExitGPTConfig`` or an object with its fields
+    (:attr:`config` is the ``EarlyExitGPTConfig``). Weights are uninitialised: load them with :mod:`.weights`.
     """
 
     def __init__(
@@ -473,50 +477,70 @@ class ParallelEarlyExitGPT(nn.Module):
         device: torch.device | None = None,
     ) -> None:
         super().__init__()
+        config = as_hf_config(config)
         if layout.num_stages != parallel_context.pipeline_parallel_size:
             raise ValueError(f"layout has {layout.num_stages} stages, pp={parallel_context.pipeline_parallel_size}")
         if tuple(config.exit_layers or ()) != layout.exit_layers or layout.num_layers != config.num_hidden_layers:
             raise ValueError("layout does not match the config's layers and exits")
+        tp = parallel_context.tp_pg.size()
+        heads, kv_heads = config.num_attention_heads, _kv_heads(config)
+        if heads % tp or kv_heads % tp:
+            raise ValueError(f"attention heads ({heads}) and KV heads ({kv_heads}) must be divisible by tp={tp}")
         self.config = config
+        self.hf_parameters = HFParameters.of(config)  # also settles the config's attention implementation
         self.parallel_context = parallel_context
         self.layout = layout
         self.pp_rank = dist.get_rank(parallel_context.pp_pg)
-        tp_pg = parallel_context.tp_pg
-        num_exits = len(layout.exit_layers)
-        self.padded_vocab = padded_vocab_size(config.vocab_size, tp_pg.size())
-        self.loss = MultiExitLoss(num_exits, getattr(config, "exit_loss_weights", None))
-        p2p = make_p2p(parallel_context)
-        h = config.hidden_size
+        self.padded_vocab = padded_vocab_size(config.vocab_size, tp)
+        self.loss = MultiExitLoss(config.num_exits, config.exit_loss_weights)
+        device = device or parallel_context.device
+        self._make_blocks(make_p2p(parallel_context), LayerInputs(config), device)
+        self._place_blocks()
+        self.to(device=device, dtype=dtype)
+        self._tie_weights()
 
-        def head_kwargs(head: int) -> dict[str, Any]:
-            return dict(hidden_size=h, padded_vocab=self.padded_vocab, vocab_size=config.vocab_size, tp_pg=tp_pg,
-                        loss=self.loss, head=head)
-
+    def _make_blocks(self, p2p: Any, layer_inputs: LayerInputs, device: torch.device) -> None:
+        """One ``PipelineBlock`` per HF module, named as in ``EarlyExitGPTForCausalLM`` (built by
+        :meth:`_place_blocks` on their stages only)."""
+        config, tp_pg = self.config, self.parallel_context.tp_pg
         hidden = {"hidden_states"}
-        self.model = nn.Module()
-        self.model.embed_tokens = PipelineBlock(
-            p2p, VocabParallelEmbedding,
-            dict(padded_vocab=self.padded_vocab, hidden_size=h, tp_pg=tp_pg,
-                 padding_idx=getattr(config, "pad_token_id", None)),
-            {"input_ids"}, hidden,
-        )
-        self.model.layers = nn.ModuleList(
-            PipelineBlock(p2p, ParallelDecoderLayer, dict(config=config, tp_pg=tp_pg), {"hidden_states", "keep"},
-                          hidden)
-            for _ in range(config.num_hidden_layers)
-        )
-        self.model.norm = PipelineBlock(p2p, RMSNorm, dict(hidden_size=h, eps=config.rms_norm_eps), hidden, hidden)
-        self.model.exits = nn.ModuleList(
-            PipelineBlock(p2p, ParallelExit, dict(config=config, tp_pg=tp_pg), hidden, hidden)
-            for _ in range(num_exits)
-        )
-        self.lm_head = PipelineBlock(p2p, VocabParallelHead, head_kwargs(num_exits), {"hidden_states", "labels"},
-                                     {"loss"})
-        self.exit_lm_heads = nn.ModuleList(
-            ExitHeadBlock(p2p, VocabParallelHead, head_kwargs(j), {"hidden_states", "labels"}, {"loss"})
-            for j in range(num_exits)
-        )
 
+        def block(name: str, build: Callable[[], nn.Module], inputs: set[str], outputs: set[str]) -> PipelineBlock:
+            return PipelineBlock(p2p, build_parallel_module, dict(name=name, build=build, tp_pg=tp_pg, device=device),
+                               inputs, outputs)
+
+        def vocab_block(name: str, build: Callable[[], nn.Module], inputs: set[str], outputs: set[str],
+                        block_class: type[PipelineBlock] = PipelineBlock) -> PipelineBlock:
+            if tp_style(name) != "vocab":
+                raise ValueError(f"{name} is not vocabulary-parallel in TP_PLAN")
+            return block_class(p2p, build, {}, inputs, outputs)
+
+        def head(index: int) -> Callable[[], VocabParallelHead]:
+            return lambda: VocabParallelHead(config.hidden_size, self.padded_vocab, config.vocab_size, tp_pg,
+                                             self.loss, index, device)
+
+        self.model = nn.Module()
+        self.model.embed_tokens = vocab_block(
+            "model.embed_tokens",
+            lambda: VocabParallelEmbedding(self.padded_vocab, config.hidden_size, tp_pg, config.pad_token_id, device),
+            {"input_ids"}, hidden)
+        self.model.layers = nn.ModuleList(
+            block(f"model.layers.{index}", lambda index=index: PipelineDecoderLayer(config, index, layer_inputs),
+                  {"hidden_states", "keep"}, hidden)
+            for index in range(config.num_hidden_layers))
+        self.model.norm = block("model.norm", lambda: LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps),
+                                hidden, hidden)
+        self.model.exits = nn.ModuleList(
+            block(f"model.exits.{j}", lambda j=j: PipelineExit(config, j, layer_inputs), hidden, hidden)
+            for j in range(config.num_exits))
+        labelled = {"hidden_states", "labels"}
+        self.lm_head = vocab_block("lm_head", head(config.num_exits), labelled, {"loss"})
+        self.exit_lm_heads = nn.ModuleList(
+            vocab_block(f"exit_lm_heads.{j}", head(j), labelled, {"loss"}, ExitHeadBlock)
+            for j in range(config.num_exits))
+
+    def _place_blocks(self) -> None:
+        layout = self.layout
         self.model.embed_tokens.build_and_set_rank(0)
         for index, layer in enumerate(self.model.layers, start=1):
             layer.build_and_set_rank(layout.stage_of_layer(index))
@@ -528,30 +552,26 @@ class ParallelEarlyExitGPT(nn.Module):
             self.exit_lm_heads[j].build_and_set_rank(layout.stage_of_exit(j))
             self.exits_after.setdefault(layer, []).append(j)
 
-        self.to(device=device or parallel_context.device, dtype=dtype)
-        self._tie_weights()
-
     # -- weights ---------------------------------------------------------------------------------------------
 
     def _tie_weights(self) -> None:
-        """Tie the vocabulary matrices (across stages) and the TP-replicated parameters (collective)."""
-        ctx, config = self.parallel_context, self.config
-        members: list[tuple[str, int]] = []
-        if getattr(config, "tie_word_embeddings", False):
-            members.append(("model.embed_tokens.pp_block.weight", 0))
-        if members or getattr(config, "tie_exit_heads", False):
-            members.append(("lm_head.pp_block.weight", self.layout.last_stage))
-        if getattr(config, "tie_exit_heads", False):
-            members += [(f"exit_lm_heads.{j}.pp_block.weight", self.layout.stage_of_exit(j))
-                        for j in range(len(self.layout.exit_layers))]
-        if len(members) > 1:
-            ranks = {stage: ctx.global_rank(pp_rank=stage) for _, stage in members}
-            tie_parameters(
-                root_module=self,
-                ties=[(name, (ranks[stage],)) for name, stage in members],
-                parallel_context=ctx,
-                reduce_op=dist.ReduceOp.SUM if len(set(ranks.values())) > 1 else None,
-            )
+        """Tie the parameters that are one tensor in the HF model (:attr:`HFParameters.sources`; the vocabulary
+        matrices, possibly across stages), then the TP-replicated parameters (collective)."""
+        ctx = self.parallel_context
+        groups: dict[str, list[str]] = {}
+        for name, source in self.hf_parameters.sources.items():
+            groups.setdefault(source, []).append(name)
+        blocks = {name: block for name, block in self.named_modules() if isinstance(block, PipelineBlock)}
+        for names in groups.values():
+            if len(names) < 2:
+                continue
+            ties = []
+            for name in names:
+                prefix = next(prefix for prefix in blocks if name.startswith(f"{prefix}."))
+                stage_rank = ctx.global_rank(pp_rank=blocks[prefix].rank)
+                ties.append((f"{prefix}.pp_block{name[len(prefix):]}", (stage_rank,)))
+            tie_parameters(root_module=self, ties=ties, parallel_context=ctx,
+                           reduce_op=dist.ReduceOp.SUM if len({r for _, r in ties}) > 1 else None)
         tie_replicated_parameters(self, ctx, TP_MODE)
 
     def hf_named_parameters(self) -> dict[str, nn.Parameter]:
@@ -563,7 +583,7 @@ class ParallelEarlyExitGPT(nn.Module):
         the final head belong to the backbone)."""
         if name.startswith("model.exits."):
             return True
-        return name.startswith("exit_lm_heads.") and not getattr(self.config, "tie_exit_heads", False)
+        return name.startswith("exit_lm_heads.") and not self.config.tie_exit_heads
 
     def freeze_backbone(self) -> None:
         """EE-Tuning: only exit parameters keep ``requires_grad``."""
