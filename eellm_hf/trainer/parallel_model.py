@@ -19,6 +19,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import fnmatch
 import math
@@ -28,7 +29,7 @@ from typing import Any
 import torch
 from torch import nn
 from transformers.masking_utils import create_causal_mask
-from transformers.models.llama.modeling_llama import LlamaRMSNorm, LlamaRotaryEmbedding
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
 from ..modeling import EarlyExitGPTConfig, EarlyExitGPTForCausalLM
 from ..modeling.modeling_early_exit_gpt import EarlyExitGPTDecoderLayer, EarlyExitGPTExit
@@ -234,6 +235,13 @@ def as_hf_config(config: Any) -> EarlyExitGPTConfig:
     return config if isinstance(config, EarlyExitGPTConfig) else EarlyExitGPTConfig(**vars(config))
 
 
+def hf_meta_model(config: Any) -> EarlyExitGPTForCausalLM:
+    """``EarlyExitGPTForCausalLM(config)`` on the meta device (no memory, no initialisation). Building it also
+    settles the config's attention implementation, as ``from_pretrained`` would."""
+    with torch.device("meta"):
+        return EarlyExitGPTForCausalLM(as_hf_config(config))
+
+
 @dataclasses.dataclass(frozen=True)
 class HFParameters:
     """The parameters of ``EarlyExitGPTForCausalLM(config)``, read from that model on the meta device.
@@ -250,8 +258,7 @@ class HFParameters:
 
     @classmethod
     def of(cls, config: Any) -> HFParameters:
-        with torch.device("meta"):
-            model = EarlyExitGPTForCausalLM(as_hf_config(config))
+        model = hf_meta_model(config)
         shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
         module_names = {id(module): name for name, module in model.named_modules()}
         names = {name: name for name in shapes}
@@ -320,28 +327,6 @@ class PipelineExit(EarlyExitGPTExit):
         return super().forward(hidden_states, **self.layer_inputs(hidden_states))
 
 
-def _tensor_parallel_linears(module: nn.Module, prefix: str, tp_pg: dist.ProcessGroup,
-                             device: torch.device) -> None:
-    """Replace each ``nn.Linear`` of ``module`` (HF module ``prefix``) that :data:`TP_PLAN` splits by nanotron's
-    column- or row-parallel linear of the same full shape (uninitialised; on ``device``)."""
-    tp = tp_pg.size()
-    for name, child in list(module.named_modules()):
-        full_name = f"{prefix}.{name}" if name else prefix
-        style = tp_style(full_name)
-        if style is None:
-            continue
-        if style not in ("colwise", "rowwise") or not isinstance(child, nn.Linear):
-            raise TypeError(f"{full_name}: TP_PLAN style {style!r} does not apply to a {type(child).__name__}")
-        split = child.out_features if style == "colwise" else child.in_features
-        if split % tp:
-            raise ValueError(f"{full_name}: {split} features are not divisible by tp={tp}")
-        linear = TensorParallelColumnLinear if style == "colwise" else TensorParallelRowLinear
-        parallel = linear(child.in_features, child.out_features, pg=tp_pg, mode=TP_MODE,
-                          bias=child.bias is not None, device=device)
-        parent, _, attribute = name.rpartition(".")
-        setattr(module.get_submodule(parent), attribute, parallel)
-
-
 def _materialize(module: nn.Module, device: torch.device) -> None:
     """Give the parameters still on the meta device uninitialised storage on ``device``."""
     for submodule in module.modules():
@@ -351,15 +336,52 @@ def _materialize(module: nn.Module, device: torch.device) -> None:
                                                       requires_grad=param.requires_grad))
 
 
-def build_parallel_module(name: str, build: Callable[[], nn.Module], tp_pg: dist.ProcessGroup,
-                          device: torch.device) -> nn.Module:
-    """The HF module ``build()`` (HF module name ``name``), built on the meta device, with the tensor-parallel
-    linears of :data:`TP_PLAN` swapped in, on ``device``; its weights are uninitialised."""
-    with torch.device("meta"):
-        module = build()
-    _tensor_parallel_linears(module, name, tp_pg, device)
-    _materialize(module, device)
-    return module
+@dataclasses.dataclass
+class TensorParallelBuilder:
+    """The ``module_builder`` of the pipeline blocks: ``builder(name, build)`` is the HF module ``build()`` (HF
+    module name ``name``), built on the meta device, with nanotron's tensor-parallel modules swapped in where
+    :data:`TP_PLAN` says, on ``device``; its weights are uninitialised. The vocabulary-parallel heads compute
+    their part of ``loss``."""
+
+    tp_pg: dist.ProcessGroup
+    device: torch.device
+    loss: MultiExitLoss
+
+    def __call__(self, name: str, build: Callable[[], nn.Module]) -> nn.Module:
+        with torch.device("meta"):
+            module = build()
+        for child_name, child in list(module.named_modules()):
+            full_name = f"{name}.{child_name}" if child_name else name
+            style = tp_style(full_name)
+            if style is None:
+                continue
+            parallel = self._parallel(style, child, full_name)
+            if not child_name:
+                module = parallel
+                break
+            parent, _, attribute = child_name.rpartition(".")
+            setattr(module.get_submodule(parent), attribute, parallel)
+        _materialize(module, self.device)
+        return module
+
+    def _parallel(self, style: str, module: nn.Module, name: str) -> nn.Module:
+        """nanotron's counterpart of HF module ``module`` (named ``name``) in TP_PLAN ``style``."""
+        tp_pg, device, tp = self.tp_pg, self.device, self.tp_pg.size()
+        if style == "vocab" and isinstance(module, nn.Embedding):
+            return VocabParallelEmbedding(padded_vocab_size(module.num_embeddings, tp), module.embedding_dim, tp_pg,
+                                          module.padding_idx, device)
+        if not isinstance(module, nn.Linear) or style not in ("vocab", "colwise", "rowwise"):
+            raise TypeError(f"{name}: TP_PLAN style {style!r} does not apply to a {type(module).__name__}")
+        if style == "vocab":  # a head: the final one, or exit_lm_heads.{j}
+            head = self.loss.final_index if name == "lm_head" else int(name.rpartition(".")[2])
+            return VocabParallelHead(module.in_features, padded_vocab_size(module.out_features, tp),
+                                     module.out_features, tp_pg, self.loss, head, device)
+        split = module.out_features if style == "colwise" else module.in_features
+        if split % tp:
+            raise ValueError(f"{name}: {split} features are not divisible by tp={tp}")
+        linear = TensorParallelColumnLinear if style == "colwise" else TensorParallelRowLinear
+        return linear(module.in_features, module.out_features, pg=tp_pg, mode=TP_MODE,
+                      bias=module.bias is not None, device=device)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -396,7 +418,7 @@ class ParallelEarlyExitGPT(nn.Module):
         if heads % tp or kv_heads % tp:
             raise ValueError(f"attention heads ({heads}) and KV heads ({kv_heads}) must be divisible by tp={tp}")
         self.config = config
-        self.hf_parameters = HFParameters.of(config)  # also settles the config's attention implementation
+        self.hf_parameters = HFParameters.of(config)
         self.parallel_context = parallel_context
         self.layout = layout
         self.pp_rank = dist.get_rank(parallel_context.pp_pg)
@@ -409,43 +431,35 @@ class ParallelEarlyExitGPT(nn.Module):
         self._tie_weights()
 
     def _make_blocks(self, p2p: Any, layer_inputs: LayerInputs, device: torch.device) -> None:
-        """One ``PipelineBlock`` per HF module, named as in ``EarlyExitGPTForCausalLM`` (built by
-        :meth:`_place_blocks` on their stages only)."""
-        config, tp_pg = self.config, self.parallel_context.tp_pg
-        hidden = {"hidden_states"}
+        """One ``PipelineBlock`` per module of ``EarlyExitGPTForCausalLM``, named as there, built from the HF
+        modules by :class:`TensorParallelBuilder` (on their stages only, by :meth:`_place_blocks`). The embedding,
+        final norm and heads are the HF model's own (on the meta device); decoder layers and exits are its classes
+        with the pipeline's inputs (:class:`PipelineDecoderLayer`, :class:`PipelineExit`); every exit has a head
+        on its stage, a copy of the HF model's ``exit_projection`` (the final head's with ``tie_exit_heads``)."""
+        config, hf_model = self.config, hf_meta_model(self.config)
+        builder = TensorParallelBuilder(self.parallel_context.tp_pg, device, self.loss)
+        hidden, labelled = {"hidden_states"}, {"hidden_states", "labels"}
 
-        def block(name: str, build: Callable[[], nn.Module], inputs: set[str], outputs: set[str]) -> PipelineBlock:
-            return PipelineBlock(p2p, build_parallel_module, dict(name=name, build=build, tp_pg=tp_pg, device=device),
-                               inputs, outputs)
+        def block(name: str, build: Callable[[], nn.Module], inputs: set[str], outputs: set[str] = hidden,
+                  block_class: type[PipelineBlock] = PipelineBlock) -> PipelineBlock:
+            return block_class(p2p, builder, dict(name=name, build=build), inputs, outputs)
 
-        def vocab_block(name: str, build: Callable[[], nn.Module], inputs: set[str], outputs: set[str],
-                        block_class: type[PipelineBlock] = PipelineBlock) -> PipelineBlock:
-            if tp_style(name) != "vocab":
-                raise ValueError(f"{name} is not vocabulary-parallel in TP_PLAN")
-            return block_class(p2p, build, {}, inputs, outputs)
-
-        def head(index: int) -> Callable[[], VocabParallelHead]:
-            return lambda: VocabParallelHead(config.hidden_size, self.padded_vocab, config.vocab_size, tp_pg,
-                                             self.loss, index, device)
+        def hf_module(module: nn.Module) -> Callable[[], nn.Module]:
+            return lambda: copy.deepcopy(module)
 
         self.model = nn.Module()
-        self.model.embed_tokens = vocab_block(
-            "model.embed_tokens",
-            lambda: VocabParallelEmbedding(self.padded_vocab, config.hidden_size, tp_pg, config.pad_token_id, device),
-            {"input_ids"}, hidden)
+        self.model.embed_tokens = block("model.embed_tokens", hf_module(hf_model.model.embed_tokens), {"input_ids"})
         self.model.layers = nn.ModuleList(
             block(f"model.layers.{index}", lambda index=index: PipelineDecoderLayer(config, index, layer_inputs),
-                  {"hidden_states", "keep"}, hidden)
+                  {"hidden_states", "keep"})
             for index in range(config.num_hidden_layers))
-        self.model.norm = block("model.norm", lambda: LlamaRMSNorm(config.hidden_size, eps=config.rms_norm_eps),
-                                hidden, hidden)
+        self.model.norm = block("model.norm", hf_module(hf_model.model.norm), hidden)
         self.model.exits = nn.ModuleList(
-            block(f"model.exits.{j}", lambda j=j: PipelineExit(config, j, layer_inputs), hidden, hidden)
+            block(f"model.exits.{j}", lambda j=j: PipelineExit(config, j, layer_inputs), hidden)
             for j in range(config.num_exits))
-        labelled = {"hidden_states", "labels"}
-        self.lm_head = vocab_block("lm_head", head(config.num_exits), labelled, {"loss"})
+        self.lm_head = block("lm_head", hf_module(hf_model.lm_head), labelled, {"loss"})
         self.exit_lm_heads = nn.ModuleList(
-            vocab_block(f"exit_lm_heads.{j}", head(j), labelled, {"loss"}, ExitHeadBlock)
+            block(f"exit_lm_heads.{j}", hf_module(hf_model.exit_projection(j)), labelled, {"loss"}, ExitHeadBlock)
             for j in range(config.num_exits))
 
     def _place_blocks(self) -> None:
