@@ -48,28 +48,23 @@ def _style(name: str) -> str | None:
     return tp_style(name.rpartition(".")[0])
 
 
-def shard_tensor(full: torch.Tensor, name: str, tp_rank: int, tp_size: int, padded_vocab: int) -> torch.Tensor | None:
-    """TP rank ``tp_rank``'s shard of the full HF tensor ``name`` (``None``: the rank holds no such tensor)."""
-    style = _style(name)
-    if style == "vocab":
-        if padded_vocab > full.shape[0]:
-            full = torch.cat([full, full.new_zeros(padded_vocab - full.shape[0], *full.shape[1:])])
-        return full.chunk(tp_size, dim=0)[tp_rank]
-    if style == "colwise":
-        return full.chunk(tp_size, dim=0)[tp_rank]
-    if style == "rowwise":
-        if name.endswith(".bias"):
-            return full if tp_rank == 0 else None
-        return full.chunk(tp_size, dim=1)[tp_rank]
-    return full
-
-
 def _sharded_dim(name: str) -> int | None:
     """The dim on which HF parameter ``name`` is split over TP ranks (``None``: whole on the ranks holding it)."""
     style = _style(name)
     if style == "rowwise":
         return None if name.endswith(".bias") else 1
     return 0 if style in ("vocab", "colwise") else None
+
+
+def shard_tensor(full: torch.Tensor, name: str, tp_rank: int, tp_size: int, padded_vocab: int) -> torch.Tensor | None:
+    """TP rank ``tp_rank``'s shard of the full HF tensor ``name`` (``None``: the rank holds no such tensor)."""
+    style = _style(name)
+    if style == "vocab" and padded_vocab > full.shape[0]:
+        full = torch.cat([full, full.new_zeros(padded_vocab - full.shape[0], *full.shape[1:])])
+    if style == "rowwise" and name.endswith(".bias"):
+        return full if tp_rank == 0 else None
+    dim = _sharded_dim(name)
+    return full if dim is None else full.chunk(tp_size, dim=dim)[tp_rank]
 
 
 # ------------------------------------------------------------------------------------------------------------
