@@ -4,7 +4,8 @@ One 4-process launch trains three small models for 3 steps under several layouts
 pp=2 x dp=2, tp=2 x dp=2, pp=4; 10 runs in all), then writes per-step losses, gradient norms, the gathered HF
 state dict and the heads' logits. Here (pytest side) the same models train with plain PyTorch:
 ``EarlyExitGPTForCausalLM``, same initial weights, same global batches, ``torch.optim.AdamW``; everything must
-agree within 1e-5 relative. Three 2-process launches run the CLI end to end on a little KJV text: training
+agree within 1e-5 relative; a 2-process launch checks the heads' logits with eager attention and llama3 rotary
+scaling (tp=2, pp=2). Three 2-process launches run the CLI end to end on a little KJV text: training
 with validation, checkpoints, HF export and a (generous) time budget; a resume that must keep the saved total
 of steps; EE-Tuning from the export under a tiny time budget (the run stops early, all ranks together).
 
@@ -196,6 +197,32 @@ def _worker_equivalence(spec_path: str, out_dir: str) -> None:
         print("WORKER DONE", flush=True)
 
 
+def _worker_attention(spec_path: str, out_dir: str) -> None:
+    """Every head's logits of a freshly initialised model under each layout (the config's attention)."""
+    _import_trainer_without_transformers()
+    import torch
+
+    from eellm_hf.trainer import nanotron_compat as c
+    from eellm_hf.trainer.train_loop import ParallelTrainer, forward_only
+
+    spec = torch.load(spec_path)
+    torch.set_num_threads(1)
+    with c.fail_fast():
+        for layout in spec["layouts"]:
+            ctx = c.make_parallel_context(layout["tp"], layout["pp"], layout["dp"], timeout_s=60)
+            config = types.SimpleNamespace(**spec["config"], attn_implementation=spec["attn_implementation"])
+            trainer = ParallelTrainer(config, ctx, _train_config(BASE_TRAIN))
+            trainer.model.eval()
+            ids, labels = spec["batch"]
+            with _head_logits(trainer.model) as calls:
+                forward_only(trainer.model, [{"input_ids": ids, "labels": labels}])
+            if ctx.tp_rank == 0:
+                torch.save({head: torch.cat(logits) for head, logits in calls.items()},
+                           Path(out_dir) / f"{_layout_name(layout)}__pp{ctx.pp_rank}.pt")
+            torch.distributed.barrier()
+        print("WORKER DONE", flush=True)
+
+
 # ------------------------------------------------------------------------------------------------------------
 # Pytest side: the single-process reference
 # ------------------------------------------------------------------------------------------------------------
@@ -368,6 +395,38 @@ def test_layer_dropout_case_skips_layers(equivalence):
     """The layer-dropout case really skips layers: over its steps, some sequences skipped some layers."""
     assert equivalence["references"]["untied"]["steps"][-1]["skipped_layers"] > 0
     assert equivalence["references"]["tied"]["steps"][-1]["skipped_layers"] == 0  # off by default
+
+
+def test_parallel_model_keeps_the_configs_attention_and_rope(tmp_path):
+    """Eager attention (the causal mask is passed explicitly, not left to SDPA) and llama3 rotary scaling, in the
+    backbone and in exit blocks: every head's logits under tp=2 and pp=2 equal the HF model's, same weights."""
+    import torch
+
+    from eellm_hf.modeling import EarlyExitGPTConfig, EarlyExitGPTForCausalLM
+    from eellm_hf.trainer.weights import init_hf_state_dict
+
+    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0, "original_max_position_embeddings": 4}
+    config = EarlyExitGPTConfig(**BASE_MODEL, vocab_size=61, exit_layers=[1, 3], exit_block=True,
+                                rope_parameters=rope, attn_implementation="eager")
+    layouts = [dict(tp=2, pp=1, dp=1), dict(tp=1, pp=2, dp=1)]
+    _, (ids, labels) = _batches(61)
+    torch.save({"config": config.to_dict(), "attn_implementation": "eager", "layouts": layouts,
+                "batch": (ids, labels)}, tmp_path / "spec.pt")
+    launch(Path(__file__), 2, ["attention", str(tmp_path / "spec.pt"), str(tmp_path)], timeout_s=120)
+    model = EarlyExitGPTForCausalLM(config).eval()
+    assert model.config._attn_implementation == "eager"
+    model.load_state_dict(init_hf_state_dict(config, BASE_TRAIN["seed"]))
+    with torch.no_grad():
+        out = model(input_ids=ids)
+    heads = [*out.exit_logits, out.logits]
+    for layout in layouts:
+        got = {}
+        for path in tmp_path.glob(f"{_layout_name(layout)}__pp*.pt"):
+            got.update(torch.load(path))
+        assert sorted(got) == list(range(len(heads))), layout
+        for head, logits in enumerate(heads):
+            assert _rel(got[head], logits) < RTOL, (layout, head)
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -680,4 +739,4 @@ def _check_export(tmp: Path, cfg: dict, last_val: dict) -> None:
 
 
 if __name__ == "__main__":
-    {"equivalence": _worker_equivalence}[sys.argv[1]](*sys.argv[2:])
+    {"equivalence": _worker_equivalence, "attention": _worker_attention}[sys.argv[1]](*sys.argv[2:])
