@@ -4,10 +4,10 @@ One 4-process launch trains three small models for 3 steps under several layouts
 pp=2 x dp=2, tp=2 x dp=2, pp=4; 10 runs in all), then writes per-step losses, gradient norms, the gathered HF
 state dict and the heads' logits. Here (pytest side) the same models train with plain PyTorch:
 ``EarlyExitGPTForCausalLM``, same initial weights, same global batches, ``torch.optim.AdamW``; everything must
-agree within 1e-5 relative; a 2-process launch checks the heads' logits with eager attention and llama3 rotary
-scaling (tp=2, pp=2). Three 2-process launches run the CLI end to end on a little KJV text: training
-with validation, checkpoints, HF export and a (generous) time budget; a resume that must keep the saved total
-of steps; EE-Tuning from the export under a tiny time budget (the run stops early, all ranks together).
+agree within 1e-5 relative. The same launch then checks every head's logits with eager attention and llama3
+rotary scaling (tp=2 x pp=2) against the HF model. Three 2-process launches run the CLI end to end on a little
+KJV text: training with validation, checkpoints, HF export and a (generous) time budget; a resume that must keep
+the saved total of steps; EE-Tuning from the export under a tiny time budget (the run stops early, all ranks together).
 
 This file is also the worker script (``python tests/test_trainer_parallel.py equivalence SPEC OUT``). Workers
 import ``eellm_hf.trainer`` without ``eellm_hf/__init__.py`` (the auto-class registrations): the parallel trainer
@@ -85,6 +85,12 @@ CASES = {
         layouts=[dict(tp=2, pp=2, dp=1), dict(tp=1, pp=4, dp=1, layer_split=[1, 1, 1, 1])],
     ),
 }
+
+# Eager attention and llama3 rotary scaling (every other case runs SDPA and the default rope), in exit blocks too.
+ATTENTION_MODEL = dict(
+    vocab_size=61, exit_layers=[1, 3], exit_block=True, attn_implementation="eager",
+    rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                     "high_freq_factor": 4.0, "original_max_position_embeddings": 4})
 
 
 def _layout_name(layout: dict) -> str:
@@ -194,33 +200,28 @@ def _worker_equivalence(spec_path: str, out_dir: str) -> None:
                 if state is not None:
                     torch.save({"steps": steps, "state": state, "grad_messages": int(received)}, out / f"{name}.pt")
                 torch.distributed.barrier()
+        _attention_logits(spec["attention"], out)
         print("WORKER DONE", flush=True)
 
 
-def _worker_attention(spec_path: str, out_dir: str) -> None:
-    """Every head's logits of a freshly initialised model under each layout (the config's attention)."""
-    _import_trainer_without_transformers()
+def _attention_logits(spec: dict, out: Path) -> None:
+    """Every head's logits of a freshly initialised model with the config's attention implementation."""
     import torch
 
     from eellm_hf.trainer import nanotron_compat as c
     from eellm_hf.trainer.train_loop import ParallelTrainer, forward_only
 
-    spec = torch.load(spec_path)
-    torch.set_num_threads(1)
-    with c.fail_fast():
-        for layout in spec["layouts"]:
-            ctx = c.make_parallel_context(layout["tp"], layout["pp"], layout["dp"], timeout_s=60)
-            config = types.SimpleNamespace(**spec["config"], attn_implementation=spec["attn_implementation"])
-            trainer = ParallelTrainer(config, ctx, _train_config(BASE_TRAIN))
-            trainer.model.eval()
-            ids, labels = spec["batch"]
-            with _head_logits(trainer.model) as calls:
-                forward_only(trainer.model, [{"input_ids": ids, "labels": labels}])
-            if ctx.tp_rank == 0:
-                torch.save({head: torch.cat(logits) for head, logits in calls.items()},
-                           Path(out_dir) / f"{_layout_name(layout)}__pp{ctx.pp_rank}.pt")
-            torch.distributed.barrier()
-        print("WORKER DONE", flush=True)
+    layout = spec["layout"]
+    ctx = c.make_parallel_context(layout["tp"], layout["pp"], layout["dp"], timeout_s=60)
+    config = types.SimpleNamespace(**spec["config"], attn_implementation=spec["attn_implementation"])
+    trainer = ParallelTrainer(config, ctx, _train_config(BASE_TRAIN))
+    trainer.model.eval()
+    ids, labels = spec["batch"]
+    with _head_logits(trainer.model) as calls:
+        forward_only(trainer.model, [{"input_ids": ids, "labels": labels}])
+    if ctx.tp_rank == 0 and ctx.dp_rank == 0:
+        torch.save({head: torch.cat(logits) for head, logits in calls.items()}, out / f"attention__pp{ctx.pp_rank}.pt")
+    torch.distributed.barrier()
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -351,8 +352,10 @@ def equivalence(tmp_path_factory) -> dict:
         logits = {j: x for j, x in enumerate(out.exit_logits)}
         logits[len(out.exit_logits)] = out.logits
         references[name] = {"config": config, "steps": steps, "state": model.state_dict(), "logits": logits}
+    attention = {"config": _model_config({"model": ATTENTION_MODEL}).to_dict(), "attn_implementation": "eager",
+                 "layout": dict(tp=2, pp=2, dp=1), "batch": eval_batch}
     spec_path = tmp / "spec.pt"
-    torch.save({"cases": spec_cases, "batches": batches, "eval_batch": eval_batch}, spec_path)
+    torch.save({"cases": spec_cases, "batches": batches, "eval_batch": eval_batch, "attention": attention}, spec_path)
     out_dir = tmp / "out"
     out_dir.mkdir()
     launch(Path(__file__), 4, ["equivalence", str(spec_path), str(out_dir)], timeout_s=240)
@@ -397,36 +400,28 @@ def test_layer_dropout_case_skips_layers(equivalence):
     assert equivalence["references"]["tied"]["steps"][-1]["skipped_layers"] == 0  # off by default
 
 
-def test_parallel_model_keeps_the_configs_attention_and_rope(tmp_path):
-    """Eager attention (the causal mask is passed explicitly, not left to SDPA) and llama3 rotary scaling, in the
-    backbone and in exit blocks: every head's logits under tp=2 and pp=2 equal the HF model's, same weights."""
+def test_parallel_model_keeps_the_configs_attention_and_rope(equivalence):
+    """Eager attention (the causal mask passed explicitly, not left to SDPA) and llama3 rotary scaling, in the
+    backbone and in exit blocks: every head's logits under tp=2 x pp=2 equal the HF model's, same weights."""
     import torch
 
-    from eellm_hf.modeling import EarlyExitGPTConfig, EarlyExitGPTForCausalLM
+    from eellm_hf.modeling import EarlyExitGPTForCausalLM
     from eellm_hf.trainer.weights import init_hf_state_dict
 
-    rope = {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
-            "high_freq_factor": 4.0, "original_max_position_embeddings": 4}
-    config = EarlyExitGPTConfig(**BASE_MODEL, vocab_size=61, exit_layers=[1, 3], exit_block=True,
-                                rope_parameters=rope, attn_implementation="eager")
-    layouts = [dict(tp=2, pp=1, dp=1), dict(tp=1, pp=2, dp=1)]
-    _, (ids, labels) = _batches(61)
-    torch.save({"config": config.to_dict(), "attn_implementation": "eager", "layouts": layouts,
-                "batch": (ids, labels)}, tmp_path / "spec.pt")
-    launch(Path(__file__), 2, ["attention", str(tmp_path / "spec.pt"), str(tmp_path)], timeout_s=120)
+    config = _model_config({"model": ATTENTION_MODEL})
     model = EarlyExitGPTForCausalLM(config).eval()
     assert model.config._attn_implementation == "eager"
     model.load_state_dict(init_hf_state_dict(config, BASE_TRAIN["seed"]))
+    _, eval_batch = _batches(61)
     with torch.no_grad():
-        out = model(input_ids=ids)
+        out = model(input_ids=eval_batch[0])
     heads = [*out.exit_logits, out.logits]
-    for layout in layouts:
-        got = {}
-        for path in tmp_path.glob(f"{_layout_name(layout)}__pp*.pt"):
-            got.update(torch.load(path))
-        assert sorted(got) == list(range(len(heads))), layout
-        for head, logits in enumerate(heads):
-            assert _rel(got[head], logits) < RTOL, (layout, head)
+    got = {}
+    for path in equivalence["dir"].glob("attention__pp*.pt"):
+        got.update(torch.load(path))
+    assert sorted(got) == list(range(len(heads)))
+    for head, logits in enumerate(heads):
+        assert _rel(got[head], logits) < RTOL, head
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -739,4 +734,4 @@ def _check_export(tmp: Path, cfg: dict, last_val: dict) -> None:
 
 
 if __name__ == "__main__":
-    {"equivalence": _worker_equivalence, "attention": _worker_attention}[sys.argv[1]](*sys.argv[2:])
+    {"equivalence": _worker_equivalence}[sys.argv[1]](*sys.argv[2:])
