@@ -4,17 +4,19 @@ One 4-process launch trains three small models for 3 steps under several layouts
 pp=2 x dp=2, tp=2 x dp=2, pp=4; 10 runs in all), then writes per-step losses, gradient norms, the gathered HF
 state dict and the heads' logits. Here (pytest side) the same models train with plain PyTorch:
 ``EarlyExitGPTForCausalLM``, same initial weights, same global batches, ``torch.optim.AdamW``; everything must
-agree within 1e-5 relative. Three 2-process launches run the CLI end to end on a little KJV text: training
-with validation, checkpoints, HF export and a (generous) time budget; a resume that must keep the saved total
-of steps; EE-Tuning from the export under a tiny time budget (the run stops early, all ranks together).
+agree within 1e-5 relative. The same launch then checks every head's logits with eager attention and llama3
+rotary scaling (tp=2 x pp=2) against the HF model. Three 2-process launches run the CLI end to end on a little
+KJV text: training with validation, checkpoints, HF export and a (generous) time budget; a resume that must keep
+the saved total of steps; EE-Tuning from the export under a tiny time budget (the run stops early, all ranks together).
 
 This file is also the worker script (``python tests/test_trainer_parallel.py equivalence SPEC OUT``). Workers
-import ``eellm_hf.trainer`` without ``eellm_hf/__init__.py`` (which imports transformers, ~5 s per rank): the
-parallel trainer needs only torch and nanotron.
+import ``eellm_hf.trainer`` without ``eellm_hf/__init__.py`` (the auto-class registrations): the parallel trainer
+needs torch, nanotron and the model's transformers modules only.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
@@ -84,6 +86,12 @@ CASES = {
     ),
 }
 
+# Eager attention and llama3 rotary scaling (every other case runs SDPA and the default rope), in exit blocks too.
+ATTENTION_MODEL = dict(
+    vocab_size=61, exit_layers=[1, 3], exit_block=True, attn_implementation="eager",
+    rope_parameters={"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0, "low_freq_factor": 1.0,
+                     "high_freq_factor": 4.0, "original_max_position_embeddings": 4})
+
 
 def _layout_name(layout: dict) -> str:
     return f"tp{layout['tp']}_pp{layout['pp']}_dp{layout['dp']}"
@@ -96,7 +104,7 @@ def _layout_name(layout: dict) -> str:
 
 def _import_trainer_without_transformers() -> None:
     """Make ``eellm_hf`` a bare namespace so that importing ``eellm_hf.trainer.*`` skips the package
-    ``__init__`` (and its transformers import)."""
+    ``__init__`` (and its transformers auto-class imports)."""
     package = types.ModuleType("eellm_hf")
     package.__path__ = [str(REPO_ROOT / "eellm_hf")]
     sys.modules.setdefault("eellm_hf", package)
@@ -113,6 +121,31 @@ def _train_config(spec: dict):
     if layer_dropout is not None:
         kwargs["layer_dropout"] = LayerDropout(**layer_dropout)
     return TrainConfig(**kwargs)
+
+
+@contextlib.contextmanager
+def _head_logits(model):
+    """``{head: [full logits of each call]}`` of the heads on this rank (exits, then the final head) while the block
+    runs: a forward pre-hook gives each head's input to its own projection, TP-gathered, vocabulary padding
+    removed."""
+    import torch
+
+    captured, handles = {}, []
+
+    def capture(head, args, kwargs):
+        shard = head.sharded_logits(kwargs["hidden_states"]).contiguous()
+        pieces = [torch.empty_like(shard) for _ in range(head.pg.size())]
+        torch.distributed.all_gather(pieces, shard, group=head.pg)
+        captured.setdefault(head.head, []).append(torch.cat(pieces, dim=-1)[..., : head.vocab_size].cpu())
+
+    for block in [*model.exit_lm_heads, model.lm_head]:
+        if hasattr(block, "pp_block"):
+            handles.append(block.pp_block.register_forward_pre_hook(capture, with_kwargs=True))
+    try:
+        yield captured
+    finally:
+        for handle in handles:
+            handle.remove()
 
 
 def _worker_equivalence(spec_path: str, out_dir: str) -> None:
@@ -153,12 +186,11 @@ def _worker_equivalence(spec_path: str, out_dir: str) -> None:
                                   "lr": r.lr, "exit_weights": r.exit_weights, "gate_losses": r.gate_losses})
                 # logits of every head on a fixed batch, where each head lives
                 trainer.model.eval()
-                trainer.model.loss.captured_logits = {}
                 trainer.model.loss.reset_sums()
                 ids, labels = spec["eval_batch"]
-                forward_only(trainer.model, [{"input_ids": ids, "labels": labels}])
-                captured = {k: torch.cat(v) for k, v in trainer.model.loss.captured_logits.items()}
-                trainer.model.loss.captured_logits = None
+                with _head_logits(trainer.model) as calls:
+                    forward_only(trainer.model, [{"input_ids": ids, "labels": labels}])
+                captured = {head: torch.cat(logits) for head, logits in calls.items()}
                 received = torch.tensor(grad_messages[0])
                 torch.distributed.all_reduce(received)
                 state = gather_hf_state_dict(trainer.model)
@@ -168,7 +200,28 @@ def _worker_equivalence(spec_path: str, out_dir: str) -> None:
                 if state is not None:
                     torch.save({"steps": steps, "state": state, "grad_messages": int(received)}, out / f"{name}.pt")
                 torch.distributed.barrier()
+        _attention_logits(spec["attention"], out)
         print("WORKER DONE", flush=True)
+
+
+def _attention_logits(spec: dict, out: Path) -> None:
+    """Every head's logits of a freshly initialised model with the config's attention implementation."""
+    import torch
+
+    from eellm_hf.trainer import nanotron_compat as c
+    from eellm_hf.trainer.train_loop import ParallelTrainer, forward_only
+
+    layout = spec["layout"]
+    ctx = c.make_parallel_context(layout["tp"], layout["pp"], layout["dp"], timeout_s=60)
+    config = types.SimpleNamespace(**spec["config"], attn_implementation=spec["attn_implementation"])
+    trainer = ParallelTrainer(config, ctx, _train_config(BASE_TRAIN))
+    trainer.model.eval()
+    ids, labels = spec["batch"]
+    with _head_logits(trainer.model) as calls:
+        forward_only(trainer.model, [{"input_ids": ids, "labels": labels}])
+    if ctx.tp_rank == 0 and ctx.dp_rank == 0:
+        torch.save({head: torch.cat(logits) for head, logits in calls.items()}, out / f"attention__pp{ctx.pp_rank}.pt")
+    torch.distributed.barrier()
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -299,8 +352,10 @@ def equivalence(tmp_path_factory) -> dict:
         logits = {j: x for j, x in enumerate(out.exit_logits)}
         logits[len(out.exit_logits)] = out.logits
         references[name] = {"config": config, "steps": steps, "state": model.state_dict(), "logits": logits}
+    attention = {"config": _model_config({"model": ATTENTION_MODEL}).to_dict(), "attn_implementation": "eager",
+                 "layout": dict(tp=2, pp=2, dp=1), "batch": eval_batch}
     spec_path = tmp / "spec.pt"
-    torch.save({"cases": spec_cases, "batches": batches, "eval_batch": eval_batch}, spec_path)
+    torch.save({"cases": spec_cases, "batches": batches, "eval_batch": eval_batch, "attention": attention}, spec_path)
     out_dir = tmp / "out"
     out_dir.mkdir()
     launch(Path(__file__), 4, ["equivalence", str(spec_path), str(out_dir)], timeout_s=240)
@@ -343,6 +398,30 @@ def test_layer_dropout_case_skips_layers(equivalence):
     """The layer-dropout case really skips layers: over its steps, some sequences skipped some layers."""
     assert equivalence["references"]["untied"]["steps"][-1]["skipped_layers"] > 0
     assert equivalence["references"]["tied"]["steps"][-1]["skipped_layers"] == 0  # off by default
+
+
+def test_parallel_model_keeps_the_configs_attention_and_rope(equivalence):
+    """Eager attention (the causal mask passed explicitly, not left to SDPA) and llama3 rotary scaling, in the
+    backbone and in exit blocks: every head's logits under tp=2 x pp=2 equal the HF model's, same weights."""
+    import torch
+
+    from eellm_hf.modeling import EarlyExitGPTForCausalLM
+    from eellm_hf.trainer.weights import init_hf_state_dict
+
+    config = _model_config({"model": ATTENTION_MODEL})
+    model = EarlyExitGPTForCausalLM(config).eval()
+    assert model.config._attn_implementation == "eager"
+    model.load_state_dict(init_hf_state_dict(config, BASE_TRAIN["seed"]))
+    _, eval_batch = _batches(61)
+    with torch.no_grad():
+        out = model(input_ids=eval_batch[0])
+    heads = [*out.exit_logits, out.logits]
+    got = {}
+    for path in equivalence["dir"].glob("attention__pp*.pt"):
+        got.update(torch.load(path))
+    assert sorted(got) == list(range(len(heads)))
+    for head, logits in enumerate(heads):
+        assert _rel(got[head], logits) < RTOL, head
 
 
 @pytest.mark.parametrize("case", list(CASES))
@@ -389,18 +468,31 @@ def test_ee_tuning_leaves_backbone_bit_identical(equivalence):
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Single-process pieces: names, sharding, layout, rotary embeddings
+# Single-process pieces: names, ties, sharding, layout
 # ------------------------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize("case", list(CASES))
-def test_hf_names_and_shapes_match_the_hf_model(case):
+def test_initial_weights_and_ties_are_the_hf_models(case):
+    """The initial state dict has the HF model's keys and shapes, and each parallel parameter is tied to the very
+    parameter the HF model uses for it (embedding and final head, exits projecting with the final head)."""
     from eellm_hf.modeling import EarlyExitGPTForCausalLM
-    from eellm_hf.trainer.weights import hf_parameter_shapes
+    from eellm_hf.trainer.parallel_model import HFParameters
+    from eellm_hf.trainer.weights import init_hf_state_dict
 
     config = _model_config(CASES[case])
-    expected = {k: tuple(v.shape) for k, v in EarlyExitGPTForCausalLM(config).state_dict().items()}
-    assert hf_parameter_shapes(config) == expected
+    model = EarlyExitGPTForCausalLM(config)
+    state = init_hf_state_dict(config, seed=0)
+    assert {k: v.shape for k, v in state.items()} == {k: v.shape for k, v in model.state_dict().items()}
+    model.load_state_dict(state, strict=True)
+    used = {name: model.get_parameter(name) for name in state}
+    used.update({f"exit_lm_heads.{j}.weight": model.exit_projection(j).weight for j in range(config.num_exits)})
+    sources = HFParameters.of(config).sources
+    assert set(sources) == set(used)
+    for name, source in sources.items():
+        assert used[name] is model.get_parameter(source), (name, source)
+        if name in state:
+            assert state[name] is state[source], (name, source)
 
 
 def test_shards_reassemble_with_vocab_padding():
@@ -472,22 +564,6 @@ def test_layer_split_balances_cost_with_exit_heads():
     split = balanced_layer_split(config, 2)
     assert sum(split) == 8 and split[0] < 4  # the exits' vocabulary projections weigh on stage 0
     assert balanced_layer_split(_model_config({"model": dict(vocab_size=64, num_hidden_layers=4)}), 4) == [1] * 4
-
-
-@pytest.mark.parametrize("rope", [None, {"rope_type": "llama3", "rope_theta": 500000.0, "factor": 8.0,
-                                         "low_freq_factor": 1.0, "high_freq_factor": 4.0,
-                                         "original_max_position_embeddings": 16}])
-def test_rotary_embedding_matches_transformers(rope):
-    import torch
-    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
-
-    from eellm_hf.trainer.parallel_model import RotaryEmbedding
-
-    config = _model_config({"model": dict(vocab_size=64, rope_parameters=rope)})
-    x = torch.zeros(1, 40, config.hidden_size)
-    cos_ref, sin_ref = LlamaRotaryEmbedding(config)(x, torch.arange(40)[None])
-    cos, sin = RotaryEmbedding(config)(40, x.device, x.dtype)
-    assert torch.allclose(cos, cos_ref[0], atol=1e-6) and torch.allclose(sin, sin_ref[0], atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------------------

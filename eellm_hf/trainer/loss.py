@@ -208,7 +208,6 @@ class MultiExitLoss:
         self.num_micro_batches = 1
         self._sums: list[torch.Tensor | None] = [None] * (num_exits + 1)
         self._gate_sums: list[torch.Tensor | None] = [None] * num_exits
-        self.captured_logits: dict[int, list[torch.Tensor]] | None = None
 
     @property
     def final_index(self) -> int:
@@ -274,11 +273,6 @@ class MultiExitLoss:
         """An exit's micro-batch loss as registered for backward: divided by the micro-batch count, as nanotron's
         engine does for the final head's loss."""
         return loss / self.num_micro_batches
-
-    def capture(self, head: int, logits: torch.Tensor) -> None:
-        """Keep a head's full (TP-gathered, unpadded) logits when :attr:`captured_logits` is a dict (tests)."""
-        if self.captured_logits is not None:
-            self.captured_logits.setdefault(head, []).append(logits.detach().cpu())
 
 
 def reduce_head_sums(sums: torch.Tensor, groups: Sequence[dist.ProcessGroup]) -> torch.Tensor:

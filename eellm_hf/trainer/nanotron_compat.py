@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import contextlib
 import datetime
-import functools
 import os
 import socket
 import sys
@@ -97,7 +96,6 @@ fix_nanotron_circular_import()
 import nanotron.distributed as dist
 from nanotron.models.base import NanotronModel, init_on_device_and_dtype
 from nanotron.models.base import build_model as _nanotron_build_model
-from nanotron.optim.base import BaseOptimizer
 from nanotron.optim.clip_grads import clip_grad_norm as _nanotron_clip_grad_norm
 from nanotron.optim.gradient_accumulator import FP32GradientAccumulator, GradientAccumulator
 from nanotron.optim.named_optimizer import NamedOptimizer
@@ -105,12 +103,11 @@ from nanotron.optim.optimizer_from_gradient_accumulator import OptimizerFromGrad
 from nanotron.optim.zero import ZeroDistributedOptimizer
 from nanotron.parallel.context import ParallelContext
 from nanotron.parallel.data_parallel.utils import sync_gradients_across_dp
-from nanotron.parallel.parameters import NanotronParameter, sanity_check
+from nanotron.parallel.parameters import NanotronParameter
 from nanotron.parallel.pipeline_parallel.block import PipelineBlock
 from nanotron.parallel.pipeline_parallel.engine import (
     AllForwardAllBackwardPipelineEngine,
     OneForwardOneBackwardPipelineEngine,
-    PipelineEngine,
 )
 from nanotron.parallel.pipeline_parallel.p2p import P2P
 from nanotron.parallel.pipeline_parallel.state import (
@@ -119,13 +116,7 @@ from nanotron.parallel.pipeline_parallel.state import (
     PipelineTrainBatchState,
 )
 from nanotron.parallel.pipeline_parallel.tensor_pointer import TensorPointer
-from nanotron.parallel.pipeline_parallel.utils import get_pp_rank_of
-from nanotron.parallel.tensor_parallel.distributed_differentiable_primitives import (
-    differentiable_all_gather,
-    differentiable_all_reduce_sum,
-    differentiable_identity,
-    differentiable_reduce_scatter_sum,
-)
+from nanotron.parallel.tensor_parallel.distributed_differentiable_primitives import differentiable_identity
 from nanotron.parallel.tensor_parallel.enum import TensorParallelLinearMode
 from nanotron.parallel.tensor_parallel.functional import sharded_cross_entropy
 from nanotron.parallel.tensor_parallel.nn import (
@@ -134,72 +125,46 @@ from nanotron.parallel.tensor_parallel.nn import (
     TensorParallelRowLinear,
 )
 from nanotron.parallel.tied_parameters import (
-    get_tied_id_to_param,
     sync_tied_weights_gradients,
     tie_parameters,
-)
-from nanotron.parallel.utils import initial_sync
-from nanotron.random import (
-    RandomStates,
-    branch_random_state,
-    get_current_random_state,
-    get_synced_random_state,
 )
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
     "AllForwardAllBackwardPipelineEngine",
-    "BaseOptimizer",
     "CompatParallelContext",
     "FP32GradientAccumulator",
-    "GradientAccumulator",
     "NamedOptimizer",
     "NanotronModel",
     "NanotronParameter",
     "OneForwardOneBackwardPipelineEngine",
     "OptimizerFromGradientAccumulator",
-    "P2P",
     "ParallelContext",
-    "PipelineBatchState",
     "PipelineBlock",
-    "PipelineEngine",
     "PipelineEvalBatchState",
     "PipelineTrainBatchState",
-    "RandomStates",
     "TensorParallelColumnLinear",
     "TensorParallelEmbedding",
     "TensorParallelLinearMode",
     "TensorParallelRowLinear",
     "TensorPointer",
     "ZeroDistributedOptimizer",
-    "branch_random_state",
     "build_model",
     "clip_grad_norm",
     "create_pg_for_tied_weights",
     "default_backend",
     "device_for_backend",
-    "differentiable_all_gather",
-    "differentiable_all_reduce_sum",
     "differentiable_identity",
-    "differentiable_reduce_scatter_sum",
     "dist",
     "fail_fast",
-    "fail_fast_main",
     "find_free_port",
-    "get_current_random_state",
-    "get_pp_rank_of",
-    "get_synced_random_state",
-    "get_tied_id_to_param",
     "init_distributed",
-    "init_on_device_and_dtype",
-    "initial_sync",
     "make_fp32_grad_accumulator",
     "make_p2p",
     "make_parallel_context",
     "named_params_with_correct_tied",
     "place_pipeline_blocks",
     "reset_pipeline_state",
-    "sanity_check",
     "sharded_cross_entropy",
     "sync_gradients_across_dp",
     "sync_tied_weights_gradients",
@@ -445,19 +410,6 @@ def _die(exc: BaseException, exit_code: int) -> None:
     )
     sys.stderr.flush()
     os._exit(exit_code)
-
-
-def fail_fast_main(fn: Callable[..., T]) -> Callable[..., T]:
-    """Decorator form of :func:`fail_fast`."""
-
-    @functools.wraps(fn)
-    def wrapper(*args: Any, **kwargs: Any) -> T:
-        with fail_fast():
-            return fn(*args, **kwargs)
-        raise AssertionError("unreachable")  # pragma: no cover
-
-    return wrapper
-
 
 
 # ----------------------------------------------------------------------------------------------------

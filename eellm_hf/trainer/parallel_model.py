@@ -1,61 +1,58 @@
-"""EarlyExitGPT on nanotron's 3D-parallel primitives.
+"""EarlyExitGPT on nanotron's 3D-parallel primitives, built from the Hugging Face model's own modules.
 
-* Tensor parallelism (sync all-reduce mode): vocabulary-parallel embedding and heads, column-parallel
-  ``q/k/v_proj`` and ``gate/up_proj``, row-parallel ``o_proj`` and ``down_proj``; attention and KV heads are split
-  over TP ranks (GQA groups stay on one rank). The vocabulary is padded to a multiple of ``tp`` internally; the
-  padding entries get ``-inf`` logits (see :mod:`.loss`) and are removed on export.
+* The decoder layers, norms, exits and rotary embedding are those of :mod:`eellm_hf.modeling` (transformers'
+  Llama modules). Each pipeline block builds its module on the meta device and swaps in nanotron's
+  tensor-parallel modules where :data:`TP_PLAN` says, per module name (as transformers' ``base_model_tp_plan``,
+  or torchtitan on a model it leaves unmodified): column-parallel ``q/k/v_proj`` and ``gate/up_proj``,
+  row-parallel ``o_proj`` and ``down_proj`` (sync all-reduce mode), so attention runs on this TP rank's heads
+  (GQA groups stay on one rank); vocabulary-parallel embedding and heads (:mod:`.vocab_parallel`). The
+  vocabulary is padded to a multiple of ``tp`` internally; the padding entries get ``-inf`` logits (see
+  :mod:`.loss`) and are removed on export.
 * Pipeline parallelism: every module is a ``PipelineBlock`` placed on a stage (:class:`StageLayout`). An exit's
   modules and its head sit on the stage of its layer, so its vocabulary-sized logits and loss never cross stages;
   exit losses join the stage's backward through nanotron's "activations requiring backward" list.
 * Parameter names are Hugging Face ``EarlyExitGPTForCausalLM`` names with ``.pp_block`` inserted after the block
   (:func:`hf_name`), so HF <-> parallel conversion is (un)sharding only (:mod:`.weights`).
-* Tied weights (input embedding and final head with ``tie_word_embeddings``; exit heads and final head with
-  ``tie_exit_heads``) are nanotron tied parameters, possibly across stages; parameters replicated over TP are
-  tied across the TP group so that gradient clipping counts them once.
-
-Only attributes of the config are read (an ``EarlyExitGPTConfig``, or any object with its fields), so this
-module imports neither transformers nor the HF model.
+* Tied weights are the HF model's (:class:`HFParameters`): nanotron tied parameters, possibly across stages;
+  parameters replicated over TP are tied across the TP group so that gradient clipping counts them once.
 """
 
 from __future__ import annotations
 
+import copy
 import dataclasses
+import fnmatch
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import nn
+from transformers.masking_utils import create_causal_mask
+from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 
-from .loss import (
-    MultiExitLoss,
-    TeacherTargets,
-    distillation_token_losses,
-    gate_token_losses,
-    mask_padded_vocab,
-    vocab_parallel_argmax,
-    vocab_parallel_token_losses,
-)
+from ..modeling import EarlyExitGPTConfig, EarlyExitGPTForCausalLM
+from ..modeling.modeling_early_exit_gpt import EarlyExitGPTDecoderLayer, EarlyExitGPTExit
+from .loss import MultiExitLoss
 from .nanotron_compat import (
     ParallelContext,
     PipelineBlock,
-    PipelineTrainBatchState,
     TensorParallelColumnLinear,
-    TensorParallelEmbedding,
-    TensorParallelLinearMode,
     TensorParallelRowLinear,
     TensorPointer,
-    differentiable_all_gather,
     dist,
     make_p2p,
     tie_parameters,
     tie_replicated_parameters,
 )
+from .vocab_parallel import TP_MODE, ExitHeadBlock, VocabParallelEmbedding, VocabParallelHead
 
 __all__ = [
+    "TP_PLAN",
+    "HFParameters",
     "ParallelEarlyExitGPT",
     "StageLayout",
+    "as_hf_config",
     "balanced_layer_split",
     "exit_flops_per_token",
     "head_flops_per_token",
@@ -63,10 +60,8 @@ __all__ = [
     "layer_flops_per_token",
     "make_layout",
     "padded_vocab_size",
+    "tp_style",
 ]
-
-TP_MODE = TensorParallelLinearMode.ALL_REDUCE
-
 
 # ------------------------------------------------------------------------------------------------------------
 # Layout: which pipeline stage holds what
@@ -207,247 +202,186 @@ def hf_name(name: str) -> str:
 
 
 # ------------------------------------------------------------------------------------------------------------
-# Tensor-parallel modules
+# The HF model: its parameters, its TP plan
 # ------------------------------------------------------------------------------------------------------------
 
 
-class RMSNorm(nn.Module):
-    """Llama's RMSNorm (normalise in fp32, scale in the input dtype)."""
-
-    def __init__(self, hidden_size: int, eps: float) -> None:
-        super().__init__()
-        self.weight = nn.Parameter(torch.ones(hidden_size))
-        self.eps = eps
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        dtype = hidden_states.dtype
-        x = hidden_states.to(torch.float32)
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
-
-
-_ACTIVATIONS = {
-    "silu": F.silu,
-    "swish": F.silu,
-    "gelu": F.gelu,
-    "relu": F.relu,
-    "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
-    "gelu_pytorch_tanh": lambda x: F.gelu(x, approximate="tanh"),
+TP_PLAN: dict[str, str] = {
+    "model.embed_tokens": "vocab",
+    "*.self_attn.q_proj": "colwise",
+    "*.self_attn.k_proj": "colwise",
+    "*.self_attn.v_proj": "colwise",
+    "*.self_attn.o_proj": "rowwise",
+    "*.mlp.gate_proj": "colwise",
+    "*.mlp.up_proj": "colwise",
+    "*.mlp.down_proj": "rowwise",
+    "lm_head": "vocab",
+    "exit_lm_heads.*": "vocab",
 }
+"""How each module of ``EarlyExitGPTForCausalLM`` (by HF module name, ``*`` matching any part) is split over
+the TP group; unlisted modules (norms, gates) are replicated. ``colwise``: output features split (weight and bias
+on dim 0); ``rowwise``: input features split (weight on dim 1, the bias on TP rank 0 only); ``vocab``: the
+vocabulary, padded to a multiple of ``tp``, split on dim 0. Backbone layers and exit blocks and MLPs share the
+``self_attn`` / ``mlp`` entries."""
 
 
-def _activation(name: str):
-    if name in _ACTIVATIONS:
-        return _ACTIVATIONS[name]
-    from transformers.activations import ACT2FN  # other activations: transformers' own
-
-    return ACT2FN[name]
+def tp_style(module_name: str) -> str | None:
+    """The :data:`TP_PLAN` style of HF module ``module_name`` (``None``: replicated)."""
+    return next((style for pattern, style in TP_PLAN.items() if fnmatch.fnmatchcase(module_name, pattern)), None)
 
 
-class RotaryEmbedding:
-    """Llama rotary embedding cos/sin for positions ``0..seq_len-1`` (cached); not a module, so it never holds
-    parameters or buffers and is unaffected by dtype casts."""
-
-    def __init__(self, config: Any) -> None:
-        rope = dict(getattr(config, "rope_parameters", None) or {})
-        rope_type = rope.get("rope_type", rope.get("type", "default"))
-        if rope_type == "default":
-            dim = _head_dim(config)
-            theta = float(rope.get("rope_theta", getattr(config, "rope_theta", 10000.0)))
-            self.inv_freq = 1.0 / (theta ** (torch.arange(0, dim, 2, dtype=torch.float) / dim))
-            self.scaling = 1.0
-        else:
-            from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
-
-            self.inv_freq, self.scaling = ROPE_INIT_FUNCTIONS[rope_type](config, torch.device("cpu"))
-        self._cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def __call__(self, seq_len: int, device: torch.device, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-        key = (seq_len, str(device), dtype)
-        if key not in self._cache:
-            positions = torch.arange(seq_len, dtype=torch.float, device=device)
-            freqs = positions[:, None] * self.inv_freq.to(device)[None, :]
-            emb = torch.cat((freqs, freqs), dim=-1)
-            self._cache[key] = ((emb.cos() * self.scaling).to(dtype), (emb.sin() * self.scaling).to(dtype))
-        return self._cache[key]
+def as_hf_config(config: Any) -> EarlyExitGPTConfig:
+    """``config`` as an ``EarlyExitGPTConfig`` (an object with its fields, e.g. a namespace, is converted)."""
+    return config if isinstance(config, EarlyExitGPTConfig) else EarlyExitGPTConfig(**vars(config))
 
 
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+def hf_meta_model(config: Any) -> EarlyExitGPTForCausalLM:
+    """``EarlyExitGPTForCausalLM(config)`` on the meta device (no memory, no initialisation). Building it also
+    settles the config's attention implementation, as ``from_pretrained`` would."""
+    with torch.device("meta"):
+        return EarlyExitGPTForCausalLM(as_hf_config(config))
 
 
-class ParallelAttention(nn.Module):
-    """Causal self-attention with rotary embeddings and GQA; heads split over the TP group."""
+@dataclasses.dataclass(frozen=True)
+class HFParameters:
+    """The parameters of ``EarlyExitGPTForCausalLM(config)``, read from that model on the meta device.
 
-    def __init__(self, config: Any, tp_pg: dist.ProcessGroup) -> None:
-        super().__init__()
-        tp = tp_pg.size()
-        h, self.head_dim = config.hidden_size, _head_dim(config)
-        heads, kv_heads = config.num_attention_heads, _kv_heads(config)
-        if heads % tp or kv_heads % tp:
-            raise ValueError(f"attention heads ({heads}) and KV heads ({kv_heads}) must be divisible by tp={tp}")
-        self.groups = heads // kv_heads
-        bias = bool(getattr(config, "attention_bias", False))
-        self.q_proj = TensorParallelColumnLinear(h, heads * self.head_dim, pg=tp_pg, mode=TP_MODE, bias=bias)
-        self.k_proj = TensorParallelColumnLinear(h, kv_heads * self.head_dim, pg=tp_pg, mode=TP_MODE, bias=bias)
-        self.v_proj = TensorParallelColumnLinear(h, kv_heads * self.head_dim, pg=tp_pg, mode=TP_MODE, bias=bias)
-        self.o_proj = TensorParallelRowLinear(heads * self.head_dim, h, pg=tp_pg, mode=TP_MODE, bias=bias)
-        self.rotary = RotaryEmbedding(config)
+    ``shapes``: every state-dict key (tied keys included) and its shape. ``sources``: every parameter name of the
+    parallel model (those keys, plus ``exit_lm_heads.{j}.weight`` for each exit, which the parallel model has on
+    the exit's stage even when the exits project with the final head) -> the state-dict key whose tensor it is
+    (itself when untied): the model's ``_tied_weights_keys`` as its config resolves them, and its
+    ``exit_projection``.
+    """
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        batch, seq, _ = hidden_states.shape
-        q = self.q_proj(hidden_states).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        k = self.k_proj(hidden_states).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        v = self.v_proj(hidden_states).view(batch, seq, -1, self.head_dim).transpose(1, 2)
-        cos, sin = self.rotary(seq, hidden_states.device, q.dtype)
-        q = q * cos + _rotate_half(q) * sin
-        k = k * cos + _rotate_half(k) * sin
-        if self.groups > 1:
-            k = k.repeat_interleave(self.groups, dim=1)
-            v = v.repeat_interleave(self.groups, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=self.head_dim**-0.5)
-        return self.o_proj(out.transpose(1, 2).reshape(batch, seq, -1))
+    shapes: dict[str, tuple[int, ...]]
+    sources: dict[str, str]
 
+    @classmethod
+    def of(cls, config: Any) -> HFParameters:
+        model = hf_meta_model(config)
+        shapes = {name: tuple(tensor.shape) for name, tensor in model.state_dict().items()}
+        module_names = {id(module): name for name, module in model.named_modules()}
+        names = {name: name for name in shapes}
+        for j in range(model.config.num_exits):
+            names[f"exit_lm_heads.{j}.weight"] = f"{module_names[id(model.exit_projection(j))]}.weight"
+        ties = model.all_tied_weights_keys  # {tied key: the key it reads}
+        return cls(shapes, {name: ties.get(key, key) for name, key in names.items()})
 
-class ParallelMLP(nn.Module):
-    """SwiGLU MLP: column-parallel ``gate/up_proj``, row-parallel ``down_proj``."""
-
-    def __init__(self, config: Any, tp_pg: dist.ProcessGroup) -> None:
-        super().__init__()
-        h, i = config.hidden_size, config.intermediate_size
-        bias = bool(getattr(config, "mlp_bias", False))
-        self.gate_proj = TensorParallelColumnLinear(h, i, pg=tp_pg, mode=TP_MODE, bias=bias)
-        self.up_proj = TensorParallelColumnLinear(h, i, pg=tp_pg, mode=TP_MODE, bias=bias)
-        self.down_proj = TensorParallelRowLinear(i, h, pg=tp_pg, mode=TP_MODE, bias=bias)
-        self.act_fn = _activation(getattr(config, "hidden_act", "silu"))
-
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return self.down_proj(self.act_fn(self.gate_proj(hidden_states)) * self.up_proj(hidden_states))
+    def aliases(self, name: str) -> list[str]:
+        """``name``, then the other names of its tensor (its source first)."""
+        source = self.sources.get(name, name)
+        group = [other for other, other_source in self.sources.items() if other_source == source]
+        return [name] + [other for other in dict.fromkeys([source, *group]) if other != name]
 
 
-class ParallelDecoderLayer(nn.Module):
-    """A Llama decoder layer (pre-norm attention, then pre-norm MLP, both residual)."""
+class LayerInputs:
+    """What ``EarlyExitGPTModel.forward`` computes once for all its layers: the positions, the causal mask of the
+    config's attention implementation (``create_causal_mask``) and the rotary cos/sin (``LlamaRotaryEmbedding``).
+    A stage computes them once per sequence shape and shares them between its decoder layers and exit blocks. Not a
+    module, so casting the model to a low-precision dtype leaves the rotary frequencies in fp32."""
 
-    def __init__(self, config: Any, tp_pg: dist.ProcessGroup) -> None:
-        super().__init__()
-        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.self_attn = ParallelAttention(config, tp_pg)
-        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        self.mlp = ParallelMLP(config, tp_pg)
+    def __init__(self, config: EarlyExitGPTConfig) -> None:
+        self.config = config
+        self.rotary_emb = LlamaRotaryEmbedding(config)
+        self._key: tuple | None = None
+        self._inputs: dict[str, Any] = {}
+
+    def __call__(self, hidden_states: torch.Tensor) -> dict[str, Any]:
+        key = (*hidden_states.shape[:2], hidden_states.dtype, hidden_states.device)
+        if key != self._key:
+            position_ids = torch.arange(hidden_states.shape[1], device=hidden_states.device).unsqueeze(0)
+            with torch.no_grad():
+                mask = create_causal_mask(config=self.config, inputs_embeds=hidden_states, attention_mask=None,
+                                          cache=None, position_ids=position_ids)
+                position_embeddings = self.rotary_emb(hidden_states, position_ids)
+            self._key = key
+            self._inputs = dict(attention_mask=mask, position_ids=position_ids,
+                                position_embeddings=position_embeddings)
+        return self._inputs
+
+
+class PipelineDecoderLayer(EarlyExitGPTDecoderLayer):
+    """A backbone decoder layer as a pipeline module: its inputs come from the stage's :class:`LayerInputs`;
+    ``keep`` (layer dropout, training only): per sequence, False to pass ``hidden_states`` through unchanged."""
+
+    def __init__(self, config: EarlyExitGPTConfig, layer_idx: int, layer_inputs: LayerInputs) -> None:
+        super().__init__(config, layer_idx)
+        self.layer_inputs = layer_inputs
 
     def forward(self, hidden_states: torch.Tensor, keep: torch.Tensor | None = None) -> torch.Tensor:
-        """``keep`` (layer dropout, training only): per sequence, False to pass ``hidden_states`` through."""
-        output = hidden_states + self.self_attn(self.input_layernorm(hidden_states))
-        output = output + self.mlp(self.post_attention_layernorm(output))
+        output = super().forward(hidden_states, **self.layer_inputs(hidden_states))
         if keep is None:
             return output
         return torch.where(keep.view(-1, 1, 1), output, hidden_states)
 
 
-class ParallelExit(nn.Module):
-    """An exit before its projection: optional decoder layer (``block``), RMSNorm (``norm``), residual MLP; and
-    its optional confidence gate (``gate``, replicated over TP), read from its output by :meth:`gate_logit`."""
+class PipelineExit(EarlyExitGPTExit):
+    """An exit before its projection (``EarlyExitGPTExit``: block, norm, MLP; its gate read by ``gate_logit``) as a
+    pipeline module; its block's inputs come from the stage's :class:`LayerInputs`."""
 
-    def __init__(self, config: Any, tp_pg: dist.ProcessGroup) -> None:
-        super().__init__()
-        if getattr(config, "exit_block", False):
-            self.block = ParallelDecoderLayer(config, tp_pg)
-        if getattr(config, "exit_norm", True):
-            self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
-        if getattr(config, "exit_mlp", False):
-            self.mlp = ParallelMLP(config, tp_pg)
-        if getattr(config, "exit_gate", False):
-            self.gate = nn.Linear(config.hidden_size, 1)
-
-    def gate_logit(self, exit_hidden_states: torch.Tensor) -> torch.Tensor:
-        """The gate's logit per token from this exit's output (input detached, as in the HF model)."""
-        return self.gate(exit_hidden_states.detach()).squeeze(-1)
+    def __init__(self, config: EarlyExitGPTConfig, exit_index: int, layer_inputs: LayerInputs) -> None:
+        super().__init__(config, exit_index)
+        self.layer_inputs = layer_inputs
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        if hasattr(self, "block"):
-            hidden_states = self.block(hidden_states)
-        if hasattr(self, "norm"):
-            hidden_states = self.norm(hidden_states)
-        if hasattr(self, "mlp"):
-            hidden_states = hidden_states + self.mlp(hidden_states)
-        return hidden_states
+        return super().forward(hidden_states, **self.layer_inputs(hidden_states))
 
 
-class VocabParallelEmbedding(TensorParallelEmbedding):
-    """nanotron's vocabulary-parallel embedding over the padded vocabulary; ``padding_idx`` rows get no gradient
-    from lookups (as ``nn.Embedding(padding_idx=...)``)."""
-
-    def __init__(self, padded_vocab: int, hidden_size: int, tp_pg: dist.ProcessGroup, padding_idx: int | None):
-        super().__init__(padded_vocab, hidden_size, pg=tp_pg, mode=TP_MODE)
-        self.pad_id = padding_idx
-
-    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        out = super().forward(input_ids)
-        if self.pad_id is not None and self.training:
-            out = torch.where((input_ids == self.pad_id)[..., None], out.detach(), out)
-        return out
+def _materialize(module: nn.Module, device: torch.device) -> None:
+    """Give the parameters still on the meta device uninitialised storage on ``device``."""
+    for submodule in module.modules():
+        for name, param in list(submodule.named_parameters(recurse=False)):
+            if param.is_meta:
+                setattr(submodule, name, nn.Parameter(torch.empty_like(param, device=device),
+                                                      requires_grad=param.requires_grad))
 
 
-class VocabParallelHead(TensorParallelColumnLinear):
-    """A vocabulary projection (column-parallel over the padded vocabulary) and its cross-entropy.
+@dataclasses.dataclass
+class TensorParallelBuilder:
+    """The ``module_builder`` of the pipeline blocks: ``builder(name, build)`` is the HF module ``build()`` (HF
+    module name ``name``), built on the meta device, with nanotron's tensor-parallel modules swapped in where
+    :data:`TP_PLAN` says, on ``device``; its weights are uninitialised. The vocabulary-parallel heads compute
+    their part of ``loss``."""
 
-    ``head``: exit index, or ``loss.final_index`` for the final head. Exit logits are divided by the loss's
-    temperature in training mode. With a ``teacher`` (the final head's distribution) and the loss's
-    ``distillation`` weight w > 0, an exit's token losses are ``w * KL(teacher || exit) + (1 - w) * CE``. With
-    ``gate_logits`` (the exit's confidence gate) and a teacher, the gate's loss (:func:`gate_token_losses`) is
-    added to the returned loss.
-    """
+    tp_pg: dist.ProcessGroup
+    device: torch.device
+    loss: MultiExitLoss
 
-    def __init__(self, hidden_size: int, padded_vocab: int, vocab_size: int, tp_pg: dist.ProcessGroup,
-                 loss: MultiExitLoss, head: int) -> None:
-        super().__init__(hidden_size, padded_vocab, pg=tp_pg, mode=TP_MODE, bias=False)
-        self.vocab_size = vocab_size
-        self.loss = loss
-        self.head = head
+    def __call__(self, name: str, build: Callable[[], nn.Module]) -> nn.Module:
+        with torch.device("meta"):
+            module = build()
+        for child_name, child in list(module.named_modules()):
+            full_name = f"{name}.{child_name}" if child_name else name
+            style = tp_style(full_name)
+            if style is None:
+                continue
+            parallel = self._parallel(style, child, full_name)
+            if not child_name:
+                module = parallel
+                break
+            parent, _, attribute = child_name.rpartition(".")
+            setattr(module.get_submodule(parent), attribute, parallel)
+        _materialize(module, self.device)
+        return module
 
-    def sharded_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """This TP rank's shard of the logits (padded vocabulary entries not masked)."""
-        return super().forward(hidden_states)
-
-    def forward(self, hidden_states: torch.Tensor, labels: torch.Tensor,
-                teacher: TeacherTargets | None = None,
-                gate_logits: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
-        sharded_logits = self.sharded_logits(hidden_states)
-        if self.loss.captured_logits is not None:
-            full = differentiable_all_gather(sharded_logits.transpose(0, -1).contiguous(), group=self.pg)
-            self.loss.capture(self.head, full.transpose(0, -1)[..., : self.vocab_size])
-        is_exit = self.head != self.loss.final_index
-        if is_exit and self.training and self.loss.temperature != 1.0:
-            sharded_logits = sharded_logits / self.loss.temperature
-        weight = self.loss.distillation
-        if is_exit and teacher is not None and weight > 0.0:
-            token_losses = distillation_token_losses(sharded_logits, teacher, labels, self.pg, self.vocab_size,
-                                                     weight)
-        else:
-            token_losses = vocab_parallel_token_losses(sharded_logits, labels, self.pg, self.vocab_size)
-        loss = self.loss.head_loss(self.head, token_losses)
-        if is_exit and gate_logits is not None and teacher is not None:
-            exit_top = vocab_parallel_argmax(mask_padded_vocab(sharded_logits.detach(), self.vocab_size,
-                                                               dist.get_rank(self.pg)), self.pg)
-            loss = loss + self.loss.gate_loss(self.head, gate_token_losses(gate_logits, exit_top, teacher.top, labels))
-        if not is_exit and torch.is_grad_enabled() and not loss.requires_grad:
-            # Frozen final head (EE-Tuning): nanotron's engine needs a loss that requires grad.
-            loss = loss + torch.zeros((), device=loss.device, requires_grad=True)
-        return {"loss": loss}
-
-
-class ExitHeadBlock(PipelineBlock):
-    """The ``PipelineBlock`` of an exit head: in training, registers the exit's loss (divided by the micro-batch
-    count) in the stage's list of activations requiring backward, so it joins this stage's backward pass."""
-
-    def forward(self, **kwargs: Any) -> dict[str, torch.Tensor | TensorPointer]:
-        output = super().forward(**kwargs)
-        loss = output["loss"]
-        if isinstance(self.pipeline_state, PipelineTrainBatchState) and isinstance(loss, torch.Tensor):
-            if loss.requires_grad:
-                self.pipeline_state.register_activation_requiring_backward(self.pp_block.loss.exit_backward_loss(loss))
-        return output
+    def _parallel(self, style: str, module: nn.Module, name: str) -> nn.Module:
+        """nanotron's counterpart of HF module ``module`` (named ``name``) in TP_PLAN ``style``."""
+        tp_pg, device, tp = self.tp_pg, self.device, self.tp_pg.size()
+        if style == "vocab" and isinstance(module, nn.Embedding):
+            return VocabParallelEmbedding(padded_vocab_size(module.num_embeddings, tp), module.embedding_dim, tp_pg,
+                                          module.padding_idx, device)
+        if not isinstance(module, nn.Linear) or style not in ("vocab", "colwise", "rowwise"):
+            raise TypeError(f"{name}: TP_PLAN style {style!r} does not apply to a {type(module).__name__}")
+        if style == "vocab":  # a head: the final one, or exit_lm_heads.{j}
+            head = self.loss.final_index if name == "lm_head" else int(name.rpartition(".")[2])
+            return VocabParallelHead(module.in_features, padded_vocab_size(module.out_features, tp),
+                                     module.out_features, tp_pg, self.loss, head, device)
+        split = module.out_features if style == "colwise" else module.in_features
+        if split % tp:
+            raise ValueError(f"{name}: {split} features are not divisible by tp={tp}")
+        linear = TensorParallelColumnLinear if style == "colwise" else TensorParallelRowLinear
+        return linear(module.in_features, module.out_features, pg=tp_pg, mode=TP_MODE,
+                      bias=module.bias is not None, device=device)
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -461,7 +395,8 @@ class ParallelEarlyExitGPT(nn.Module):
     ``forward(input_ids, labels)`` (full micro-batch tensors on every rank; each block uses them only on its own
     stage) returns ``{"loss": ...}`` on the last stage (``TensorPointer`` elsewhere), the final head's scaled loss
     for nanotron's engine; exit losses are registered on their stages. Per-head token-loss sums accumulate in
-    :attr:`loss` (:class:`MultiExitLoss`). Weights are uninitialised: load them with :mod:`.weights`.
+    :attr:`loss` (:class:`MultiExitLoss`). ``config``: an ``EarlyExitGPTConfig`` or an object with its fields
+    (:attr:`config` is the ``EarlyExitGPTConfig``). Weights are uninitialised: load them with :mod:`.weights`.
     """
 
     def __init__(
@@ -473,50 +408,62 @@ class ParallelEarlyExitGPT(nn.Module):
         device: torch.device | None = None,
     ) -> None:
         super().__init__()
+        config = as_hf_config(config)
         if layout.num_stages != parallel_context.pipeline_parallel_size:
             raise ValueError(f"layout has {layout.num_stages} stages, pp={parallel_context.pipeline_parallel_size}")
         if tuple(config.exit_layers or ()) != layout.exit_layers or layout.num_layers != config.num_hidden_layers:
             raise ValueError("layout does not match the config's layers and exits")
+        tp = parallel_context.tp_pg.size()
+        heads, kv_heads = config.num_attention_heads, _kv_heads(config)
+        if heads % tp or kv_heads % tp:
+            raise ValueError(f"attention heads ({heads}) and KV heads ({kv_heads}) must be divisible by tp={tp}")
         self.config = config
+        self.hf_parameters = HFParameters.of(config)
         self.parallel_context = parallel_context
         self.layout = layout
         self.pp_rank = dist.get_rank(parallel_context.pp_pg)
-        tp_pg = parallel_context.tp_pg
-        num_exits = len(layout.exit_layers)
-        self.padded_vocab = padded_vocab_size(config.vocab_size, tp_pg.size())
-        self.loss = MultiExitLoss(num_exits, getattr(config, "exit_loss_weights", None))
-        p2p = make_p2p(parallel_context)
-        h = config.hidden_size
+        self.padded_vocab = padded_vocab_size(config.vocab_size, tp)
+        self.loss = MultiExitLoss(config.num_exits, config.exit_loss_weights)
+        device = device or parallel_context.device
+        self._make_blocks(make_p2p(parallel_context), LayerInputs(config), device)
+        self._place_blocks()
+        self.to(device=device, dtype=dtype)
+        self._tie_weights()
 
-        def head_kwargs(head: int) -> dict[str, Any]:
-            return dict(hidden_size=h, padded_vocab=self.padded_vocab, vocab_size=config.vocab_size, tp_pg=tp_pg,
-                        loss=self.loss, head=head)
+    def _make_blocks(self, p2p: Any, layer_inputs: LayerInputs, device: torch.device) -> None:
+        """One ``PipelineBlock`` per module of ``EarlyExitGPTForCausalLM``, named as there, built from the HF
+        modules by :class:`TensorParallelBuilder` (on their stages only, by :meth:`_place_blocks`). The embedding,
+        final norm and heads are the HF model's own (on the meta device); decoder layers and exits are its classes
+        with the pipeline's inputs (:class:`PipelineDecoderLayer`, :class:`PipelineExit`); every exit has a head
+        on its stage, a copy of the HF model's ``exit_projection`` (the final head's with ``tie_exit_heads``)."""
+        config, hf_model = self.config, hf_meta_model(self.config)
+        builder = TensorParallelBuilder(self.parallel_context.tp_pg, device, self.loss)
+        hidden, labelled = {"hidden_states"}, {"hidden_states", "labels"}
 
-        hidden = {"hidden_states"}
+        def block(name: str, build: Callable[[], nn.Module], inputs: set[str], outputs: set[str] = hidden,
+                  block_class: type[PipelineBlock] = PipelineBlock) -> PipelineBlock:
+            return block_class(p2p, builder, dict(name=name, build=build), inputs, outputs)
+
+        def hf_module(module: nn.Module) -> Callable[[], nn.Module]:
+            return lambda: copy.deepcopy(module)
+
         self.model = nn.Module()
-        self.model.embed_tokens = PipelineBlock(
-            p2p, VocabParallelEmbedding,
-            dict(padded_vocab=self.padded_vocab, hidden_size=h, tp_pg=tp_pg,
-                 padding_idx=getattr(config, "pad_token_id", None)),
-            {"input_ids"}, hidden,
-        )
+        self.model.embed_tokens = block("model.embed_tokens", hf_module(hf_model.model.embed_tokens), {"input_ids"})
         self.model.layers = nn.ModuleList(
-            PipelineBlock(p2p, ParallelDecoderLayer, dict(config=config, tp_pg=tp_pg), {"hidden_states", "keep"},
-                          hidden)
-            for _ in range(config.num_hidden_layers)
-        )
-        self.model.norm = PipelineBlock(p2p, RMSNorm, dict(hidden_size=h, eps=config.rms_norm_eps), hidden, hidden)
+            block(f"model.layers.{index}", lambda index=index: PipelineDecoderLayer(config, index, layer_inputs),
+                  {"hidden_states", "keep"})
+            for index in range(config.num_hidden_layers))
+        self.model.norm = block("model.norm", hf_module(hf_model.model.norm), hidden)
         self.model.exits = nn.ModuleList(
-            PipelineBlock(p2p, ParallelExit, dict(config=config, tp_pg=tp_pg), hidden, hidden)
-            for _ in range(num_exits)
-        )
-        self.lm_head = PipelineBlock(p2p, VocabParallelHead, head_kwargs(num_exits), {"hidden_states", "labels"},
-                                     {"loss"})
+            block(f"model.exits.{j}", lambda j=j: PipelineExit(config, j, layer_inputs), hidden)
+            for j in range(config.num_exits))
+        self.lm_head = block("lm_head", hf_module(hf_model.lm_head), labelled, {"loss"})
         self.exit_lm_heads = nn.ModuleList(
-            ExitHeadBlock(p2p, VocabParallelHead, head_kwargs(j), {"hidden_states", "labels"}, {"loss"})
-            for j in range(num_exits)
-        )
+            block(f"exit_lm_heads.{j}", hf_module(hf_model.exit_projection(j)), labelled, {"loss"}, ExitHeadBlock)
+            for j in range(config.num_exits))
 
+    def _place_blocks(self) -> None:
+        layout = self.layout
         self.model.embed_tokens.build_and_set_rank(0)
         for index, layer in enumerate(self.model.layers, start=1):
             layer.build_and_set_rank(layout.stage_of_layer(index))
@@ -528,30 +475,26 @@ class ParallelEarlyExitGPT(nn.Module):
             self.exit_lm_heads[j].build_and_set_rank(layout.stage_of_exit(j))
             self.exits_after.setdefault(layer, []).append(j)
 
-        self.to(device=device or parallel_context.device, dtype=dtype)
-        self._tie_weights()
-
     # -- weights ---------------------------------------------------------------------------------------------
 
     def _tie_weights(self) -> None:
-        """Tie the vocabulary matrices (across stages) and the TP-replicated parameters (collective)."""
-        ctx, config = self.parallel_context, self.config
-        members: list[tuple[str, int]] = []
-        if getattr(config, "tie_word_embeddings", False):
-            members.append(("model.embed_tokens.pp_block.weight", 0))
-        if members or getattr(config, "tie_exit_heads", False):
-            members.append(("lm_head.pp_block.weight", self.layout.last_stage))
-        if getattr(config, "tie_exit_heads", False):
-            members += [(f"exit_lm_heads.{j}.pp_block.weight", self.layout.stage_of_exit(j))
-                        for j in range(len(self.layout.exit_layers))]
-        if len(members) > 1:
-            ranks = {stage: ctx.global_rank(pp_rank=stage) for _, stage in members}
-            tie_parameters(
-                root_module=self,
-                ties=[(name, (ranks[stage],)) for name, stage in members],
-                parallel_context=ctx,
-                reduce_op=dist.ReduceOp.SUM if len(set(ranks.values())) > 1 else None,
-            )
+        """Tie the parameters that are one tensor in the HF model (:attr:`HFParameters.sources`; the vocabulary
+        matrices, possibly across stages), then the TP-replicated parameters (collective)."""
+        ctx = self.parallel_context
+        groups: dict[str, list[str]] = {}
+        for name, source in self.hf_parameters.sources.items():
+            groups.setdefault(source, []).append(name)
+        blocks = {name: block for name, block in self.named_modules() if isinstance(block, PipelineBlock)}
+        for names in groups.values():
+            if len(names) < 2:
+                continue
+            ties = []
+            for name in names:
+                prefix = next(prefix for prefix in blocks if name.startswith(f"{prefix}."))
+                stage_rank = ctx.global_rank(pp_rank=blocks[prefix].rank)
+                ties.append((f"{prefix}.pp_block{name[len(prefix):]}", (stage_rank,)))
+            tie_parameters(root_module=self, ties=ties, parallel_context=ctx,
+                           reduce_op=dist.ReduceOp.SUM if len({r for _, r in ties}) > 1 else None)
         tie_replicated_parameters(self, ctx, TP_MODE)
 
     def hf_named_parameters(self) -> dict[str, nn.Parameter]:
@@ -563,7 +506,7 @@ class ParallelEarlyExitGPT(nn.Module):
         the final head belong to the backbone)."""
         if name.startswith("model.exits."):
             return True
-        return name.startswith("exit_lm_heads.") and not getattr(self.config, "tie_exit_heads", False)
+        return name.startswith("exit_lm_heads.") and not self.config.tie_exit_heads
 
     def freeze_backbone(self) -> None:
         """EE-Tuning: only exit parameters keep ``requires_grad``."""

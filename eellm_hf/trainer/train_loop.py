@@ -54,7 +54,7 @@ from .nanotron_compat import (
     sync_tied_weights_gradients,
 )
 from .parallel_model import ParallelEarlyExitGPT, make_layout
-from .weights import hf_parameter_shapes, init_from_hf, initialize_weights
+from .weights import init_from_hf, initialize_weights
 
 if TYPE_CHECKING:
     from .config import TrainConfig, TrainerConfig
@@ -243,7 +243,7 @@ class ParallelTrainer:
 
     def nonfinite_parameters(self) -> list[str]:
         """HF names of the parameters that hold a non-finite value on any rank (collective over the world)."""
-        names = sorted(hf_parameter_shapes(self.config))  # the same list on every rank
+        names = sorted(self.model.hf_parameters.shapes)  # the same list on every rank
         local = self.model.hf_named_parameters()
         flags = torch.zeros(len(names), device=self.device)
         for i, name in enumerate(names):

@@ -1,15 +1,13 @@
 """Weights of the parallel model in Hugging Face terms: initialisation, (un)sharding, export, import.
 
-Parameter names are ``EarlyExitGPTForCausalLM`` names, so converting is only (un)sharding:
-
-* vocabulary matrices (``model.embed_tokens``, ``lm_head``, ``exit_lm_heads.*``) are padded to a multiple of
-  ``tp`` rows and split on dim 0;
-* column-parallel weights and biases (``q/k/v_proj``, ``gate/up_proj``) split on dim 0, row-parallel weights
-  (``o_proj``, ``down_proj``) on dim 1, their biases live on TP rank 0 only;
-* everything else (norms) is replicated.
+Parameter names are ``EarlyExitGPTForCausalLM`` names, so converting is only (un)sharding, as
+:data:`~.parallel_model.TP_PLAN` says (:func:`shard_tensor`): vocabulary matrices are padded to a multiple of
+``tp`` rows and split on dim 0; column-parallel weights and biases split on dim 0, row-parallel weights on dim 1
+(their biases live on TP rank 0 only); everything else (norms, gates) is replicated. Shapes and ties are the HF
+model's (:class:`~.parallel_model.HFParameters`).
 
 Initialisation is independent of the layout: each full tensor is drawn from a generator seeded by
-``(seed, canonical parameter name)`` (:func:`init_full_tensor`), then sharded.
+``(seed, name of the tensor it is tied to)`` (:func:`_init_full_tensor`), then sharded.
 """
 
 from __future__ import annotations
@@ -23,112 +21,50 @@ from typing import TYPE_CHECKING, Any
 import torch
 
 from .nanotron_compat import dist
-from .parallel_model import ParallelEarlyExitGPT, _head_dim, _kv_heads
+from .parallel_model import HFParameters, ParallelEarlyExitGPT, as_hf_config, tp_style
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
 __all__ = [
-    "canonical_name",
     "export_hf",
     "gather_hf_state_dict",
-    "hf_parameter_shapes",
     "init_from_hf",
-    "init_full_tensor",
     "init_hf_state_dict",
     "initialize_weights",
     "load_full_tensors",
     "read_hf_tensors",
-    "shard_hf_state_dict",
     "shard_tensor",
 ]
 
-_COLUMN = ("q_proj", "k_proj", "v_proj", "gate_proj", "up_proj")
-_ROW = ("o_proj", "down_proj")
-
 
 # ------------------------------------------------------------------------------------------------------------
-# Names and shapes
+# Sharding
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _layer_shapes(config: Any, prefix: str) -> dict[str, tuple[int, ...]]:
-    h, hd = config.hidden_size, _head_dim(config)
-    q, kv = config.num_attention_heads * hd, _kv_heads(config) * hd
-    shapes = {}
-    for name, (out_f, in_f) in {"q_proj": (q, h), "k_proj": (kv, h), "v_proj": (kv, h), "o_proj": (h, q)}.items():
-        shapes[f"{prefix}self_attn.{name}.weight"] = (out_f, in_f)
-        if getattr(config, "attention_bias", False):
-            shapes[f"{prefix}self_attn.{name}.bias"] = (out_f,)
-    shapes.update(_mlp_shapes(config, f"{prefix}mlp."))
-    shapes[f"{prefix}input_layernorm.weight"] = (h,)
-    shapes[f"{prefix}post_attention_layernorm.weight"] = (h,)
-    return shapes
+def _style(name: str) -> str | None:
+    """The :data:`~.parallel_model.TP_PLAN` style of the module holding HF parameter ``name``."""
+    return tp_style(name.rpartition(".")[0])
 
 
-def _mlp_shapes(config: Any, prefix: str) -> dict[str, tuple[int, ...]]:
-    h, i = config.hidden_size, config.intermediate_size
-    shapes = {}
-    for name, (out_f, in_f) in {"gate_proj": (i, h), "up_proj": (i, h), "down_proj": (h, i)}.items():
-        shapes[f"{prefix}{name}.weight"] = (out_f, in_f)
-        if getattr(config, "mlp_bias", False):
-            shapes[f"{prefix}{name}.bias"] = (out_f,)
-    return shapes
-
-
-def hf_parameter_shapes(config: Any) -> dict[str, tuple[int, ...]]:
-    """Every key of ``EarlyExitGPTForCausalLM(config).state_dict()`` and its shape (tied keys included)."""
-    h, v = config.hidden_size, config.vocab_size
-    shapes: dict[str, tuple[int, ...]] = {"model.embed_tokens.weight": (v, h)}
-    for layer in range(config.num_hidden_layers):
-        shapes.update(_layer_shapes(config, f"model.layers.{layer}."))
-    shapes["model.norm.weight"] = (h,)
-    for j in range(len(config.exit_layers or ())):
-        if getattr(config, "exit_block", False):
-            shapes.update(_layer_shapes(config, f"model.exits.{j}.block."))
-        if getattr(config, "exit_norm", True):
-            shapes[f"model.exits.{j}.norm.weight"] = (h,)
-        if getattr(config, "exit_mlp", False):
-            shapes.update(_mlp_shapes(config, f"model.exits.{j}.mlp."))
-        if getattr(config, "exit_gate", False):
-            shapes[f"model.exits.{j}.gate.weight"] = (1, h)
-            shapes[f"model.exits.{j}.gate.bias"] = (1,)
-    shapes["lm_head.weight"] = (v, h)
-    if not getattr(config, "tie_exit_heads", False):
-        for j in range(len(config.exit_layers or ())):
-            shapes[f"exit_lm_heads.{j}.weight"] = (v, h)
-    return shapes
-
-
-def canonical_name(config: Any, name: str) -> str:
-    """The parameter that ``name`` is tied to (itself when untied): exit heads -> ``lm_head.weight`` with
-    ``tie_exit_heads``, ``lm_head.weight`` -> ``model.embed_tokens.weight`` with ``tie_word_embeddings``."""
-    if name.startswith("exit_lm_heads.") and getattr(config, "tie_exit_heads", False):
-        name = "lm_head.weight"
-    if name == "lm_head.weight" and getattr(config, "tie_word_embeddings", False):
-        name = "model.embed_tokens.weight"
-    return name
-
-
-def _is_vocab(name: str) -> bool:
-    return name in ("model.embed_tokens.weight", "lm_head.weight") or name.startswith("exit_lm_heads.")
+def _sharded_dim(name: str) -> int | None:
+    """The dim on which HF parameter ``name`` is split over TP ranks (``None``: whole on the ranks holding it)."""
+    style = _style(name)
+    if style == "rowwise":
+        return None if name.endswith(".bias") else 1
+    return 0 if style in ("vocab", "colwise") else None
 
 
 def shard_tensor(full: torch.Tensor, name: str, tp_rank: int, tp_size: int, padded_vocab: int) -> torch.Tensor | None:
     """TP rank ``tp_rank``'s shard of the full HF tensor ``name`` (``None``: the rank holds no such tensor)."""
-    module = name.split(".")[-2] if "." in name else ""
-    is_bias = name.endswith(".bias")
-    if _is_vocab(name):
-        if padded_vocab > full.shape[0]:
-            full = torch.cat([full, full.new_zeros(padded_vocab - full.shape[0], *full.shape[1:])])
-        return full.chunk(tp_size, dim=0)[tp_rank]
-    if module in _COLUMN:
-        return full.chunk(tp_size, dim=0)[tp_rank]
-    if module in _ROW:
-        if is_bias:
-            return full if tp_rank == 0 else None
-        return full.chunk(tp_size, dim=1)[tp_rank]
-    return full
+    style = _style(name)
+    if style == "vocab" and padded_vocab > full.shape[0]:
+        full = torch.cat([full, full.new_zeros(padded_vocab - full.shape[0], *full.shape[1:])])
+    if style == "rowwise" and name.endswith(".bias"):
+        return full if tp_rank == 0 else None
+    dim = _sharded_dim(name)
+    return full if dim is None else full.chunk(tp_size, dim=dim)[tp_rank]
 
 
 # ------------------------------------------------------------------------------------------------------------
@@ -136,19 +72,19 @@ def shard_tensor(full: torch.Tensor, name: str, tp_rank: int, tp_size: int, padd
 # ------------------------------------------------------------------------------------------------------------
 
 
-def init_full_tensor(config: Any, name: str, seed: int) -> torch.Tensor:
+def _init_full_tensor(parameters: HFParameters, config: Any, name: str, seed: int) -> torch.Tensor:
     """The initial value of HF parameter ``name`` (fp32), independent of any parallel layout: norms are ones,
-    biases zeros, matrices ``N(0, initializer_range)`` from a generator seeded by ``(seed, canonical name)``;
-    the embedding row of ``pad_token_id`` is zero."""
-    name = canonical_name(config, name)
-    shape = hf_parameter_shapes(config)[name]
+    biases zeros, matrices ``N(0, initializer_range)`` from a generator seeded by ``(seed, tensor name)``, the name
+    of the tensor ``name`` is tied to; the embedding row of ``pad_token_id`` is zero."""
+    name = parameters.sources[name]
+    shape = parameters.shapes[name]
     if name.endswith("norm.weight"):
         return torch.ones(shape)
     if name.endswith(".bias"):
         return torch.zeros(shape)
     generator = torch.Generator().manual_seed(zlib.crc32(f"{seed}:{name}".encode()))
-    tensor = torch.empty(shape).normal_(0.0, float(getattr(config, "initializer_range", 0.02)), generator=generator)
-    pad = getattr(config, "pad_token_id", None)
+    tensor = torch.empty(shape).normal_(0.0, float(config.initializer_range), generator=generator)
+    pad = config.pad_token_id
     if name == "model.embed_tokens.weight" and pad is not None and 0 <= pad < shape[0]:
         tensor[pad] = 0.0
     return tensor
@@ -156,13 +92,15 @@ def init_full_tensor(config: Any, name: str, seed: int) -> torch.Tensor:
 
 def init_hf_state_dict(config: Any, seed: int) -> dict[str, torch.Tensor]:
     """The whole initial HF state dict (tied keys share one tensor); for tests and small models."""
-    canonical: dict[str, torch.Tensor] = {}
+    config = as_hf_config(config)
+    parameters = HFParameters.of(config)
+    tensors: dict[str, torch.Tensor] = {}
     out = {}
-    for name in hf_parameter_shapes(config):
-        key = canonical_name(config, name)
-        if key not in canonical:
-            canonical[key] = init_full_tensor(config, key, seed)
-        out[name] = canonical[key]
+    for name in parameters.shapes:
+        source = parameters.sources[name]
+        if source not in tensors:
+            tensors[source] = _init_full_tensor(parameters, config, source, seed)
+        out[name] = tensors[source]
     return out
 
 
@@ -171,18 +109,8 @@ def init_hf_state_dict(config: Any, seed: int) -> dict[str, torch.Tensor]:
 # ------------------------------------------------------------------------------------------------------------
 
 
-def shard_hf_state_dict(
-    state_dict: dict[str, torch.Tensor] | Callable[[str], torch.Tensor], model: ParallelEarlyExitGPT
-) -> dict[str, torch.Tensor]:
-    """This rank's shards of a full HF state dict (or of a ``name -> full tensor`` function), keyed by the HF names
-    of this rank's parameters. Tied keys missing from the dict are read from the tensor they are tied to."""
-    return dict(_iter_shards(state_dict, model))
-
-
-def _iter_shards(
-    state_dict: dict[str, torch.Tensor] | Callable[[str], torch.Tensor], model: ParallelEarlyExitGPT
-) -> Iterator[tuple[str, torch.Tensor]]:
-    get = state_dict if callable(state_dict) else _dict_getter(state_dict, model.config)
+def _iter_shards(get: Callable[[str], torch.Tensor], model: ParallelEarlyExitGPT) -> Iterator[tuple[str, torch.Tensor]]:
+    """This rank's shards of the full tensors ``get(hf_name)``, keyed by the HF names of this rank's parameters."""
     tp_pg = model.parallel_context.tp_pg
     tp_rank, tp_size = dist.get_rank(tp_pg), tp_pg.size()
     for name, param in model.hf_named_parameters().items():
@@ -191,24 +119,6 @@ def _iter_shards(
             raise ValueError(f"{name}: shard shape {None if shard is None else tuple(shard.shape)} != "
                              f"parameter shape {tuple(param.shape)}")
         yield name, shard
-
-
-def _dict_getter(state_dict: dict[str, torch.Tensor], config: Any) -> Callable[[str], torch.Tensor]:
-    def get(name: str) -> torch.Tensor:
-        for key in _tied_candidates(config, name):
-            if key in state_dict:
-                return state_dict[key]
-        raise KeyError(f"{name} is missing from the state dict")
-
-    return get
-
-
-def _tied_candidates(config: Any, name: str) -> list[str]:
-    """``name`` first, then every key tied to the same tensor."""
-    target = canonical_name(config, name)
-    group = [key for key in hf_parameter_shapes(config) if canonical_name(config, key) == target]
-    group = group or [target]
-    return [name] + [key for key in [target, *group] if key != name]
 
 
 @torch.no_grad()
@@ -220,23 +130,25 @@ def load_full_tensors(model: ParallelEarlyExitGPT, get_full: Callable[[str], tor
 
 
 def initialize_weights(model: ParallelEarlyExitGPT, seed: int) -> None:
-    """Layout-independent initialisation (:func:`init_full_tensor`)."""
-    cache: dict[str, torch.Tensor] = {}  # only the vocabulary matrices other parameters may be tied to
+    """Layout-independent initialisation (:func:`_init_full_tensor`)."""
+    parameters = model.hf_parameters
+    shared = {source for name, source in parameters.sources.items() if name != source}
+    cache: dict[str, torch.Tensor] = {}  # only the tensors that other parameters are tied to
 
     def get(name: str) -> torch.Tensor:
-        key = canonical_name(model.config, name)
-        if key not in ("model.embed_tokens.weight", "lm_head.weight"):
-            return init_full_tensor(model.config, key, seed)
-        if key not in cache:
-            cache[key] = init_full_tensor(model.config, key, seed)
-        return cache[key]
+        source = parameters.sources[name]
+        if source not in shared:
+            return _init_full_tensor(parameters, model.config, source, seed)
+        if source not in cache:
+            cache[source] = _init_full_tensor(parameters, model.config, source, seed)
+        return cache[source]
 
     load_full_tensors(model, get)
 
 
 def _full_shape(model: ParallelEarlyExitGPT, name: str) -> tuple[int, ...]:
-    shape = hf_parameter_shapes(model.config)[name]
-    return (model.padded_vocab, *shape[1:]) if _is_vocab(name) else shape
+    shape = model.hf_parameters.shapes[name]
+    return (model.padded_vocab, *shape[1:]) if _style(name) == "vocab" else shape
 
 
 @torch.no_grad()
@@ -254,13 +166,13 @@ def gather_hf_state_dict(
     param_dtype = next(model.parameters()).dtype
     stage, dp_rank = ctx.pp_rank, ctx.dp_rank
     out: dict[str, torch.Tensor] = {}
-    canonical: dict[str, torch.Tensor] = {}
+    gathered: dict[str, torch.Tensor] = {}  # by source, the key whose tensor tied keys share
     seen: set[str] = set()
-    for name in hf_parameter_shapes(config):
-        key = canonical_name(config, name)
+    for name in model.hf_parameters.shapes:
+        key = model.hf_parameters.sources[name]
         if key in seen:  # a tied alias
             if world_rank == 0:
-                out[name] = canonical[key]
+                out[name] = gathered[key]
             continue
         seen.add(key)
         owner_stage = layout.stage_of_hf_name(key)
@@ -277,22 +189,20 @@ def gather_hf_state_dict(
                     dist.recv(full, src=owner)
             if world_rank == 0:
                 tensor = full.detach().cpu()
-                if _is_vocab(key):
+                if _style(key) == "vocab":
                     tensor = tensor[: config.vocab_size]
-                canonical[key] = tensor.to(dtype) if dtype is not None else tensor.clone()
-                out[name] = canonical[key]
+                gathered[key] = tensor.to(dtype) if dtype is not None else tensor.clone()
+                out[name] = gathered[key]
     return out if world_rank == 0 else None
 
 
 def _unshard(shard: torch.Tensor, name: str, model: ParallelEarlyExitGPT) -> torch.Tensor:
     """All-gather a parameter's TP shards within the TP group (collective there); replicated ones as they are."""
     tp_pg = model.parallel_context.tp_pg
-    tp = tp_pg.size()
-    module = name.split(".")[-2]
-    if tp == 1 or not (_is_vocab(name) or module in _COLUMN or (module in _ROW and not name.endswith(".bias"))):
+    dim = _sharded_dim(name)
+    if tp_pg.size() == 1 or dim is None:
         return shard.detach()
-    dim = 1 if module in _ROW else 0
-    pieces = [torch.empty_like(shard) for _ in range(tp)]
+    pieces = [torch.empty_like(shard) for _ in range(tp_pg.size())]
     dist.all_gather(pieces, shard.detach().contiguous(), group=tp_pg)
     return torch.cat(pieces, dim=dim)
 
@@ -326,9 +236,9 @@ def _write_hf_folder(config: Any, state: dict[str, torch.Tensor], out_dir: Path,
     from transformers import AutoTokenizer, GenerationConfig
 
     import eellm_hf  # noqa: F401  (registers the auto classes so save_pretrained ships the remote code)
-    from eellm_hf.modeling import EarlyExitGPTConfig, EarlyExitGPTForCausalLM
+    from eellm_hf.modeling import EarlyExitGPTForCausalLM
 
-    hf_config = config if isinstance(config, EarlyExitGPTConfig) else EarlyExitGPTConfig(**vars(config))
+    hf_config = as_hf_config(config)
     dtype = next(iter(state.values())).dtype
     with torch.device("meta"):
         hf_model = EarlyExitGPTForCausalLM(hf_config)
@@ -394,10 +304,9 @@ def init_from_hf(model: ParallelEarlyExitGPT, hf_dir: str | Path) -> None:
     shards). Tied keys that the folder stores once are resolved."""
     reader = read_hf_tensors(hf_dir)
     keys = reader.keys  # type: ignore[attr-defined]
-    config = model.config
 
     def get(name: str) -> torch.Tensor:
-        for key in _tied_candidates(config, name):
+        for key in model.hf_parameters.aliases(name):
             if key in keys:
                 return reader(key)
         raise KeyError(f"{name} is missing from {hf_dir}")
