@@ -10,6 +10,7 @@ from eellm_hf.trainer.schedule import (
     StageTimes,
     ee_llm_table,
     main,
+    max_bubble_microbatches,
     one_f_one_b_order,
     simulate_1f1b,
     simulate_pipeline_decoding,
@@ -55,14 +56,28 @@ def test_defer_exit_forward_moves_work_not_time_totals():
     assert simulate_1f1b(last_only, 4, defer_exit_forward=True) == simulate_1f1b(last_only, 4)
 
 
-def test_fill_bubbles_counts_exit_micro_batches_in_the_idle_time():
-    stages = [StageTimes(1.0, 2.0, 0.1, 0.2), StageTimes(1.0, 2.0, 0.1, 0.2), StageTimes(1.0, 2.0),
-              StageTimes(1.0, 2.0)]
-    result = simulate_1f1b(stages, 8, fill_bubbles=True)
-    idle = [result.pipeline_time - busy for busy in result.busy[:2]]
-    assert result.extra_exit_microbatches == min(int(i // (1.0 + 0.1 + 0.2)) for i in idle) > 0
-    assert result.iteration_time == simulate_1f1b(stages, 8).iteration_time
+def test_fill_bubbles_places_exit_micro_batches_before_the_first_backward():
+    # pp=2, exit on stage 0 (forward 1 + 0.1, backward 2 + 0.2): stage 0 waits 1.9 for its first gradient (from 2.2
+    # to 4.1); one exit-only micro-batch (no-grad backbone 1, exits 0.3) fits there, a second delays stage 1.
+    stages = [StageTimes(1.0, 2.0, 0.1, 0.2), StageTimes(1.0, 2.0)]
+    plain = simulate_1f1b(stages, 4)
+    assert one_f_one_b_order(0, 2, 4, 1) == [("F", 0), ("F", 1), ("X", 0), ("E", 0), ("B", 0), ("F", 2), ("B", 1),
+                                             ("F", 3), ("B", 2), ("B", 3)]
+    filled = simulate_1f1b(stages, 4, fill_bubbles=True)
+    assert filled.extra_exit_microbatches == max_bubble_microbatches(stages, 4) == 1
+    assert filled.pipeline_time == pytest.approx(plain.pipeline_time)
+    assert filled.busy[0] == pytest.approx(plain.busy[0] + 1.3) and filled.busy[1] == plain.busy[1]
+    assert simulate_1f1b(stages, 4, bubble_microbatches=2).pipeline_time > plain.pipeline_time + 0.5
+    # Deeper pipelines: more room on the first stages; never an exit-only micro-batch without an exit before
+    # the last stage.
+    deep = [StageTimes(1.0, 2.0, 0.1, 0.2), StageTimes(1.0, 2.0, 0.1, 0.2), StageTimes(1.0, 2.0),
+            StageTimes(1.0, 2.0)]
+    deep_filled = simulate_1f1b(deep, 8, fill_bubbles=True)
+    assert deep_filled.extra_exit_microbatches == 2
+    assert deep_filled.iteration_time == pytest.approx(simulate_1f1b(deep, 8).iteration_time)
     assert simulate_1f1b([StageTimes(1.0, 2.0)] * 2, 4, fill_bubbles=True).extra_exit_microbatches == 0
+    last_only = [StageTimes(1.0, 2.0), StageTimes(1.0, 2.0, 0.1, 0.2)]
+    assert simulate_1f1b(last_only, 4, bubble_microbatches=3) == simulate_1f1b(last_only, 4)
 
 
 def test_pipeline_decoding_latency():

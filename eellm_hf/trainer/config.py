@@ -64,6 +64,11 @@ YAML layout (defaults in brackets; only the keys without a default are required)
       val_interval: 0 (0: never), val_batches: null (batches of global_batch_size sequences; null: the whole
       validation set), log_interval: 1 (steps between logged training entries)
       dtype: float32 (float32|bfloat16)
+      defer_exit_forward: false         # pp > 1: stages before the last run their exits' forward in the backward
+                                        # step (EE-LLM fig. 3c; less activation memory, same gradients)
+      fill_bubbles: false               # pp > 1, 1f1b, float32: extra exit-only micro-batches in the 1F1B bubble
+      bubble_micro_batches: null        # with fill_bubbles, per DP rank and step (null: as many as the schedule
+                                        # model predicts fit); see eellm_hf.trainer.exit_schedule
     checkpoint:             # optional section
       dir: CKPT_DIR, interval: 0 (0: only at the end), resume: false, keep_last: null (null: keep all)
       # resume: true: continue from the newest checkpoint of `dir` that verifies (an error if there is none);
@@ -345,6 +350,27 @@ class TrainConfig:
     val_batches: int | None = None
     log_interval: int = 1
     dtype: Literal["float32", "bfloat16"] = "float32"
+    defer_exit_forward: bool = False
+    fill_bubbles: bool = False
+    bubble_micro_batches: int | None = None
+
+    def __post_init__(self) -> None:
+        """The exit-schedule options (:mod:`eellm_hf.trainer.exit_schedule`); the checks that need the parallel
+        layout are in :func:`load_config`."""
+        for name in ("defer_exit_forward", "fill_bubbles"):
+            _need(isinstance(getattr(self, name), bool), f"`train.{name}` must be true or false, got "
+                  f"{getattr(self, name)!r}")
+            _need(not (getattr(self, name) and self.freeze_backbone),
+                  f"`train.{name}` does not apply with `train.freeze_backbone: true`: EE-Tuning's step has no "
+                  "pipeline backward (its exits already run after the backbone forward, see ee_tuning)")
+        count = self.bubble_micro_batches
+        _need(count is None or (isinstance(count, int) and not isinstance(count, bool) and count >= 1),
+              f"`train.bubble_micro_batches` must be an integer >= 1 (or null), got {count!r}")
+        _need(count is None or self.fill_bubbles,
+              f"`train.bubble_micro_batches`={count} needs `train.fill_bubbles: true`")
+        _need(not self.fill_bubbles or self.dtype == "float32",
+              f"`train.fill_bubbles` needs `train.dtype: float32`, got {self.dtype!r} (the exit-only micro-batches' "
+              "gradients bypass the fp32 gradient accumulator of low-precision training)")
 
     def lr_at(self, step: int, total_steps: int | None = None) -> float:
         """Learning rate of optimizer step ``step`` (0-based): linear warmup from ``lr / warmup_steps`` to
@@ -803,6 +829,8 @@ def _validate(cfg: TrainerConfig, world_size: int | None, check_files: bool) -> 
               f"pp-1={par.pp - 1}, which nanotron's 1F1B pipeline engine requires: raise "
               f"`train.global_batch_size` or lower `train.micro_batch_size`")
 
+    _check_exit_schedule(train, par, model)
+
     _need(data.seq_len <= model.max_position_embeddings,
           f"`data.seq_len`={data.seq_len} exceeds model.max_position_embeddings={model.max_position_embeddings}")
     if train.freeze_backbone:
@@ -853,6 +881,22 @@ def _as_id_list(value: Any) -> list[Any]:
     if value is None:
         return []
     return list(value) if isinstance(value, (list, tuple)) else [value]
+
+
+def _check_exit_schedule(train: TrainConfig, par: ParallelismConfig, model: Any) -> None:
+    """``train.defer_exit_forward`` and ``train.fill_bubbles`` against the layout."""
+    for name in ("defer_exit_forward", "fill_bubbles"):
+        if getattr(train, name):
+            _need(par.pp > 1, f"`train.{name}` needs pipeline parallelism (parallelism.pp > 1), got pp={par.pp}")
+            _need(model.num_exits > 0, f"`train.{name}` is true but the model has no exits")
+    if train.fill_bubbles:
+        _need(par.pp_engine == "1f1b", f"`train.fill_bubbles` needs `parallelism.pp_engine: 1f1b` (its bubbles), got "
+              f"{par.pp_engine!r}")
+        stages = [par.stage_of_layer(layer, model) for layer in model.exit_layers]
+        _need(min(stages) < par.pp - 1,
+              f"`train.fill_bubbles`: every exit (layers {list(model.exit_layers)}) is on the last pipeline stage "
+              f"(stages {par.stage_layers(model)} layers each), so exit-only micro-batches would run the whole "
+              "pipeline: move an exit earlier or change `parallelism.layer_split`")
 
 
 def _check_init_from(model: ModelSection) -> None:

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -528,6 +528,9 @@ class ParallelEarlyExitGPT(nn.Module):
             self.exit_lm_heads[j].build_and_set_rank(layout.stage_of_exit(j))
             self.exits_after.setdefault(layer, []).append(j)
 
+        # Hook of the exit schedules (.exit_schedule, train.defer_exit_forward): while set, called as
+        # ``exit_interceptor(exit_index, hidden_states, labels)`` in place of each exit it returns True for.
+        self.exit_interceptor: Callable[[int, Any, Any], bool] | None = None
         self.to(device=device or parallel_context.device, dtype=dtype)
         self._tie_weights()
 
@@ -594,6 +597,8 @@ class ParallelEarlyExitGPT(nn.Module):
             keep = self._on_stage(layer, None if layer_keep is None else layer_keep[:, index - 1])
             hidden = layer(hidden_states=hidden, keep=keep)["hidden_states"]
             for j in self.exits_after.get(index, ()):
+                if self.exit_interceptor is not None and self.exit_interceptor(j, hidden, labels):
+                    continue
                 exit_hidden = self.model.exits[j](hidden_states=hidden)["hidden_states"]
                 head = self.exit_lm_heads[j]
                 head(hidden_states=exit_hidden, labels=self._on_stage(head, labels))
