@@ -321,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(rows))
             return 0
         print("| model | micro-batches | iteration (s) | without exits (s) | exit overhead | bubble | "
-              "exit-only micro-batches that fit in the bubbles |")
+              "exit-only micro-batches that fit before the first backward |")
         print("|---|---|---|---|---|---|---|")
         for row in rows:
             print(f"| {row['model']} | {row['microbatches']} | {row['iteration_s']:.2f} | {row['backbone_s']:.2f} "

@@ -21,7 +21,6 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -49,6 +48,7 @@ from .nanotron_compat import (
     sync_tied_weights_gradients,
 )
 from .parallel_model import ParallelEarlyExitGPT, make_layout
+from .resume import check_something_to_resume, load_verified_checkpoint
 from .run_data import packed_rows, validation_batch
 from .weights import hf_parameter_shapes, init_from_hf, initialize_weights
 
@@ -372,59 +372,6 @@ def _run_id(ctx: ParallelContext) -> str:
     return f"{int(value.item()):016x}"
 
 
-def _check_something_to_resume(cfg: TrainerConfig, world_rank: int) -> None:
-    """``checkpoint.resume: true`` needs a committed checkpoint in ``checkpoint.dir``; ``auto`` says which of
-    resuming and starting it does."""
-    from .checkpoint import resume_candidates
-
-    ckpt = cfg.checkpoint
-    if ckpt is None or ckpt.resume is False:
-        return
-    candidates = resume_candidates(ckpt.dir)
-    if ckpt.resume is True and not candidates:
-        what = "does not exist" if not Path(ckpt.dir).exists() else "holds no committed checkpoint (step_*/meta.json)"
-        raise FileNotFoundError(f"`checkpoint.resume` is true but the checkpoint folder {ckpt.dir} {what}: fix "
-                                "`checkpoint.dir`, or set `resume: auto` to start from scratch when there is none")
-    if world_rank == 0 and ckpt.resume == "auto":
-        print(f"checkpoint.resume auto: resuming from {candidates[0]}" if candidates else
-              f"checkpoint.resume auto: no checkpoint in {ckpt.dir}, starting from step 0", file=sys.stderr, flush=True)
-
-
-def _load_verified_checkpoint(cfg: TrainerConfig, ctx: ParallelContext,
-                              layout: dict[str, int]) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-    """This rank's part of the newest checkpoint whose files verify on every rank (collective), or None when
-    there is nothing to resume. A checkpoint that fails on some rank is named with its bad files (printed by
-    world rank 0), and the previous one is tried; if none verifies, ``CheckpointCorruptError``."""
-    from .checkpoint import CheckpointCorruptError, load_checkpoint, resume_candidates
-
-    ckpt, world_rank = cfg.checkpoint, dist.get_rank(ctx.world_pg)
-    if ckpt is None or ckpt.resume is False:
-        return None
-    candidates = resume_candidates(ckpt.dir)
-    problems: list[str] = []
-    for path in candidates:
-        error, loaded = None, None
-        try:
-            loaded = load_checkpoint(path, world_rank, world_size=cfg.parallelism.world_size, layout=layout,
-                                     config_hash=cfg.fingerprint(), device=ctx.device)
-        except CheckpointCorruptError as exc:
-            error = str(exc)
-        errors: list[str | None] = [None] * ctx.world_pg.size()
-        dist.all_gather_object(errors, error, group=ctx.world_pg)
-        bad = [e for e in errors if e is not None]
-        if not bad:
-            if world_rank == 0 and problems:
-                print(f"resuming from {path} instead (the newest checkpoint that verifies)", file=sys.stderr,
-                      flush=True)
-            return loaded
-        problems.extend(bad)
-        if world_rank == 0:
-            print(f"checkpoint {path} failed verification: {'; '.join(bad)}", file=sys.stderr, flush=True)
-    if problems:
-        raise CheckpointCorruptError(f"no checkpoint in {ckpt.dir} verifies: {'; '.join(problems)}")
-    return None
-
-
 def _skip_or_stop(result: StepResult, skipped: int, train: TrainConfig, exit_layers: Sequence[int],
                   logger: Any) -> int:
     """A non-finite step (no update was made): stop with :class:`NonFiniteTrainingError`, or, while fewer than
@@ -495,7 +442,7 @@ def run(cfg: TrainerConfig) -> list[StepResult]:
     par, train, data = cfg.parallelism, cfg.train, cfg.data
     ctx = make_parallel_context(par.tp, par.pp, par.dp, timeout_s=par.timeout_s)
     world_rank = dist.get_rank(ctx.world_pg)
-    _check_something_to_resume(cfg, world_rank)
+    check_something_to_resume(cfg, world_rank)
     run_id = _run_id(ctx)
     model_config = cfg.model_config()
     init_dir = None
@@ -526,7 +473,7 @@ def run(cfg: TrainerConfig) -> list[StepResult]:
     budget = train.time_budget_minutes
     fixed_total: int | None = None
     ckpt = cfg.checkpoint
-    if (loaded := _load_verified_checkpoint(cfg, ctx, layout)) is not None:
+    if (loaded := load_verified_checkpoint(cfg, ctx, layout)) is not None:
         tensors, state = loaded
         trainer.load_state_tensors(tensors)
         if trainer.optimizer is not None:
