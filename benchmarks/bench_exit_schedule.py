@@ -15,7 +15,8 @@ Printed side by side: per stage, the peak bytes autograd held for backward durin
 launches of ``plain`` and ``defer`` alone, each rank's peak resident memory (``ru_maxrss``) above its resident
 memory before the first step; the median step time, exit-training tokens per second (label tokens whose loss
 trains the exits: main plus exit-only), the exits' and final head's losses on held-out sequences after the
-steps, and the exit-only micro-batches' own losses; ratios against ``plain``. The machine's load average is
+steps, and the exit-only micro-batches' own losses; the CPU seconds of all ranks per step; ratios against
+``plain``. The machine's load average is
 printed: with more stages than cores, the "idle" bubble time is not idle CPU (another stage runs there), so
 filling it costs step time in proportion to the extra work; the schedule model's prediction (no growth) holds
 where every stage has its own core.
@@ -81,8 +82,9 @@ def batch(args: argparse.Namespace, rows: int, seed: int):
     return {"input_ids": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous()}
 
 
-def _timed_step(trainer, args, step: int) -> tuple[float, float, object]:
-    """One optimizer step: (wall seconds between barriers, peak bytes autograd held on this rank, result)."""
+def _timed_step(trainer, args, step: int) -> tuple[float, float, int, object]:
+    """One optimizer step: (wall seconds between barriers, CPU seconds of all ranks together, peak bytes autograd
+    held on this rank, result)."""
     import torch
 
     from eellm_hf.trainer.exit_schedule import SavedActivationMeter
@@ -90,11 +92,14 @@ def _timed_step(trainer, args, step: int) -> tuple[float, float, object]:
     main = batch(args, args.microbatches * args.micro_batch, seed=step)
     bubble = batch(args, trainer.bubble_batch_size, seed=10_000 + step) if trainer.bubble_micro_batches else None
     torch.distributed.barrier()
-    start = time.perf_counter()
+    start, cpu = time.perf_counter(), time.process_time()
     with SavedActivationMeter(exclude=list(trainer.model.parameters())) as meter:
         result = trainer.train_step(step, main["input_ids"], main["labels"], bubble=bubble)
+    cpu = torch.tensor([time.process_time() - cpu], dtype=torch.float64)
     torch.distributed.barrier()
-    return time.perf_counter() - start, meter.peak, result
+    seconds = time.perf_counter() - start
+    torch.distributed.all_reduce(cpu)
+    return seconds, float(cpu), meter.peak, result
 
 
 def compare_worker(args: argparse.Namespace) -> None:
@@ -107,13 +112,15 @@ def compare_worker(args: argparse.Namespace) -> None:
     ctx = make_parallel_context(tp=1, pp=pp, dp=1)
     trainers = {name: make_trainer(args, ctx, name) for name in VARIANTS}
     times: dict[str, list[float]] = {name: [] for name in VARIANTS}
+    cpu_times: dict[str, list[float]] = {name: [] for name in VARIANTS}
     peaks: dict[str, int] = dict.fromkeys(VARIANTS, 0)
     bubble_losses: dict[str, list] = {name: [] for name in VARIANTS}
     for step in range(args.steps + 1):  # one step of each variant per round, A B C then C B A
         for name in list(VARIANTS) if step % 2 == 0 else list(reversed(VARIANTS)):
-            seconds, peak, result = _timed_step(trainers[name], args, step)
+            seconds, cpu, peak, result = _timed_step(trainers[name], args, step)
             if step >= 1:
                 times[name].append(seconds)
+                cpu_times[name].append(cpu)
             peaks[name] = max(peaks[name], peak)
             bubble_losses[name] = result.bubble_exit_losses
     held_out = batch(args, args.microbatches * args.micro_batch, seed=99_999)
@@ -124,7 +131,7 @@ def compare_worker(args: argparse.Namespace) -> None:
     if torch.distributed.get_rank() == 0:
         tokens = {name: args.microbatches * args.micro_batch * args.seq_len
                   + trainers[name].bubble_batch_size * args.seq_len for name in VARIANTS}
-        print("RESULT " + json.dumps({"times": times, "peaks": [g["peaks"] for g in gathered],
+        print("RESULT " + json.dumps({"times": times, "cpu": cpu_times, "peaks": [g["peaks"] for g in gathered],
                                       "eval": evaluations, "bubble_losses": bubble_losses, "exit_tokens": tokens,
                                       "bubble_micro_batches": trainers["fill"].bubble_micro_batches}), flush=True)
 
@@ -177,15 +184,16 @@ def report(args: argparse.Namespace, pp: int, result: dict, rss: dict) -> None:
               f"({peaks['defer'] / peaks['plain']:.2f}x)  fill {peaks['fill']:7.1f} "
               f"({peaks['fill'] / peaks['plain']:.2f}x) | RSS plain {rss['plain'][stage] / 1024:7.1f}  defer "
               f"{rss['defer'][stage] / 1024:7.1f} ({rss['defer'][stage] / max(rss['plain'][stage], 1):.2f}x)")
-    print(f"  {'variant':>7} {'step s':>8} {'ratio':>6} {'exit tokens/s':>13} {'ratio':>6}   held-out losses "
-          f"(exit {args.layers // 4}, exit {args.layers // 2}, final)   exit-only losses")
+    cpu = {name: statistics.median(t) for name, t in result["cpu"].items()}
+    print(f"  {'variant':>7} {'step s':>8} {'ratio':>6} {'CPU s':>7} {'ratio':>6} {'exit tokens/s':>13} {'ratio':>6}"
+          f"   held-out losses (exit {args.layers // 4}, exit {args.layers // 2}, final)   exit-only losses")
     for name in VARIANTS:
         rate = result["exit_tokens"][name] / times[name]
         base = result["exit_tokens"]["plain"] / times["plain"]
         losses = ", ".join(f"{x:.4f}" for x in result["eval"][name])
         bubble = ", ".join("-" if x is None else f"{x:.4f}" for x in result["bubble_losses"][name]) or "-"
-        print(f"  {name:>7} {times[name]:8.3f} {times[name] / times['plain']:6.2f} {rate:13.0f} {rate / base:6.2f}"
-              f"   {losses:>40}   {bubble}")
+        print(f"  {name:>7} {times[name]:8.3f} {times[name] / times['plain']:6.2f} {cpu[name]:7.3f} "
+              f"{cpu[name] / cpu['plain']:6.2f} {rate:13.0f} {rate / base:6.2f}   {losses:>40}   {bubble}")
 
 
 def main() -> None:

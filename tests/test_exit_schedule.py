@@ -279,6 +279,38 @@ def test_layout_checks_name_the_bad_value(tmp_path, parallelism, train, message)
         load_config(raw, check_files=False)
 
 
+def test_cli_run_with_both_options_logs_the_exit_only_losses(tmp_path):
+    """`python -m eellm_hf.trainer` at pp=2 with both options: exit-only sequences drawn every step, their
+    losses logged next to the main ones, and the main batches those of a run without the options."""
+    import math
+
+    import yaml
+
+    try:
+        from tests.test_trainer_parallel import _e2e_config
+    except ImportError:
+        from test_trainer_parallel import _e2e_config
+    from eellm_hf.trainer.data import bible_chapters
+    from eellm_hf.trainer.metrics import read_metrics
+
+    (tmp_path / "kjv.txt").write_text("\n\n".join(bible_chapters()[:10]) + "\n", encoding="utf-8")
+    cfg = _e2e_config(tmp_path)
+    for key in ("checkpoint", "export_hf"):
+        cfg.pop(key)
+    cfg["data"].pop("validation_sequences")
+    cfg["train"] = {"steps": 4, "global_batch_size": 8, "micro_batch_size": 2, "lr": 1e-2,
+                    "defer_exit_forward": True, "fill_bubbles": True, "bubble_micro_batches": 1}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    launch(REPO_ROOT / "eellm_hf" / "trainer" / "__main__.py", 2, ["--config", str(tmp_path / "cfg.yaml")],
+           timeout_s=240)
+    train = read_metrics(cfg["run_dir"], split="train")
+    assert [e["step"] for e in train] == [1, 2, 3, 4]
+    for entry in train:
+        assert entry["bubble_label_tokens"] == 2 * 32  # one micro-batch of 2 sequences of 32 labels
+        (loss,) = entry["bubble_exit_losses"]  # the exit after layer 1, on stage 0
+        assert math.isfinite(loss) and 0 < loss < 2 * math.log(384)
+
+
 if __name__ == "__main__":
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     _worker(sys.argv[1], sys.argv[2])
