@@ -80,6 +80,15 @@ class StepResult:
     bubble_exit_losses: list[float | None] = dataclasses.field(default_factory=list)
 
 
+    def optional_metrics(self) -> dict[str, Any]:
+        """The entries of this step's ``metrics.jsonl`` line that only some runs have (gates, exit-only
+        micro-batches)."""
+        extra: dict[str, Any] = {"gate_losses": self.gate_losses} if self.gate_losses else {}
+        if self.bubble_label_tokens:
+            extra.update(bubble_exit_losses=self.bubble_exit_losses, bubble_label_tokens=self.bubble_label_tokens)
+        return extra
+
+
 class NonFiniteTrainingError(FloatingPointError):
     """A training step's loss or gradient norm, or the weights about to be saved, were not finite."""
 
@@ -195,6 +204,13 @@ class ParallelTrainer:
     def bubble_batch_size(self) -> int:
         """Sequences of exit-only micro-batches per step, all DP ranks together (``train.fill_bubbles``)."""
         return self.bubble_micro_batches * self.ctx.dp_pg.size() * self.train_config.micro_batch_size
+
+    def bubble_batch(self, dataset: Any, step: int, seed: int) -> dict[str, torch.Tensor] | None:
+        """Step ``step``'s exit-only sequences from ``dataset`` (a ``PackedDataset``; their own shuffled stream),
+        or None without ``train.fill_bubbles``."""
+        if not self.bubble_micro_batches:
+            return None
+        return dataset.batch(bubble_batch_indices(step, self.bubble_batch_size, len(dataset), seed))
 
     def train_step(self, step: int, input_ids: torch.Tensor, labels: torch.Tensor,
                    total_steps: int | None = None, bubble: dict[str, torch.Tensor] | None = None) -> StepResult:
@@ -511,25 +527,17 @@ def run(cfg: TrainerConfig) -> list[StepResult]:
             step_start = time.perf_counter()
             batch = train_set.batch(global_batch_indices(step, train.global_batch_size, len(train_set),
                                                          seed=data.shuffle_seed))
-            bubble = None
-            if trainer.bubble_micro_batches:  # train.fill_bubbles: exit-only sequences from their own stream
-                bubble = train_set.batch(bubble_batch_indices(step, trainer.bubble_batch_size, len(train_set),
-                                                              data.shuffle_seed))
             result = trainer.train_step(step, batch["input_ids"], batch["labels"], total_steps=fixed_total,
-                                        bubble=bubble)
+                                        bubble=trainer.bubble_batch(train_set, step, data.shuffle_seed))
             results.append(result)
             done = step + 1
             step = done
             if not result.finite:
                 skipped_steps = _skip_or_stop(result, skipped_steps, train, model_config.exit_layers, logger)
             if result.finite and (done % train.log_interval == 0 or done == total):
-                gates = {"gate_losses": result.gate_losses} if result.gate_losses else {}
-                if result.bubble_label_tokens:
-                    gates.update(bubble_exit_losses=result.bubble_exit_losses,
-                                 bubble_label_tokens=result.bubble_label_tokens)
                 logger.log_train(done, result.loss, exit_losses=result.exit_losses, lr=result.lr,
                                  tokens=tokens_per_step, grad_norm=result.grad_norm,
-                                 exit_weights=result.exit_weights, **gates)
+                                 exit_weights=result.exit_weights, **result.optional_metrics())
             if budget is not None and fixed_total is None:
                 if done - start_step > TIME_BUDGET_WARMUP_STEPS:
                     step_times.append(time.perf_counter() - step_start)
