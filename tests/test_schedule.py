@@ -109,3 +109,35 @@ def test_ee_llm_configurations_and_cli(capsys):
     assert json.loads(capsys.readouterr().out)["iteration_time"] == pytest.approx(33.0)
     assert main(["--ee-llm"]) == 0
     assert "| 30B |" in capsys.readouterr().out
+
+
+def test_cli_places_exit_only_micro_batches(capsys):
+    args = ["--pp", "2", "--microbatches", "4", "--forward", "1", "--backward", "2", "--exit-forward", "0.1", "0",
+            "--exit-backward", "0.2", "0", "--json"]
+    assert main(args) == 0
+    plain = json.loads(capsys.readouterr().out)
+    assert main([*args, "--fill-bubbles"]) == 0
+    filled = json.loads(capsys.readouterr().out)
+    assert filled["extra_exit_microbatches"] == 1 and filled["pipeline_time"] == pytest.approx(plain["pipeline_time"])
+    assert main([*args, "--bubble-microbatches", "2"]) == 0
+    result = json.loads(capsys.readouterr().out)
+    assert result["extra_exit_microbatches"] == 2 and result["pipeline_time"] > plain["pipeline_time"] + 0.5
+
+
+def test_trainer_count_comes_from_the_stages_flops():
+    """`bubble_micro_batches: null`: the schedule model on per-stage FLOPs (the trainer's layout); none when every
+    exit sits on the last stage."""
+    import types
+
+    from eellm_hf.trainer.exit_schedule import bubble_stages_of, predicted_bubble_micro_batches
+    from eellm_hf.trainer.parallel_model import make_layout
+
+    config = types.SimpleNamespace(vocab_size=2048, hidden_size=256, intermediate_size=640, num_hidden_layers=8,
+                                   num_attention_heads=4, num_key_value_heads=None, exit_layers=[2, 4])
+    deep, shallow = make_layout(config, 4, [2, 2, 2, 2]), make_layout(config, 2, [4, 4])
+    assert bubble_stages_of(deep) == 2 and bubble_stages_of(shallow) == 1
+    assert predicted_bubble_micro_batches(config, deep, 8) == 2
+    assert predicted_bubble_micro_batches(config, shallow, 8) == 1
+    late = types.SimpleNamespace(**{**vars(config), "exit_layers": [6]})
+    last = make_layout(late, 2, [4, 4])
+    assert bubble_stages_of(last) == 0 and predicted_bubble_micro_batches(late, last, 8) == 0
