@@ -4,7 +4,8 @@ process groups.
 One 4-process launch builds trainers for two small models under several layouts (pp=4, pp=2 x dp=2, the
 all-forward-all-backward engine, tp=2 x pp=2) and, per layout, the plain schedule, deferred exits, bubble filling
 (2 exit-only micro-batches per DP rank) and both (at pp=4); it writes every rank's gradients after one step's
-backward, the peak activation bytes autograd held on each stage, and one training step's losses. Here (pytest side):
+backward (TP shards compared shard by shard), the peak activation bytes autograd held on each stage, and one
+training step's losses. Here (pytest side):
 
 * deferred exits: every gradient equals the plain schedule's (1e-6), and stages before the last hold fewer
   activation bytes (the exits' activations are gone between forward and backward);
@@ -93,16 +94,16 @@ def _worker(out_dir: str, spec_path: str) -> None:
                     params = list(trainer.model.parameters())
                     with SavedActivationMeter(exclude=params) as meter:
                         trainer.compute_gradients(0, ids, labels, bubble=bubble)
-                    grads = {name: p.grad.detach().clone() for name, p in trainer.model.hf_named_parameters().items()
-                             if p.grad is not None}
+                    grads = {(name, ctx.tp_rank): p.grad.detach().clone()  # TP shards: compared shard by shard
+                             for name, p in trainer.model.hf_named_parameters().items() if p.grad is not None}
                     trainer.optimizer.zero_grad()
                     result = trainer.train_step(0, ids, labels, bubble=bubble)
                     name = f"{case_name}__{_layout_name(layout)}__{variant}"
-                    record = {"grads": grads if layout["tp"] == 1 else {}, "peak": meter.peak, "loss": result.loss,
+                    record = {"grads": grads, "peak": meter.peak, "loss": result.loss,
                               "exit_losses": result.exit_losses, "bubble_losses": result.bubble_exit_losses,
                               "bubble_rows": trainer.bubble_batch_size, "bubble_tokens": result.bubble_label_tokens}
-                    if ctx.dp_rank == 0 and ctx.tp_rank == 0:
-                        torch.save(record, Path(out_dir) / f"{name}__pp{ctx.pp_rank}.pt")
+                    if ctx.dp_rank == 0:
+                        torch.save(record, Path(out_dir) / f"{name}__pp{ctx.pp_rank}_tp{ctx.tp_rank}.pt")
                     torch.distributed.barrier()
         print("WORKER DONE", flush=True)
 
@@ -145,11 +146,12 @@ def runs(tmp_path_factory) -> Path:
 
 
 def _load(runs: Path, case: str, layout: dict, variant: str) -> list[dict]:
-    """Per pipeline stage, what the worker recorded."""
+    """Per pipeline stage (TP rank 0 first, then the others after all stages), what the worker recorded."""
     import torch
 
     name = f"{case}__{_layout_name(layout)}__{variant}"
-    return [torch.load(runs / f"{name}__pp{stage}.pt") for stage in range(layout["pp"])]
+    return [torch.load(runs / f"{name}__pp{stage}_tp{tp}.pt") for tp in range(layout["tp"])
+            for stage in range(layout["pp"])]
 
 
 def _grads(records: list[dict]) -> dict:
@@ -235,17 +237,17 @@ def test_bubble_micro_batches_train_only_the_exits(runs, case):
             for got, ref in zip(filled[0]["bubble_losses"], ref_losses, strict=True):
                 assert (got is None) == (ref is None), where
                 assert ref is None or got == pytest.approx(ref, rel=1e-5), where
-            if layout["tp"] > 1:
-                continue
             base, got = _grads(plain), _grads(filled)
             assert set(got) == set(base), where
-            for name, grad in base.items():
-                extra = got[name] - grad
+            for (name, tp_rank), grad in base.items():
+                extra = got[name, tp_rank] - grad
                 if name in ref_grads and ref_grads[name].abs().max() > 0:
-                    assert _rel(extra, ref_grads[name]) < 1e-5, f"{where}: {name}"
+                    if layout["tp"] == 1:  # (with TP, a shard of the HF model's gradient)
+                        assert _rel(extra, ref_grads[name]) < 1e-5, f"{where}: {name}"
+                    assert extra.abs().max() > 0, f"{where}: {name} tp rank {tp_rank}"
                 else:  # the backbone, tied heads, exits on the last stage: the main micro-batches' gradient
-                    assert _rel(got[name], grad) < 1e-6, f"{where}: {name} received an exit-only gradient"
-            trained = {n for n in ref_grads if n in got}
+                    assert _rel(got[name, tp_rank], grad) < 1e-6, f"{where}: {name} received an exit-only gradient"
+            trained = {n for n in ref_grads if any(name == n for name, _ in got)}
             assert trained and all(n.startswith(("model.exits.", "exit_lm_heads.")) for n in trained), where
 
 
