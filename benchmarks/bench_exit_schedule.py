@@ -1,10 +1,11 @@
 """EE-LLM's exit schedules in the trainer, measured: deferred exit forward (memory) and bubble filling (throughput).
 
-    python benchmarks/bench_exit_schedule.py [--pp 2 4] [--layers 8 --hidden 256 --vocab 2048 --steps 6]
+    python benchmarks/bench_exit_schedule.py [--pp 2 4] [--layers 8 --hidden 256 --vocab 2048 --steps 12 --lr 3e-3]
 
 Per pipeline size P (one process per stage, one thread each), the trainer trains the same model (exits after
 layers L/4 and L/2, so on stage 0 at pp=2 and on stages 0 and 1 at pp=4) from the same weights on the same
-batches in three variants, one optimizer step each in turn, paired A B C C B A:
+batches of learnable sequences (each next token is a fixed function of the previous one 80% of the time) in
+three variants, one optimizer step each in turn, paired A B C C B A:
 
 * ``plain``: today's 1F1B schedule;
 * ``defer``: ``train.defer_exit_forward``;
@@ -13,13 +14,12 @@ batches in three variants, one optimizer step each in turn, paired A B C C B A:
 Printed side by side: per stage, the peak bytes autograd held for backward during a step (exact, from
 ``saved_tensors_hooks``: :class:`~eellm_hf.trainer.exit_schedule.SavedActivationMeter`) and, from separate
 launches of ``plain`` and ``defer`` alone, each rank's peak resident memory (``ru_maxrss``) above its resident
-memory before the first step; the median step time, exit-training tokens per second (label tokens whose loss
-trains the exits: main plus exit-only), the exits' and final head's losses on held-out sequences after the
-steps, and the exit-only micro-batches' own losses; the CPU seconds of all ranks per step; ratios against
-``plain``. The machine's load average is
-printed: with more stages than cores, the "idle" bubble time is not idle CPU (another stage runs there), so
-filling it costs step time in proportion to the extra work; the schedule model's prediction (no growth) holds
-where every stage has its own core.
+memory before the first step; the median step time and the CPU seconds of all ranks per step, exit-training
+tokens per second (label tokens whose loss trains the exits: main plus exit-only), the exits' and final head's
+losses on held-out sequences after the steps, and the exit-only micro-batches' own losses at the last step;
+ratios against ``plain``. The machine's load average is printed: with more stages than cores, the "idle" bubble
+time is not idle CPU (another stage runs there), so filling it costs step time in proportion to the extra work;
+the schedule model's prediction (no growth) holds where every stage has its own core.
 """
 
 from __future__ import annotations
@@ -48,7 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seq-len", type=int, default=128)
     parser.add_argument("--micro-batch", type=int, default=2)
     parser.add_argument("--microbatches", type=int, default=8, help="micro-batches per step (M)")
-    parser.add_argument("--steps", type=int, default=6, help="timed steps per variant (after 1 warm-up step)")
+    parser.add_argument("--steps", type=int, default=12, help="timed steps per variant (after 1 warm-up step)")
+    parser.add_argument("--lr", type=float, default=3e-3)
     parser.add_argument("--worker", choices=["compare", "memory"], default=None, help=argparse.SUPPRESS)
     parser.add_argument("--variant", choices=list(VARIANTS), default=None, help=argparse.SUPPRESS)
     return parser.parse_args(argv)
@@ -70,15 +71,22 @@ def make_trainer(args: argparse.Namespace, ctx, variant: str):
     from eellm_hf.trainer.train_loop import ParallelTrainer
 
     train = TrainConfig(steps=args.steps + 1, global_batch_size=args.microbatches * args.micro_batch,
-                        micro_batch_size=args.micro_batch, lr=1e-3, lr_decay="constant", **VARIANTS[variant])
+                        micro_batch_size=args.micro_batch, lr=args.lr, lr_decay="constant", **VARIANTS[variant])
     split = [args.layers // ctx.pipeline_parallel_size] * ctx.pipeline_parallel_size
     return ParallelTrainer(model_config(args), ctx, train, layer_split=split)
 
 
 def batch(args: argparse.Namespace, rows: int, seed: int):
+    """Learnable sequences: each next token is ``(7 t + 3) mod V`` with probability 0.8, else uniform."""
     import torch
 
-    tokens = torch.randint(0, args.vocab, (rows, args.seq_len + 1), generator=torch.Generator().manual_seed(seed))
+    g = torch.Generator().manual_seed(seed)
+    tokens = torch.empty(rows, args.seq_len + 1, dtype=torch.long)
+    tokens[:, 0] = torch.randint(0, args.vocab, (rows,), generator=g)
+    follow = torch.rand(rows, args.seq_len, generator=g) < 0.8
+    noise = torch.randint(0, args.vocab, (rows, args.seq_len), generator=g)
+    for i in range(args.seq_len):
+        tokens[:, i + 1] = torch.where(follow[:, i], (7 * tokens[:, i] + 3) % args.vocab, noise[:, i])
     return {"input_ids": tokens[:, :-1].contiguous(), "labels": tokens[:, 1:].contiguous()}
 
 
