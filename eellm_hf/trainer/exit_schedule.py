@@ -19,7 +19,8 @@ tag) and passes them on, then runs its exits' forward and backward with the grad
 parameters (:meth:`ParallelEarlyExitGPT.is_exit_parameter`: an exit head tied to the final head belongs to the
 backbone and gets none). Their tokens weigh like main tokens (the loss's normaliser is the main batch's label
 count), so the exits' gradient becomes that of their summed token losses over main and extra tokens; the main
-micro-batches' contribution, and every backbone gradient, is exactly what the plain schedule gives. The stage's
+micro-batches' contribution, and every backbone gradient, is exactly what the plain schedule gives (gradient
+clipping's global norm includes the extra exit gradient, so a clipped update differs). The stage's
 last forward output goes downstream after this work, so the work must fit the wait: ``bubble_micro_batches``
 (null: :func:`predicted_bubble_micro_batches`, the schedule model's count from FLOP estimates) sets how many.
 
