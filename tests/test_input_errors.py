@@ -112,7 +112,7 @@ def test_data_cache_key_follows_contents_not_paths(tmp_path):
     place, and not when nothing changed."""
     from eellm_hf.trainer.config import load_config
     from eellm_hf.trainer.data import train_bpe_tokenizer
-    from eellm_hf.trainer.train_loop import _data_cache_key
+    from eellm_hf.trainer.run_data import data_cache_key as _data_cache_key
 
     corpus = tmp_path / "corpus.txt"
     corpus.write_text("in the beginning god created the heaven and the earth\n" * 20)

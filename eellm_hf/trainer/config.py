@@ -64,6 +64,11 @@ YAML layout (defaults in brackets; only the keys without a default are required)
       val_interval: 0 (0: never), val_batches: null (batches of global_batch_size sequences; null: the whole
       validation set), log_interval: 1 (steps between logged training entries)
       dtype: float32 (float32|bfloat16)
+      defer_exit_forward: false         # pp > 1: stages before the last run their exits' forward in the backward
+                                        # step (EE-LLM fig. 3c; less activation memory, same gradients)
+      fill_bubbles: false               # pp > 1, 1f1b, float32: extra exit-only micro-batches in the 1F1B bubble
+      bubble_micro_batches: null        # with fill_bubbles, per DP rank and step (null: as many as the schedule
+                                        # model predicts fit); see eellm_hf.trainer.exit_schedule
     checkpoint:             # optional section
       dir: CKPT_DIR, interval: 0 (0: only at the end), resume: false, keep_last: null (null: keep all)
       # resume: true: continue from the newest checkpoint of `dir` that verifies (an error if there is none);

@@ -295,6 +295,9 @@ class TrainConfig:
     val_batches: int | None = None
     log_interval: int = 1
     dtype: Literal["float32", "bfloat16"] = "float32"
+    defer_exit_forward: bool = False
+    fill_bubbles: bool = False
+    bubble_micro_batches: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "global_batch_size", "micro_batch_size", "log_interval"):
@@ -311,6 +314,7 @@ class TrainConfig:
         _need(self.grad_clip is None or self.grad_clip > 0,
               f"`train.grad_clip` must be > 0 (or null for no clipping), got {self.grad_clip}")
         self._check_exit_training()
+        self._check_exit_schedule()
         self._check_counts()
         _need_choice("train.lr_decay", self.lr_decay, ("cosine", "linear", "constant"))
         _need_choice("train.dtype", self.dtype, ("float32", "bfloat16"))
@@ -323,6 +327,40 @@ class TrainConfig:
         _need(self.exit_distillation == 0.0 or self.freeze_backbone,
               f"`train.exit_distillation`={self.exit_distillation} needs `train.freeze_backbone: true` (the final "
               "head is the teacher of the exits only while the backbone is frozen)")
+
+    def _check_exit_schedule(self) -> None:
+        """The exit-schedule options (:mod:`eellm_hf.trainer.exit_schedule`); those that need the parallel
+        layout are checked by :meth:`check_exit_schedule_layout`."""
+        for name in ("defer_exit_forward", "fill_bubbles"):
+            _need(isinstance(getattr(self, name), bool), f"`train.{name}` must be true or false, got "
+                  f"{getattr(self, name)!r}")
+            _need(not (getattr(self, name) and self.freeze_backbone),
+                  f"`train.{name}` does not apply with `train.freeze_backbone: true`: EE-Tuning's step has no "
+                  "pipeline backward (its exits already run after the backbone forward, see ee_tuning)")
+        count = self.bubble_micro_batches
+        _need(count is None or (_is_int(count) and count >= 1),
+              f"`train.bubble_micro_batches` must be an integer >= 1 (or null), got {count!r}")
+        _need(count is None or self.fill_bubbles,
+              f"`train.bubble_micro_batches`={count} needs `train.fill_bubbles: true`")
+        _need(not self.fill_bubbles or self.dtype == "float32",
+              f"`train.fill_bubbles` needs `train.dtype: float32`, got {self.dtype!r} (the exit-only micro-batches' "
+              "gradients bypass the fp32 gradient accumulator of low-precision training)")
+
+    def check_exit_schedule_layout(self, parallelism: ParallelismConfig, model: Any) -> None:
+        """``defer_exit_forward`` and ``fill_bubbles`` against the parallel layout and the model's exits."""
+        for name in ("defer_exit_forward", "fill_bubbles"):
+            if getattr(self, name):
+                _need(parallelism.pp > 1,
+                      f"`train.{name}` needs pipeline parallelism (parallelism.pp > 1), got pp={parallelism.pp}")
+                _need(model.num_exits > 0, f"`train.{name}` is true but the model has no exits")
+        if self.fill_bubbles:
+            _need(parallelism.pp_engine == "1f1b", "`train.fill_bubbles` needs `parallelism.pp_engine: 1f1b` (its "
+                  f"bubbles), got {parallelism.pp_engine!r}")
+            stages = [parallelism.stage_of_layer(layer, model) for layer in model.exit_layers]
+            _need(min(stages) < parallelism.pp - 1,
+                  f"`train.fill_bubbles`: every exit (layers {list(model.exit_layers)}) is on the last pipeline "
+                  f"stage (stages {parallelism.stage_layers(model)} layers each), so exit-only micro-batches would "
+                  "run the whole pipeline: move an exit earlier or change `parallelism.layer_split`")
 
     def _check_counts(self) -> None:
         _need(self.val_interval >= 0, f"`train.val_interval` must be >= 0 (0: never), got {self.val_interval}")
@@ -435,6 +473,7 @@ class TrainerConfig:
         _check_token_ids(model)
         self.parallelism.check_model(model)
         self.train.check_batches(self.parallelism)
+        self.train.check_exit_schedule_layout(self.parallelism, model)
         data, train = self.data, self.train
         _need(data.seq_len <= model.max_position_embeddings,
               f"`data.seq_len`={data.seq_len} exceeds model.max_position_embeddings={model.max_position_embeddings}")

@@ -27,9 +27,24 @@ from .loss import TeacherTargets, vocab_parallel_token_losses
 from .nanotron_compat import ParallelContext, dist
 from .parallel_model import ParallelEarlyExitGPT
 
-__all__ = ["FrozenBackboneStep"]
+__all__ = ["FrozenBackboneStep", "run_stage_layers"]
 
 _HIDDEN_TAG, _TEACHER_TAG = 1, 2
+
+
+def run_stage_layers(model: ParallelEarlyExitGPT, stage: int, hidden: torch.Tensor,
+                     layer_keep: torch.Tensor | None = None) -> tuple[torch.Tensor, dict[int, torch.Tensor]]:
+    """Stage ``stage``'s decoder layers on ``hidden`` (its input), outside nanotron's pipeline blocks: the
+    stage's output and the input of each of its exits (by exit index)."""
+    exit_inputs = {}
+    for number, layer in enumerate(model.model.layers, start=1):
+        if layer.rank != stage:
+            continue
+        keep = None if layer_keep is None else layer_keep[:, number - 1]
+        hidden = layer.pp_block(hidden, keep=keep)
+        for j in model.exits_after.get(number, ()):
+            exit_inputs[j] = hidden
+    return hidden, exit_inputs
 
 
 class FrozenBackboneStep:
@@ -95,14 +110,7 @@ class FrozenBackboneStep:
         else:
             hidden = self._empty(input_ids, model.config.hidden_size)
             dist.recv(hidden, src=self._peer(stage - 1), group=self.pp_pg, tag=_HIDDEN_TAG)
-        exit_inputs = {}
-        for number, layer in enumerate(backbone.layers, start=1):
-            if layer.rank != stage:
-                continue
-            keep = None if layer_keep is None else layer_keep[:, number - 1]
-            hidden = layer.pp_block(hidden, keep=keep)
-            for j in model.exits_after.get(number, ()):
-                exit_inputs[j] = hidden
+        hidden, exit_inputs = run_stage_layers(model, stage, hidden, layer_keep)
         if stage != self.last_stage:
             sends.append((dist.isend(hidden, dst=self._peer(stage + 1), group=self.pp_pg, tag=_HIDDEN_TAG),
                           hidden))

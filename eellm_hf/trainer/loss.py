@@ -21,8 +21,9 @@ the TP-sharded logits.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import torch
@@ -208,6 +209,7 @@ class MultiExitLoss:
         self.num_micro_batches = 1
         self._sums: list[torch.Tensor | None] = [None] * (num_exits + 1)
         self._gate_sums: list[torch.Tensor | None] = [None] * num_exits
+        self._bubble_sums: list[torch.Tensor | None] = [None] * (num_exits + 1)
 
     @property
     def final_index(self) -> int:
@@ -238,6 +240,27 @@ class MultiExitLoss:
     def reset_sums(self) -> None:
         self._sums = [None] * (self.num_exits + 1)
         self._gate_sums = [None] * self.num_exits
+        self._bubble_sums = [None] * (self.num_exits + 1)
+
+    @contextlib.contextmanager
+    def recording_bubble_sums(self) -> Iterator[None]:
+        """Within: head losses accumulate into the bubble micro-batches' sums (:mod:`.exit_schedule`), apart
+        from the main micro-batches' (their normalisation is the same: per token, as a main token)."""
+        main, self._sums = self._sums, self._bubble_sums
+        try:
+            yield
+        finally:
+            self._bubble_sums, self._sums = self._sums, main
+
+    def take_bubble_sums(self, device: torch.device | str = "cpu") -> torch.Tensor:
+        """The bubble micro-batches' per-head token-loss sums (float64, length ``num_exits + 1``; zeros for heads
+        they did not reach), then reset."""
+        sums = torch.zeros(self.num_exits + 1, dtype=torch.float64, device=device)
+        for head, value in enumerate(self._bubble_sums):
+            if value is not None:
+                sums[head] = value.to(device=device, dtype=torch.float64)
+        self._bubble_sums = [None] * (self.num_exits + 1)
+        return sums
 
     def take_sums(self, device: torch.device | str = "cpu") -> torch.Tensor:
         """The accumulated per-head token-loss sums, then the exit gates' (float64 on ``device``, length

@@ -427,6 +427,9 @@ class ParallelEarlyExitGPT(nn.Module):
         device = device or parallel_context.device
         self._make_blocks(make_p2p(parallel_context), LayerInputs(config), device)
         self._place_blocks()
+        # Hook of the exit schedules (.exit_schedule, train.defer_exit_forward): while set, called as
+        # ``exit_interceptor(exit_index, hidden_states, labels)`` in place of each exit it returns True for.
+        self.exit_interceptor: Callable[[int, Any, Any], bool] | None = None
         self.to(device=device, dtype=dtype)
         self._tie_weights()
 
@@ -537,6 +540,8 @@ class ParallelEarlyExitGPT(nn.Module):
             keep = self._on_stage(layer, None if layer_keep is None else layer_keep[:, index - 1])
             hidden = layer(hidden_states=hidden, keep=keep)["hidden_states"]
             for j in self.exits_after.get(index, ()):
+                if self.exit_interceptor is not None and self.exit_interceptor(j, hidden, labels):
+                    continue
                 exit_hidden = self.model.exits[j](hidden_states=hidden)["hidden_states"]
                 head = self.exit_lm_heads[j]
                 head(hidden_states=exit_hidden, labels=self._on_stage(head, labels))

@@ -11,9 +11,12 @@ that stage (head, loss; block and MLP when the model has them). EE-LLM's options
 
 * ``defer_exit_forward`` (paper figure 3c): a middle stage runs its exits' forward inside the backward step, so
   their activations are not held from forward to backward; the work moves from forward to backward steps;
-* ``fill_bubbles`` (paper figure 4): extra micro-batches that run only as far as the last exit and train only the
-  exits, in the idle time of the stages they touch. The model counts how many fit in each stage's idle time
-  (at most the smallest count over those stages), assuming they can be placed there; the iteration time stays.
+* ``fill_bubbles`` (paper figure 4): extra micro-batches that run only as far as the last stage with an exit
+  (before the last stage) and train only the exits, placed as the trainer runs them (:mod:`.exit_schedule`): on
+  each of those stages, just before its first backward (the idle time while the first gradient travels back),
+  the backbone forwards of the extra micro-batches (``X``, no-grad; each waits for the previous stage's), then
+  their exits' forward and backward (``E``); the stage's pending activation goes downstream after them.
+  ``bubble_microbatches=K`` places K of them; ``fill_bubbles=True`` places as many as keep the pipeline time.
 
 Outputs: iteration time and bubble fraction (1 - busy time / (P x pipeline time)).
 
@@ -40,7 +43,9 @@ __all__ = [
     "EE_LLM_CONFIGS",
     "ScheduleResult",
     "StageTimes",
+    "bubble_stage_count",
     "ee_llm_stage_times",
+    "max_bubble_microbatches",
     "one_f_one_b_order",
     "simulate_1f1b",
     "simulate_pipeline_decoding",
@@ -83,14 +88,27 @@ class ScheduleResult:
     extra_exit_microbatches: int = 0  # with fill_bubbles
 
 
-def one_f_one_b_order(stage: int, num_stages: int, microbatches: int) -> list[tuple[str, int]]:
-    """The operations of `stage` in nanotron's 1F1B order: ``("F", m)`` and ``("B", m)``."""
+def one_f_one_b_order(stage: int, num_stages: int, microbatches: int,
+                      bubble_microbatches: int = 0) -> list[tuple[str, int]]:
+    """The operations of `stage` in nanotron's 1F1B order: ``("F", m)`` and ``("B", m)``; with
+    `bubble_microbatches` K, ``("X", k)`` then ``("E", k)`` for k < K just before ``("B", 0)``."""
     warmup = min(num_stages - stage - 1, microbatches)
     order = [("F", m) for m in range(warmup)]
     for i in range(microbatches - warmup):
         order += [("F", warmup + i), ("B", i)]
     order += [("B", m) for m in range(microbatches - warmup, microbatches)]
+    if bubble_microbatches:
+        first_backward = order.index(("B", 0))
+        order[first_backward:first_backward] = ([("X", k) for k in range(bubble_microbatches)]
+                                                + [("E", k) for k in range(bubble_microbatches)])
     return order
+
+
+def bubble_stage_count(stages: Sequence[StageTimes]) -> int:
+    """How many leading stages the exit-only micro-batches run on: up to the last stage with exits before the
+    last stage (0: none has any)."""
+    with_exits = [s for s, stage in enumerate(stages[:-1]) if stage.exit_forward > 0 or stage.exit_backward > 0]
+    return with_exits[-1] + 1 if with_exits else 0
 
 
 def _step_durations(stage: StageTimes, is_last: bool, defer_exit_forward: bool) -> tuple[float, float]:
@@ -109,60 +127,90 @@ def simulate_1f1b(
     p2p: float = 0.0,
     defer_exit_forward: bool = False,
     fill_bubbles: bool = False,
+    bubble_microbatches: int = 0,
 ) -> ScheduleResult:
-    """Replay one 1F1B iteration of ``len(stages)`` stages over `microbatches` micro-batches."""
+    """Replay one 1F1B iteration of ``len(stages)`` stages over `microbatches` micro-batches (plus
+    `bubble_microbatches` exit-only ones; with `fill_bubbles`, as many as keep the pipeline time)."""
     num_stages = len(stages)
     if num_stages < 1:
         raise ValueError("at least one stage is needed")
     if not isinstance(microbatches, int) or microbatches < 1:
         raise ValueError(f"microbatches must be an integer >= 1, got {microbatches!r}")
+    if not isinstance(bubble_microbatches, int) or bubble_microbatches < 0:
+        raise ValueError(f"bubble_microbatches must be an integer >= 0, got {bubble_microbatches!r}")
     if p2p < 0:
         raise ValueError(f"p2p must be >= 0, got {p2p!r}")
+    if fill_bubbles:
+        bubble_microbatches = max_bubble_microbatches(stages, microbatches, p2p, defer_exit_forward)
+    pipeline_time, busy = _replay(stages, microbatches, p2p, defer_exit_forward, bubble_microbatches)
+    bubble = 1.0 - sum(busy) / (num_stages * pipeline_time) if pipeline_time > 0 else 0.0
+    optimizer = max(s.optimizer for s in stages)
+    extra = bubble_microbatches if bubble_stage_count(stages) else 0
+    return ScheduleResult(pipeline_time + optimizer, pipeline_time, bubble, busy, extra)
+
+
+def max_bubble_microbatches(stages: Sequence[StageTimes], microbatches: int, p2p: float = 0.0,
+                            defer_exit_forward: bool = False, limit: int = 256) -> int:
+    """The most exit-only micro-batches (at most `limit`) whose placement leaves the pipeline time as it is."""
+    if not bubble_stage_count(stages):
+        return 0
+    plain = _replay(stages, microbatches, p2p, defer_exit_forward, 0)[0]
+    count = 0
+    while count < limit and _replay(stages, microbatches, p2p, defer_exit_forward, count + 1)[0] <= plain * (
+            1 + 1e-9):
+        count += 1
+    return count
+
+
+def _replay(stages: Sequence[StageTimes], microbatches: int, p2p: float, defer_exit_forward: bool,
+            bubble_microbatches: int) -> tuple[float, tuple[float, ...]]:
+    """Event-by-event replay: ``(pipeline_time, busy time per stage)``."""
+    num_stages = len(stages)
+    filled = bubble_stage_count(stages) if bubble_microbatches else 0
     durations = [_step_durations(s, i == num_stages - 1, defer_exit_forward) for i, s in enumerate(stages)]
-    orders = [one_f_one_b_order(s, num_stages, microbatches) for s in range(num_stages)]
+    extra = [(s.forward, s.exit_forward + s.exit_backward) for s in stages]  # X (no-grad backbone), E (exits)
+    orders = [one_f_one_b_order(s, num_stages, microbatches, bubble_microbatches if s < filled else 0)
+              for s in range(num_stages)]
+    # the activation a filled stage sends last before its bubble work leaves after that work
+    held = {s: orders[s][orders[s].index(("X", 0)) - 1][1] for s in range(filled)}
     done: dict[tuple[str, int, int], float] = {}
     position, free_at = [0] * num_stages, [0.0] * num_stages
+    busy = [0.0] * num_stages
     remaining = sum(len(order) for order in orders)
     while remaining:
         progressed = False
         for s in range(num_stages):
             while position[s] < len(orders[s]):
                 kind, m = orders[s][position[s]]
-                if kind == "F":
-                    dependency = None if s == 0 else ("F", s - 1, m)
-                else:
-                    dependency = None if s == num_stages - 1 else ("B", s + 1, m)
-                if dependency is not None and dependency not in done:
+                dependencies = _dependencies(kind, s, m, num_stages, held, bubble_microbatches)
+                if any(d not in done for d in dependencies):
                     break
-                ready = 0.0 if dependency is None else done[dependency] + p2p
-                start = max(free_at[s], ready)
-                free_at[s] = start + durations[s][0 if kind == "F" else 1]
+                ready = max((done[d] + p2p for d in dependencies), default=0.0)
+                duration = {"F": durations[s][0], "B": durations[s][1], "X": extra[s][0], "E": extra[s][1]}[kind]
+                free_at[s] = max(free_at[s], ready) + duration
+                busy[s] += duration
                 done[(kind, s, m)] = free_at[s]
                 position[s] += 1
                 remaining -= 1
                 progressed = True
-        if not progressed:  # pragma: no cover - the 1F1B order has no cycles
+        if not progressed:  # pragma: no cover - the order has no cycles
             raise RuntimeError("the schedule deadlocked")
-    pipeline_time = max(free_at)
-    busy = tuple(microbatches * (f + b) for f, b in durations)
-    bubble = 1.0 - sum(busy) / (num_stages * pipeline_time) if pipeline_time > 0 else 0.0
-    extra = _extra_exit_microbatches(stages, pipeline_time, busy) if fill_bubbles else 0
-    optimizer = max(s.optimizer for s in stages)
-    return ScheduleResult(pipeline_time + optimizer, pipeline_time, bubble, busy, extra)
+    return max(free_at), tuple(busy)
 
 
-def _extra_exit_microbatches(stages: Sequence[StageTimes], pipeline_time: float, busy: Sequence[float]) -> int:
-    """How many exit-only micro-batches fit in the idle time of every stage up to the last one with exits: each
-    costs a stage its backbone forward, plus its exits' forward and backward."""
-    with_exits = [s for s, stage in enumerate(stages) if stage.exit_forward > 0 or stage.exit_backward > 0]
-    if not with_exits:
-        return 0
-    counts = []
-    for s in range(with_exits[-1] + 1):
-        stage = stages[s]
-        cost = stage.forward + stage.exit_forward + stage.exit_backward
-        counts.append(math.floor((pipeline_time - busy[s]) / cost) if cost > 0 else 0)
-    return max(0, min(counts))
+def _dependencies(kind: str, s: int, m: int, num_stages: int, held: dict[int, int],
+                  bubble_microbatches: int) -> list[tuple[str, int, int]]:
+    if kind == "F":
+        if s == 0:
+            return []
+        if held.get(s - 1) == m:
+            return [("F", s - 1, m), ("E", s - 1, bubble_microbatches - 1)]
+        return [("F", s - 1, m)]
+    if kind == "B":
+        return [] if s == num_stages - 1 else [("B", s + 1, m)]
+    if kind == "X":
+        return [] if s == 0 else [("X", s - 1, m)]
+    return []  # "E": after this stage's own X (its order)
 
 
 def simulate_pipeline_decoding(stage_costs: Sequence[Sequence[float]], exit_stages: Sequence[int],
@@ -248,7 +296,9 @@ def _parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
                             help="seconds per micro-batch, one value per stage (or one for all)")
     parser.add_argument("--p2p", type=float, default=0.0, help="seconds per pipeline hop")
     parser.add_argument("--defer-exit-forward", action="store_true")
-    parser.add_argument("--fill-bubbles", action="store_true")
+    parser.add_argument("--fill-bubbles", action="store_true",
+                        help="place as many exit-only micro-batches as keep the pipeline time")
+    parser.add_argument("--bubble-microbatches", type=int, default=0, help="place this many exit-only micro-batches")
     parser.add_argument("--json", action="store_true")
     return parser.parse_args(argv)
 
@@ -271,7 +321,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(json.dumps(rows))
             return 0
         print("| model | micro-batches | iteration (s) | without exits (s) | exit overhead | bubble | "
-              "exit-only micro-batches that fit in the bubbles |")
+              "exit-only micro-batches that fit before the first backward |")
         print("|---|---|---|---|---|---|---|")
         for row in rows:
             print(f"| {row['model']} | {row['microbatches']} | {row['iteration_s']:.2f} | {row['backbone_s']:.2f} "
@@ -283,14 +333,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                for name in ("forward", "backward", "exit-forward", "exit-backward", "head-forward",
                             "head-backward", "optimizer")}
     stages = [StageTimes(*(columns[name][s] for name in columns)) for s in range(args.pp)]
-    result = simulate_1f1b(stages, args.microbatches, args.p2p, args.defer_exit_forward, args.fill_bubbles)
+    result = simulate_1f1b(stages, args.microbatches, args.p2p, args.defer_exit_forward, args.fill_bubbles,
+                           args.bubble_microbatches)
     if args.json:
         print(json.dumps(dataclasses.asdict(result)))
     else:
         print(f"iteration time {result.iteration_time:.6g} s (pipeline {result.pipeline_time:.6g} s), "
               f"bubble fraction {result.bubble_fraction:.1%}"
               + (f", exit-only micro-batches in the bubbles: {result.extra_exit_microbatches}"
-                 if args.fill_bubbles else ""))
+                 if args.fill_bubbles or args.bubble_microbatches else ""))
     return 0
 
 

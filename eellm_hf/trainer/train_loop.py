@@ -19,28 +19,23 @@ GPU configs shrunk, ZeRO-1 and tp=2 included).
 from __future__ import annotations
 
 import dataclasses
-import hashlib
-import json
 import math
 import os
-import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-import numpy as np
 import torch
 from torch._utils import _flatten_dense_tensors, _unflatten_dense_tensors
 
 from ..dtypes import DTYPES
 from .ee_tuning import FrozenBackboneStep
+from .exit_schedule import bubble_batch_indices, bubble_stages_of, make_pipeline_engine
 from .layer_dropout import layer_keep_mask
 from .loss import count_label_tokens, reduce_head_sums, summarize_losses
 from .nanotron_compat import (
-    AllForwardAllBackwardPipelineEngine,
     NamedOptimizer,
-    OneForwardOneBackwardPipelineEngine,
     OptimizerFromGradientAccumulator,
     ParallelContext,
     PipelineEvalBatchState,
@@ -54,6 +49,8 @@ from .nanotron_compat import (
     sync_tied_weights_gradients,
 )
 from .parallel_model import ParallelEarlyExitGPT, make_layout
+from .resume import check_something_to_resume, load_verified_checkpoint
+from .run_data import packed_rows, validation_batch
 from .weights import init_from_hf, initialize_weights
 
 if TYPE_CHECKING:
@@ -76,6 +73,19 @@ class StepResult:
     seconds: float
     finite: bool = True  # False: a loss or the gradient norm was not finite on some rank; no update was made
     gate_losses: list[float] = dataclasses.field(default_factory=list)  # per exit (exit_gate), else empty
+    # train.fill_bubbles: label tokens of the exit-only micro-batches, and per exit their token-mean loss (None for
+    # exits they do not reach)
+    bubble_label_tokens: int = 0
+    bubble_exit_losses: list[float | None] = dataclasses.field(default_factory=list)
+
+
+    def optional_metrics(self) -> dict[str, Any]:
+        """The entries of this step's ``metrics.jsonl`` line that only some runs have (gates, exit-only
+        micro-batches)."""
+        extra: dict[str, Any] = {"gate_losses": self.gate_losses} if self.gate_losses else {}
+        if self.bubble_label_tokens:
+            extra.update(bubble_exit_losses=self.bubble_exit_losses, bubble_label_tokens=self.bubble_label_tokens)
+        return extra
 
 
 class NonFiniteTrainingError(FloatingPointError):
@@ -117,8 +127,9 @@ class ParallelTrainer:
         if train.freeze_backbone:  # EE-Tuning: forward-only backbone, no pipeline backward (see .ee_tuning)
             self.model.freeze_backbone()
             self.frozen_step = FrozenBackboneStep(self.model, parallel_context)
-        self.engine = (AllForwardAllBackwardPipelineEngine() if pp_engine == "afab"
-                       else OneForwardOneBackwardPipelineEngine())
+        # nanotron's engine, or with train.defer_exit_forward / train.fill_bubbles its subclass (.exit_schedule)
+        self.engine, self.bubbles, self.bubble_micro_batches = make_pipeline_engine(
+            self.model, parallel_context, train, pp_engine)
         self.named_trainable = [(n, p) for n, p in named_params_with_correct_tied(self.model) if p.requires_grad]
         self.grad_accumulator = None
         self.optimizer = self._build_optimizer()
@@ -188,19 +199,63 @@ class ParallelTrainer:
 
     # -- training --------------------------------------------------------------------------------------------
 
+    @property
+    def bubble_batch_size(self) -> int:
+        """Sequences of exit-only micro-batches per step, all DP ranks together (``train.fill_bubbles``)."""
+        return self.bubble_micro_batches * self.ctx.dp_pg.size() * self.train_config.micro_batch_size
+
+    def bubble_batch(self, dataset: Any, step: int, seed: int) -> dict[str, torch.Tensor] | None:
+        """Step ``step``'s exit-only sequences from ``dataset`` (a ``PackedDataset``; their own shuffled stream),
+        or None without ``train.fill_bubbles``."""
+        if not self.bubble_micro_batches:
+            return None
+        return dataset.batch(bubble_batch_indices(step, self.bubble_batch_size, len(dataset), seed))
+
     def train_step(self, step: int, input_ids: torch.Tensor, labels: torch.Tensor,
-                   total_steps: int | None = None) -> StepResult:
+                   total_steps: int | None = None, bubble: dict[str, torch.Tensor] | None = None) -> StepResult:
         """One optimizer step on a global batch (``(global_batch_size, seq_len)`` tensors, the same on every
         rank). ``step`` is 0-based (learning-rate and exit-weight schedules); ``total_steps``: the length of
-        the learning-rate schedule (default ``train.steps``)."""
+        the learning-rate schedule (default ``train.steps``). ``bubble`` (``train.fill_bubbles``): the exit-only
+        sequences, ``input_ids`` and ``labels`` of :attr:`bubble_batch_size` rows."""
         train, model, ctx = self.train_config, self.model, self.ctx
         start = time.perf_counter()
+        num_tokens, bubble_tokens, weights = self.compute_gradients(step, input_ids, labels, total_steps, bubble)
+        max_norm = train.grad_clip if train.grad_clip is not None else math.inf
+        grad_norm = clip_grad_norm(ctx.mp_pg, self.named_trainable, max_norm=max_norm,
+                                   grad_accumulator=self.grad_accumulator, device=self.device)
+        lr = train.lr_at(step, total_steps)
+        self.set_lr(lr)
+        bubble_sums = reduce_head_sums(model.loss.take_bubble_sums(self.device), [ctx.pp_pg, ctx.dp_pg]).cpu()
+        sums = reduce_head_sums(model.loss.take_sums(self.device), [ctx.pp_pg, ctx.dp_pg]).cpu()
+        heads = model.loss.num_exits + 1
+        loss, per_head = summarize_losses(sums[:heads], num_tokens, weights)
+        has_gates = getattr(self.config, "exit_gate", False)
+        gate_losses = [float(x) / max(num_tokens, 1) for x in sums[heads:]] if has_gates else []
+        finite = self._all_ranks_finite([loss, *per_head, *gate_losses, float(grad_norm)])
+        if self.optimizer is not None:
+            if finite:  # a non-finite step updates nothing (its gradients are dropped)
+                self.optimizer.step()
+            self.optimizer.zero_grad()
+        return StepResult(step=step, loss=loss, exit_losses=per_head, exit_weights=list(weights), lr=lr,
+                          grad_norm=float(grad_norm), num_label_tokens=num_tokens,
+                          seconds=time.perf_counter() - start, finite=finite, gate_losses=gate_losses,
+                          bubble_label_tokens=bubble_tokens,
+                          bubble_exit_losses=self._bubble_exit_losses(bubble_sums, bubble_tokens))
+
+    def compute_gradients(self, step: int, input_ids: torch.Tensor, labels: torch.Tensor,
+                          total_steps: int | None = None, bubble: dict[str, torch.Tensor] | None = None
+                          ) -> tuple[int, int, list[float]]:
+        """The forward and backward passes of :meth:`train_step`, gradients summed over DP ranks and tied
+        copies, without the update. Returns the global label-token counts (main, exit-only) and the exit
+        weights."""
+        train, model, ctx = self.train_config, self.model, self.ctx
         layer_keep = None
         if train.layer_dropout is not None:
             rates = train.layer_skip_rates_at(step, self.config.num_hidden_layers, total_steps)
             layer_keep = layer_keep_mask(train.seed, step, input_ids.shape[0], rates)
         micro_batches = self._rank_micro_batches(input_ids, labels, layer_keep)
         num_tokens = count_label_tokens(labels)
+        bubble_tokens = self._set_bubble_batch(bubble)
         weights = train.exit_loss_weights_at(step, self.config.exit_loss_weights or [])
         model.loss.begin_step(num_tokens, len(micro_batches), weights, train.exit_temperature,
                               train.exit_distillation)
@@ -216,24 +271,26 @@ class ParallelTrainer:
             reset_pipeline_state()
             raise
         self._sync_gradients()
-        max_norm = train.grad_clip if train.grad_clip is not None else math.inf
-        grad_norm = clip_grad_norm(ctx.mp_pg, self.named_trainable, max_norm=max_norm,
-                                   grad_accumulator=self.grad_accumulator, device=self.device)
-        lr = train.lr_at(step, total_steps)
-        self.set_lr(lr)
-        sums = reduce_head_sums(model.loss.take_sums(self.device), [ctx.pp_pg, ctx.dp_pg]).cpu()
-        heads = model.loss.num_exits + 1
-        loss, per_head = summarize_losses(sums[:heads], num_tokens, weights)
-        has_gates = getattr(self.config, "exit_gate", False)
-        gate_losses = [float(x) / max(num_tokens, 1) for x in sums[heads:]] if has_gates else []
-        finite = self._all_ranks_finite([loss, *per_head, *gate_losses, float(grad_norm)])
-        if self.optimizer is not None:
-            if finite:  # a non-finite step updates nothing (its gradients are dropped)
-                self.optimizer.step()
-            self.optimizer.zero_grad()
-        return StepResult(step=step, loss=loss, exit_losses=per_head, exit_weights=list(weights), lr=lr,
-                          grad_norm=float(grad_norm), num_label_tokens=num_tokens,
-                          seconds=time.perf_counter() - start, finite=finite, gate_losses=gate_losses)
+        return num_tokens, bubble_tokens, weights
+
+    def _set_bubble_batch(self, bubble: dict[str, torch.Tensor] | None) -> int:
+        """Hand this stage its exit-only micro-batches; returns their global label-token count."""
+        if not self.bubble_micro_batches:
+            return 0
+        if bubble is None or bubble["input_ids"].shape[0] != self.bubble_batch_size:
+            got = None if bubble is None else bubble["input_ids"].shape[0]
+            raise ValueError(f"train.fill_bubbles: each step needs {self.bubble_batch_size} exit-only sequences "
+                             f"(bubble_micro_batches={self.bubble_micro_batches} x dp x micro_batch_size), got {got}")
+        if self.bubbles is not None:
+            self.bubbles.micro_batches = self._rank_micro_batches(bubble["input_ids"], bubble["labels"])
+        return count_label_tokens(bubble["labels"])
+
+    def _bubble_exit_losses(self, sums: torch.Tensor, tokens: int) -> list[float | None]:
+        if not self.bubble_micro_batches:
+            return []
+        reached = bubble_stages_of(self.model.layout)
+        return [float(sums[j]) / max(tokens, 1) if self.model.layout.stage_of_exit(j) < reached else None
+                for j in range(self.model.loss.num_exits)]
 
     def _all_ranks_finite(self, values: Sequence[float]) -> bool:
         """Whether ``values`` are finite on every rank (one small all-reduce: every rank decides alike)."""
@@ -322,107 +379,12 @@ def forward_only(model: ParallelEarlyExitGPT, micro_batches: Sequence[dict[str, 
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _packed_rows(cfg: TrainerConfig, ctx: ParallelContext) -> np.ndarray:
-    """Tokenized, packed rows of ``seq_len + 1`` tokens: built on world rank 0 (tokenizer trained first if the
-    config asks for it) and cached under ``run_dir``, then memory-mapped by every rank. The cache is keyed by
-    the contents of the data files and of the tokenizer folder (:func:`_data_cache_key`), so a file rewritten
-    in place or a retrained tokenizer builds a new one."""
-    from .config import ensure_tokenizer
-    from .data import PackedDataset, load_text_dataset
-
-    data = cfg.data
-    key = torch.zeros(16, dtype=torch.uint8, device=ctx.device)
-    if dist.get_rank(ctx.world_pg) == 0:
-        tokenizer_dir = ensure_tokenizer(data)
-        text_key = _data_cache_key(cfg, tokenizer_dir)
-        cache = Path(cfg.run_dir) / "data_cache" / f"packed_{text_key}.npy"
-        if not cache.is_file():
-            from transformers import AutoTokenizer
-
-            tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir))
-            texts = load_text_dataset(data.files, text_field=data.text_field, sample_by=data.sample_by,
-                                      cache_dir=data.cache_dir)["text"]
-            cache.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache.with_name(cache.name + f".{os.getpid()}.tmp.npy")
-            PackedDataset.from_texts(texts, tokenizer, data.seq_len).save(tmp)
-            os.replace(tmp, cache)
-        key.copy_(torch.tensor(list(text_key.encode()), dtype=torch.uint8))
-    dist.broadcast(key, src=0, group=ctx.world_pg)  # also the barrier: the others wait for the cache here
-    text_key = bytes(key.cpu().tolist()).decode()
-    return PackedDataset.load(Path(cfg.run_dir) / "data_cache" / f"packed_{text_key}.npy").rows
-
-
-def _data_cache_key(cfg: TrainerConfig, tokenizer_dir: Path) -> str:
-    """16 hex digits naming the packed-data cache: the size and sha256 of every data file and every tokenizer
-    file, and the packing settings (never the paths alone)."""
-    from .data import content_fingerprint
-
-    data = cfg.data
-    tokenizer_files = sorted(p for p in Path(tokenizer_dir).iterdir() if p.is_file())
-    what = [content_fingerprint(data.files), content_fingerprint(tokenizer_files), data.seq_len, data.text_field,
-            data.sample_by]
-    return hashlib.sha256(json.dumps(what).encode()).hexdigest()[:16]
-
-
 def _run_id(ctx: ParallelContext) -> str:
     """16 random hex digits drawn on world rank 0, the same on every rank: the prefix of this run's
     checkpoint temporaries."""
     value = torch.tensor([int.from_bytes(os.urandom(7), "big")], dtype=torch.int64, device=ctx.device)
     dist.broadcast(value, src=0, group=ctx.world_pg)
     return f"{int(value.item()):016x}"
-
-
-def _check_something_to_resume(cfg: TrainerConfig, world_rank: int) -> None:
-    """``checkpoint.resume: true`` needs a committed checkpoint in ``checkpoint.dir``; ``auto`` says which of
-    resuming and starting it does."""
-    from .checkpoint import resume_candidates
-
-    ckpt = cfg.checkpoint
-    if ckpt is None or ckpt.resume is False:
-        return
-    candidates = resume_candidates(ckpt.dir)
-    if ckpt.resume is True and not candidates:
-        what = "does not exist" if not Path(ckpt.dir).exists() else "holds no committed checkpoint (step_*/meta.json)"
-        raise FileNotFoundError(f"`checkpoint.resume` is true but the checkpoint folder {ckpt.dir} {what}: fix "
-                                "`checkpoint.dir`, or set `resume: auto` to start from scratch when there is none")
-    if world_rank == 0 and ckpt.resume == "auto":
-        print(f"checkpoint.resume auto: resuming from {candidates[0]}" if candidates else
-              f"checkpoint.resume auto: no checkpoint in {ckpt.dir}, starting from step 0", file=sys.stderr, flush=True)
-
-
-def _load_verified_checkpoint(cfg: TrainerConfig, ctx: ParallelContext,
-                              layout: dict[str, int]) -> tuple[dict[str, torch.Tensor], dict[str, Any]] | None:
-    """This rank's part of the newest checkpoint whose files verify on every rank (collective), or None when
-    there is nothing to resume. A checkpoint that fails on some rank is named with its bad files (printed by
-    world rank 0), and the previous one is tried; if none verifies, ``CheckpointCorruptError``."""
-    from .checkpoint import CheckpointCorruptError, load_checkpoint, resume_candidates
-
-    ckpt, world_rank = cfg.checkpoint, dist.get_rank(ctx.world_pg)
-    if ckpt is None or ckpt.resume is False:
-        return None
-    candidates = resume_candidates(ckpt.dir)
-    problems: list[str] = []
-    for path in candidates:
-        error, loaded = None, None
-        try:
-            loaded = load_checkpoint(path, world_rank, world_size=cfg.parallelism.world_size, layout=layout,
-                                     config_hash=cfg.fingerprint(), device=ctx.device)
-        except CheckpointCorruptError as exc:
-            error = str(exc)
-        errors: list[str | None] = [None] * ctx.world_pg.size()
-        dist.all_gather_object(errors, error, group=ctx.world_pg)
-        bad = [e for e in errors if e is not None]
-        if not bad:
-            if world_rank == 0 and problems:
-                print(f"resuming from {path} instead (the newest checkpoint that verifies)", file=sys.stderr,
-                      flush=True)
-            return loaded
-        problems.extend(bad)
-        if world_rank == 0:
-            print(f"checkpoint {path} failed verification: {'; '.join(bad)}", file=sys.stderr, flush=True)
-    if problems:
-        raise CheckpointCorruptError(f"no checkpoint in {ckpt.dir} verifies: {'; '.join(problems)}")
-    return None
 
 
 def _skip_or_stop(result: StepResult, skipped: int, train: TrainConfig, exit_layers: Sequence[int],
@@ -495,7 +457,7 @@ def run(cfg: TrainerConfig) -> list[StepResult]:
     par, train, data = cfg.parallelism, cfg.train, cfg.data
     ctx = make_parallel_context(par.tp, par.pp, par.dp, timeout_s=par.timeout_s)
     world_rank = dist.get_rank(ctx.world_pg)
-    _check_something_to_resume(cfg, world_rank)
+    check_something_to_resume(cfg, world_rank)
     run_id = _run_id(ctx)
     model_config = cfg.model_config()
     init_dir = None
@@ -511,7 +473,7 @@ def run(cfg: TrainerConfig) -> list[StepResult]:
             if not Path(path).is_file():
                 Path(path).parent.mkdir(parents=True, exist_ok=True)
                 write_builtin_corpus(name, path)
-    rows = _packed_rows(cfg, ctx)
+    rows = packed_rows(cfg, ctx)
     train_set, val_set = train_val_split(PackedDataset(rows), data.validation, seed=data.shuffle_seed)
     if len(train_set) < 1:
         raise ValueError("no training sequences: more text or a smaller data.seq_len is needed")
@@ -526,7 +488,7 @@ def run(cfg: TrainerConfig) -> list[StepResult]:
     budget = train.time_budget_minutes
     fixed_total: int | None = None
     ckpt = cfg.checkpoint
-    if (loaded := _load_verified_checkpoint(cfg, ctx, layout)) is not None:
+    if (loaded := load_verified_checkpoint(cfg, ctx, layout)) is not None:
         tensors, state = loaded
         trainer.load_state_tensors(tensors)
         if trainer.optimizer is not None:
@@ -551,7 +513,7 @@ def run(cfg: TrainerConfig) -> list[StepResult]:
     total = fixed_total if fixed_total is not None else train.steps
     logger = MetricsLogger(cfg.run_dir, total, enabled=world_rank == 0,
                            exit_layers=model_config.exit_layers, resume_step=start_step if resumed else None)
-    val_rows = _validation_batch(val_set, train, par.dp)
+    val_rows = validation_batch(val_set, train, par.dp)
     tokens_per_step = train.global_batch_size * data.seq_len
     results = []
     # non-finite steps skipped so far (train.skip_nonfinite_steps), a resumed run included
@@ -564,17 +526,17 @@ def run(cfg: TrainerConfig) -> list[StepResult]:
             step_start = time.perf_counter()
             batch = train_set.batch(global_batch_indices(step, train.global_batch_size, len(train_set),
                                                          seed=data.shuffle_seed))
-            result = trainer.train_step(step, batch["input_ids"], batch["labels"], total_steps=fixed_total)
+            result = trainer.train_step(step, batch["input_ids"], batch["labels"], total_steps=fixed_total,
+                                        bubble=trainer.bubble_batch(train_set, step, data.shuffle_seed))
             results.append(result)
             done = step + 1
             step = done
             if not result.finite:
                 skipped_steps = _skip_or_stop(result, skipped_steps, train, model_config.exit_layers, logger)
             if result.finite and (done % train.log_interval == 0 or done == total):
-                gates = {"gate_losses": result.gate_losses} if result.gate_losses else {}
                 logger.log_train(done, result.loss, exit_losses=result.exit_losses, lr=result.lr,
                                  tokens=tokens_per_step, grad_norm=result.grad_norm,
-                                 exit_weights=result.exit_weights, **gates)
+                                 exit_weights=result.exit_weights, **result.optional_metrics())
             if budget is not None and fixed_total is None:
                 if done - start_step > TIME_BUDGET_WARMUP_STEPS:
                     step_times.append(time.perf_counter() - step_start)
@@ -602,19 +564,3 @@ def run(cfg: TrainerConfig) -> list[StepResult]:
         export_hf(trainer.model, cfg.export_hf, tokenizer=data.tokenizer, generation_kwargs=cfg.export_generation)
     dist.barrier(group=ctx.world_pg)
     return results
-
-
-def _validation_batch(val_set: Any, train: TrainConfig, dp: int) -> dict[str, torch.Tensor] | None:
-    """The validation sequences used at each validation (the first ``val_batches`` global batches, whole
-    multiples of ``dp * micro_batch_size``)."""
-    if len(val_set) == 0:
-        return None
-    unit = dp * train.micro_batch_size
-    count = len(val_set)
-    if train.val_batches is not None:
-        count = min(count, train.val_batches * train.global_batch_size)
-    count -= count % unit
-    if count == 0:
-        raise ValueError(f"the validation set ({len(val_set)} sequences) is smaller than dp * micro_batch_size "
-                         f"= {unit}")
-    return val_set.batch(np.arange(count))
