@@ -343,3 +343,29 @@ def test_saving_leaves_other_entries_of_the_folder_alone(tmp_path: Path) -> None
     assert not ckpt.is_trainer_temporary(".tmp_step_000001")
     with pytest.raises(ValueError, match="run_id"):
         _save(tmp_path, 3, run_id="../evil")
+
+
+def test_optimizer_state_saved_for_another_parameter_order_is_refused():
+    """Optimizer state is indexed by parameter position; nanotron's NamedOptimizer checks only the set of names,
+    so a checkpoint from a version that ordered parameters differently would put Adam moments on other
+    parameters. Resuming refuses it, naming the first mismatch."""
+    import torch
+
+    from eellm_hf.trainer.checkpoint import CheckpointMismatchError
+    from eellm_hf.trainer.nanotron_compat import NamedOptimizer
+    from eellm_hf.trainer.resume import check_optimizer_order
+
+    first, second = torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(2, 2))
+
+    def adamw(named):
+        return NamedOptimizer(named, lambda groups: torch.optim.AdamW(groups, lr=0.1))
+
+    saved_optimizer = adamw([("first", first), ("second", second)])
+    (first.sum() + 2 * second.sum()).backward()
+    saved_optimizer.step()
+    saved = saved_optimizer.state_dict()
+    same_order = adamw([("first", first), ("second", second)])
+    check_optimizer_order(same_order, saved, "ckpt/step_1")
+    same_order.load_state_dict(saved)
+    with pytest.raises(CheckpointMismatchError, match=r"ckpt/step_1: .*parameter 0 = 'first'.*'second' there"):
+        check_optimizer_order(adamw([("second", second), ("first", first)]), saved, "ckpt/step_1")

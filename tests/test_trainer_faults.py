@@ -87,7 +87,7 @@ def _report(name: str, **fields) -> None:
 def _run(name: str, raw: dict, expect_error: bool = False) -> list[float] | None:
     """``run(load_config(raw))``; the losses, or with ``expect_error`` the error (reported, not raised)."""
     from eellm_hf.trainer.config import load_config
-    from eellm_hf.trainer.train_loop import run
+    from eellm_hf.trainer.training_run import run
 
     try:
         results = run(load_config(raw, world_size=int(os.environ["WORLD_SIZE"])))

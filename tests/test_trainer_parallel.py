@@ -536,7 +536,7 @@ def test_exit_weight_schedule_of_the_tied_case_cools_down_and_warms_up():
 
 def test_run_passes_the_configured_collective_timeout(monkeypatch, tmp_path):
     """`parallelism.timeout_s` reaches make_parallel_context (the groups' timeout), before any other work."""
-    from eellm_hf.trainer import train_loop
+    from eellm_hf.trainer import training_run
     from eellm_hf.trainer.config import load_config
 
     seen = {}
@@ -548,11 +548,11 @@ def test_run_passes_the_configured_collective_timeout(monkeypatch, tmp_path):
         seen.update(args=args, kwargs=kwargs)
         raise Stop
 
-    monkeypatch.setattr(train_loop, "make_parallel_context", fake_make_parallel_context)
+    monkeypatch.setattr(training_run, "make_parallel_context", fake_make_parallel_context)
     raw = _e2e_config(tmp_path)
     raw["parallelism"]["timeout_s"] = 42.5
     with pytest.raises(Stop):
-        train_loop.run(load_config(raw, world_size=2, check_files=False))
+        training_run.run(load_config(raw, world_size=2, check_files=False))
     assert seen == {"args": (1, 2, 1), "kwargs": {"timeout_s": 42.5}}
 
 

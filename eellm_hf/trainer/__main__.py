@@ -35,7 +35,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
 
     from eellm_hf.trainer.nanotron_compat import fail_fast
-    from eellm_hf.trainer.train_loop import run
+    from eellm_hf.trainer.training_run import run
 
     with fail_fast():
         run(cfg)

@@ -18,8 +18,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
+from .config_checks import is_int, need, need_choice
 from .init_model import SHAPE_FIELDS, check_init_from
 from .tokenizer_files import check_tokenizer, is_tokenizer_dir
+from .train_schedules import ExitLossWeightSchedule, LayerDropout
 
 if typing.TYPE_CHECKING:
     from eellm_hf.modeling.configuration_early_exit_gpt import EarlyExitGPTConfig
@@ -78,19 +80,19 @@ class ParallelismConfig:
 
     def __post_init__(self) -> None:
         for name in ("tp", "pp", "dp"):
-            _need(_is_int(getattr(self, name)) and getattr(self, name) >= 1,
+            need(is_int(getattr(self, name)) and getattr(self, name) >= 1,
                   f"`parallelism.{name}` must be >= 1, got {getattr(self, name)}")
-        _need(self.timeout_s > 0, f"`parallelism.timeout_s` must be > 0, got {self.timeout_s}")
-        _need_choice("parallelism.pp_engine", self.pp_engine, ("1f1b", "afab"))
+        need(self.timeout_s > 0, f"`parallelism.timeout_s` must be > 0, got {self.timeout_s}")
+        need_choice("parallelism.pp_engine", self.pp_engine, ("1f1b", "afab"))
         if self.layer_split is not None:
             split = self.layer_split
-            _need(len(split) == self.pp,
+            need(len(split) == self.pp,
                   f"`parallelism.layer_split` {split} must have pp={self.pp} entries (one per pipeline stage)")
-            _need(all(n >= 1 for n in split), f"`parallelism.layer_split` {split} has an entry < 1 (an empty stage)")
+            need(all(n >= 1 for n in split), f"`parallelism.layer_split` {split} has an entry < 1 (an empty stage)")
 
     def check_world_size(self, world_size: int) -> None:
         """``tp * pp * dp`` is the number of processes."""
-        _need(self.world_size == world_size,
+        need(self.world_size == world_size,
               f"parallelism tp*pp*dp = {self.tp}*{self.pp}*{self.dp} = {self.world_size} does not match the world "
               f"size {world_size} (number of processes)")
 
@@ -98,15 +100,15 @@ class ParallelismConfig:
         """The model splits over the pipeline stages and its heads and MLP over the tensor-parallel ranks."""
         layers = model.num_hidden_layers
         if self.layer_split is not None:
-            _need(sum(self.layer_split) == layers,
+            need(sum(self.layer_split) == layers,
                   f"`parallelism.layer_split` {self.layer_split} sums to {sum(self.layer_split)}, not "
                   f"num_hidden_layers={layers}")
         else:  # the trainer's cost-balanced split (balanced_layer_split) gives every stage >= 1 layer
-            _need(layers >= self.pp, f"num_hidden_layers={layers} cannot be split over pp={self.pp} pipeline stages")
+            need(layers >= self.pp, f"num_hidden_layers={layers} cannot be split over pp={self.pp} pipeline stages")
         # vocab_size need not divide: the parallel model pads the vocabulary to a multiple of tp (padded_vocab_size)
         for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
             value = getattr(model, name)
-            _need(value % self.tp == 0, f"model.{name}={value} is not divisible by parallelism.tp={self.tp}")
+            need(value % self.tp == 0, f"model.{name}={value} is not divisible by parallelism.tp={self.tp}")
 
     @property
     def world_size(self) -> int:
@@ -141,8 +143,8 @@ class BpeTokenizerSpec:
     min_frequency: int = 2
 
     def __post_init__(self) -> None:
-        _need(self.vocab_size >= 258, f"`data.tokenizer.train_bpe.vocab_size` must be >= 258, got {self.vocab_size}")
-        _need(self.min_frequency >= 1, "`data.tokenizer.train_bpe.min_frequency` must be >= 1, got "
+        need(self.vocab_size >= 258, f"`data.tokenizer.train_bpe.vocab_size` must be >= 258, got {self.vocab_size}")
+        need(self.min_frequency >= 1, "`data.tokenizer.train_bpe.min_frequency` must be >= 1, got "
               f"{self.min_frequency}")
 
 
@@ -164,15 +166,15 @@ class DataConfig:
     builtin_files: dict[str, str] = dataclasses.field(default_factory=dict)  # file -> built-in corpus name
 
     def __post_init__(self) -> None:
-        _need(len(self.files) > 0, "`data.files` must list at least one file")
-        _need(self.seq_len >= 1, f"`data.seq_len` must be >= 1, got {self.seq_len}")
-        _need(0.0 <= self.validation_fraction < 1.0,
+        need(len(self.files) > 0, "`data.files` must list at least one file")
+        need(self.seq_len >= 1, f"`data.seq_len` must be >= 1, got {self.seq_len}")
+        need(0.0 <= self.validation_fraction < 1.0,
               f"`data.validation_fraction` must be in [0, 1), got {self.validation_fraction}")
-        _need_choice("data.sample_by", self.sample_by, ("line", "paragraph", "document"))
+        need_choice("data.sample_by", self.sample_by, ("line", "paragraph", "document"))
         if self.validation_sequences is not None:
-            _need(self.validation_sequences >= 0,
+            need(self.validation_sequences >= 0,
                   f"`data.validation_sequences` must be >= 0, got {self.validation_sequences}")
-            _need(self.validation_fraction == 0.0,
+            need(self.validation_fraction == 0.0,
                   "set only one of `data.validation_fraction` and `data.validation_sequences`, got "
                   f"{self.validation_fraction} and {self.validation_sequences}")
 
@@ -184,70 +186,6 @@ class DataConfig:
     @property
     def has_validation(self) -> bool:
         return bool(self.validation)
-
-
-
-@dataclasses.dataclass
-class ExitLossWeightSchedule:
-    """``train.exit_loss_weight_schedule`` (EE-LLM's ``--exit-layer-weight-init``, ``--exit-layer-weight-warmup-
-    iters``, ``--exit-layer-weight-warmup-style``): every exit's loss weight starts at ``init`` (an absolute
-    weight, the same for every exit) at step 0 and moves to that exit's target ``model.exit_loss_weights[i]``
-    over ``warmup_steps`` optimizer steps (``linear``, or ``cosine``: slow at both ends), then stays at the
-    target. ``init`` above a target gives a cool-down, below it a warm-up."""
-
-    init: float = 0.0
-    warmup_steps: int = 0
-    type: Literal["linear", "cosine"] = "linear"
-
-    def __post_init__(self) -> None:
-        where = "train.exit_loss_weight_schedule"
-        _need(self.init >= 0.0, f"`{where}.init` must be >= 0, got {self.init}")
-        _need(self.warmup_steps >= 0, f"`{where}.warmup_steps` must be >= 0, got {self.warmup_steps}")
-        _need_choice(f"{where}.type", self.type, ("linear", "cosine"))
-
-    def progress(self, step: int) -> float:
-        """How far along the schedule step ``step`` (0-based) is: 0 at step 0, 1 from ``warmup_steps`` on."""
-        if self.warmup_steps <= 0 or step >= self.warmup_steps:
-            return 1.0
-        progress = max(step, 0) / self.warmup_steps
-        if self.type == "cosine":
-            progress = 0.5 * (1.0 - math.cos(math.pi * progress))
-        return progress
-
-    def weight_at(self, step: int, target: float) -> float:
-        """The weight at ``step`` of an exit whose target weight is ``target``."""
-        progress = self.progress(step)
-        if progress >= 1.0:
-            return float(target)
-        return self.init + (float(target) - self.init) * progress
-
-
-
-@dataclasses.dataclass
-class LayerDropout:
-    """``train.layer_dropout`` (LayerSkip's layer dropout, Elhoushi et al. 2024): while training, each sequence
-    skips decoder layer ``l`` (1-based, of ``L``) with probability ``p_l(t) = S(t) * D(l) * max_rate``: the skipped
-    layer passes its input through unchanged (no rescaling; exits after it still compute). ``D(l) = 2 ** ((l - 1)
-    / (L - 1)) - 1`` rises from 0 (the first layer is never skipped) to 1 (the last layer). ``S(t)`` is 1
-    (``curriculum: constant``) or ``2 ** (t / (T - 1)) - 1`` (``exponential``: 0 at the first of the ``T`` steps, 1
-    at the last). Validation, evaluation and exported models run every layer."""
-
-    max_rate: float = 0.1
-    curriculum: Literal["constant", "exponential"] = "constant"
-
-    def __post_init__(self) -> None:
-        _need(0.0 <= self.max_rate < 1.0, f"`train.layer_dropout.max_rate` must be in [0, 1), got {self.max_rate}")
-        _need_choice("train.layer_dropout.curriculum", self.curriculum, ("constant", "exponential"))
-
-    def rates_at(self, step: int, total_steps: int, num_layers: int) -> list[float]:
-        """Skip probability of each decoder layer (1..``num_layers``) at optimizer step ``step`` (0-based)."""
-        if self.curriculum == "exponential":
-            scale = 2.0 ** (min(max(step, 0), total_steps - 1) / (total_steps - 1)) - 1.0 if total_steps > 1 else 1.0
-        else:
-            scale = 1.0
-        if num_layers == 1:
-            return [0.0]
-        return [scale * self.max_rate * (2.0 ** (layer / (num_layers - 1)) - 1.0) for layer in range(num_layers)]
 
 
 
@@ -302,29 +240,29 @@ class TrainConfig:
     def __post_init__(self) -> None:
         for name in ("steps", "global_batch_size", "micro_batch_size", "log_interval"):
             value = getattr(self, name)
-            _need(_is_int(value) and value >= 1, f"`train.{name}` must be a positive integer, got {value}")
-        _need(self.lr > 0, f"`train.lr` must be > 0, got {self.lr}")
-        _need(0 <= self.min_lr <= self.lr, f"`train.min_lr` must be in [0, train.lr={self.lr}], got {self.min_lr}")
-        _need(0 <= self.warmup_steps <= self.steps,
+            need(is_int(value) and value >= 1, f"`train.{name}` must be a positive integer, got {value}")
+        need(self.lr > 0, f"`train.lr` must be > 0, got {self.lr}")
+        need(0 <= self.min_lr <= self.lr, f"`train.min_lr` must be in [0, train.lr={self.lr}], got {self.min_lr}")
+        need(0 <= self.warmup_steps <= self.steps,
               f"`train.warmup_steps` must be in [0, train.steps={self.steps}], got {self.warmup_steps}")
-        _need(self.weight_decay >= 0, f"`train.weight_decay` must be >= 0, got {self.weight_decay}")
+        need(self.weight_decay >= 0, f"`train.weight_decay` must be >= 0, got {self.weight_decay}")
         for name in ("adam_beta1", "adam_beta2"):
-            _need(0 <= getattr(self, name) < 1, f"`train.{name}` must be in [0, 1), got {getattr(self, name)}")
-        _need(self.adam_eps > 0, f"`train.adam_eps` must be > 0, got {self.adam_eps}")
-        _need(self.grad_clip is None or self.grad_clip > 0,
+            need(0 <= getattr(self, name) < 1, f"`train.{name}` must be in [0, 1), got {getattr(self, name)}")
+        need(self.adam_eps > 0, f"`train.adam_eps` must be > 0, got {self.adam_eps}")
+        need(self.grad_clip is None or self.grad_clip > 0,
               f"`train.grad_clip` must be > 0 (or null for no clipping), got {self.grad_clip}")
         self._check_exit_training()
         self._check_exit_schedule()
         self._check_counts()
-        _need_choice("train.lr_decay", self.lr_decay, ("cosine", "linear", "constant"))
-        _need_choice("train.dtype", self.dtype, ("float32", "bfloat16"))
-        _need_choice("train.zero_stage", self.zero_stage, (0, 1))
+        need_choice("train.lr_decay", self.lr_decay, ("cosine", "linear", "constant"))
+        need_choice("train.dtype", self.dtype, ("float32", "bfloat16"))
+        need_choice("train.zero_stage", self.zero_stage, (0, 1))
 
     def _check_exit_training(self) -> None:
-        _need(self.exit_temperature > 0, f"`train.exit_temperature` must be > 0, got {self.exit_temperature}")
-        _need(0.0 <= self.exit_distillation <= 1.0,
+        need(self.exit_temperature > 0, f"`train.exit_temperature` must be > 0, got {self.exit_temperature}")
+        need(0.0 <= self.exit_distillation <= 1.0,
               f"`train.exit_distillation` must be in [0, 1], got {self.exit_distillation}")
-        _need(self.exit_distillation == 0.0 or self.freeze_backbone,
+        need(self.exit_distillation == 0.0 or self.freeze_backbone,
               f"`train.exit_distillation`={self.exit_distillation} needs `train.freeze_backbone: true` (the final "
               "head is the teacher of the exits only while the backbone is frozen)")
 
@@ -332,17 +270,17 @@ class TrainConfig:
         """The exit-schedule options (:mod:`eellm_hf.trainer.exit_schedule`); those that need the parallel
         layout are checked by :meth:`check_exit_schedule_layout`."""
         for name in ("defer_exit_forward", "fill_bubbles"):
-            _need(isinstance(getattr(self, name), bool), f"`train.{name}` must be true or false, got "
+            need(isinstance(getattr(self, name), bool), f"`train.{name}` must be true or false, got "
                   f"{getattr(self, name)!r}")
-            _need(not (getattr(self, name) and self.freeze_backbone),
+            need(not (getattr(self, name) and self.freeze_backbone),
                   f"`train.{name}` does not apply with `train.freeze_backbone: true`: EE-Tuning's step has no "
                   "pipeline backward (its exits already run after the backbone forward, see ee_tuning)")
         count = self.bubble_micro_batches
-        _need(count is None or (_is_int(count) and count >= 1),
+        need(count is None or (is_int(count) and count >= 1),
               f"`train.bubble_micro_batches` must be an integer >= 1 (or null), got {count!r}")
-        _need(count is None or self.fill_bubbles,
+        need(count is None or self.fill_bubbles,
               f"`train.bubble_micro_batches`={count} needs `train.fill_bubbles: true`")
-        _need(not self.fill_bubbles or self.dtype == "float32",
+        need(not self.fill_bubbles or self.dtype == "float32",
               f"`train.fill_bubbles` needs `train.dtype: float32`, got {self.dtype!r} (the exit-only micro-batches' "
               "gradients bypass the fp32 gradient accumulator of low-precision training)")
 
@@ -350,37 +288,37 @@ class TrainConfig:
         """``defer_exit_forward`` and ``fill_bubbles`` against the parallel layout and the model's exits."""
         for name in ("defer_exit_forward", "fill_bubbles"):
             if getattr(self, name):
-                _need(parallelism.pp > 1,
+                need(parallelism.pp > 1,
                       f"`train.{name}` needs pipeline parallelism (parallelism.pp > 1), got pp={parallelism.pp}")
-                _need(model.num_exits > 0, f"`train.{name}` is true but the model has no exits")
+                need(model.num_exits > 0, f"`train.{name}` is true but the model has no exits")
         if self.fill_bubbles:
-            _need(parallelism.pp_engine == "1f1b", "`train.fill_bubbles` needs `parallelism.pp_engine: 1f1b` (its "
+            need(parallelism.pp_engine == "1f1b", "`train.fill_bubbles` needs `parallelism.pp_engine: 1f1b` (its "
                   f"bubbles), got {parallelism.pp_engine!r}")
             stages = [parallelism.stage_of_layer(layer, model) for layer in model.exit_layers]
-            _need(min(stages) < parallelism.pp - 1,
+            need(min(stages) < parallelism.pp - 1,
                   f"`train.fill_bubbles`: every exit (layers {list(model.exit_layers)}) is on the last pipeline "
                   f"stage (stages {parallelism.stage_layers(model)} layers each), so exit-only micro-batches would "
                   "run the whole pipeline: move an exit earlier or change `parallelism.layer_split`")
 
     def _check_counts(self) -> None:
-        _need(self.val_interval >= 0, f"`train.val_interval` must be >= 0 (0: never), got {self.val_interval}")
-        _need(self.val_batches is None or self.val_batches >= 1,
+        need(self.val_interval >= 0, f"`train.val_interval` must be >= 0 (0: never), got {self.val_interval}")
+        need(self.val_batches is None or self.val_batches >= 1,
               f"`train.val_batches` must be >= 1 (or null for all), got {self.val_batches}")
-        _need(self.skip_nonfinite_steps >= 0,
+        need(self.skip_nonfinite_steps >= 0,
               f"`train.skip_nonfinite_steps` must be >= 0 (0: stop at the first), got {self.skip_nonfinite_steps}")
-        _need(self.time_budget_minutes is None or self.time_budget_minutes > 0,
+        need(self.time_budget_minutes is None or self.time_budget_minutes > 0,
               f"`train.time_budget_minutes` must be > 0 (or null for no budget), got {self.time_budget_minutes}")
 
     def check_batches(self, parallelism: ParallelismConfig) -> None:
         """The one check of how a global batch splits: into ``dp`` ranks of whole micro-batches, and (1F1B) into
         enough micro-batches for nanotron's pipeline engine."""
         per_step = parallelism.dp * self.micro_batch_size
-        _need(self.global_batch_size % per_step == 0,
+        need(self.global_batch_size % per_step == 0,
               f"`train.global_batch_size`={self.global_batch_size} is not divisible by dp*micro_batch_size="
               f"{parallelism.dp}*{self.micro_batch_size}={per_step}")
         n_micro = self.num_micro_batches(parallelism.dp)
         if parallelism.pp_engine == "1f1b":
-            _need(n_micro >= parallelism.pp - 1,
+            need(n_micro >= parallelism.pp - 1,
                   f"{n_micro} micro-batches per step (global_batch_size / (dp*micro_batch_size)) is fewer than "
                   f"pp-1={parallelism.pp - 1}, which nanotron's 1F1B pipeline engine requires: raise "
                   f"`train.global_batch_size` or lower `train.micro_batch_size`")
@@ -442,10 +380,10 @@ class CheckpointConfig:
     keep_last: int | None = None
 
     def __post_init__(self) -> None:
-        _need(self.interval >= 0, f"`checkpoint.interval` must be >= 0 (0: only at the end), got {self.interval}")
-        _need(self.keep_last is None or self.keep_last >= 1,
+        need(self.interval >= 0, f"`checkpoint.interval` must be >= 0 (0: only at the end), got {self.interval}")
+        need(self.keep_last is None or self.keep_last >= 1,
               f"`checkpoint.keep_last` must be >= 1 (or null to keep all), got {self.keep_last}")
-        _need(isinstance(self.resume, bool) or self.resume == "auto",
+        need(isinstance(self.resume, bool) or self.resume == "auto",
               f"`checkpoint.resume` must be true, false or auto; got {self.resume!r}")
 
 
@@ -475,20 +413,20 @@ class TrainerConfig:
         self.train.check_batches(self.parallelism)
         self.train.check_exit_schedule_layout(self.parallelism, model)
         data, train = self.data, self.train
-        _need(data.seq_len <= model.max_position_embeddings,
+        need(data.seq_len <= model.max_position_embeddings,
               f"`data.seq_len`={data.seq_len} exceeds model.max_position_embeddings={model.max_position_embeddings}")
         if train.freeze_backbone:
-            _need(model.num_exits > 0, "`train.freeze_backbone` is true but the model has no exits to train")
+            need(model.num_exits > 0, "`train.freeze_backbone` is true but the model has no exits to train")
         self._check_export_generation(model)
-        _need(not model.exit_gate or train.freeze_backbone,
+        need(not model.exit_gate or train.freeze_backbone,
               "`model.exit_gate` needs `train.freeze_backbone: true` in this trainer: the gates learn to predict the "
               "frozen final head's token")
         if train.val_interval > 0:
-            _need(data.has_validation,
+            need(data.has_validation,
                   f"`train.val_interval`={train.val_interval} needs a validation set: set "
                   "`data.validation_fraction` or `data.validation_sequences`")
         if data.train_bpe is not None:
-            _need(data.train_bpe.vocab_size <= model.vocab_size,
+            need(data.train_bpe.vocab_size <= model.vocab_size,
                   f"`data.tokenizer.train_bpe.vocab_size`={data.train_bpe.vocab_size} exceeds "
                   f"model.vocab_size={model.vocab_size}")
 
@@ -513,13 +451,13 @@ class TrainerConfig:
         if missing:
             raise FileNotFoundError(f"`data.files`: missing data files: {', '.join(missing)}")
         empty = [str(f) for f in data.files if f.is_file() and f.stat().st_size == 0]
-        _need(not empty, f"`data.files`: empty data files (0 bytes): {', '.join(empty)}")
+        need(not empty, f"`data.files`: empty data files (0 bytes): {', '.join(empty)}")
         from eellm_hf.modeling.sources import resolve_source
 
         from .init_model import converted_dir
 
         if self.model.converts and data.tokenizer == converted_dir(self.run_dir):
-            _need(resolve_source(self.model.init_from).has_tokenizer(),
+            need(resolve_source(self.model.init_from).has_tokenizer(),
                   f"`model.init_from` {self.model.init_from} has no tokenizer: set `data.tokenizer`")
         elif data.train_bpe is None or is_tokenizer_dir(data.tokenizer):
             check_tokenizer(data.tokenizer, self.model_config().vocab_size)
@@ -589,20 +527,6 @@ def _plain(obj: Any) -> Any:
 
 
 
-def _need(condition: bool, message: str) -> None:
-    if not condition:
-        raise ValueError(message)
-
-
-def _need_choice(name: str, value: Any, choices: Sequence[Any]) -> None:
-    _need(value in choices and not isinstance(value, bool),
-          f"`{name}` must be one of {', '.join(map(str, choices))}; got {value!r}")
-
-
-def _is_int(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
-
-
 def _bundled_models() -> Any:
     from eellm_hf.modeling.sources import BUNDLED_MODELS
 
@@ -612,7 +536,7 @@ def _bundled_models() -> Any:
 def _check_token_ids(model: Any) -> None:
     for name in ("pad_token_id", "bos_token_id", "eos_token_id"):
         for token_id in _as_id_list(getattr(model, name, None)):
-            _need(_is_int(token_id) and 0 <= token_id < model.vocab_size,
+            need(is_int(token_id) and 0 <= token_id < model.vocab_size,
                   f"model.{name}={getattr(model, name)!r} is outside the vocabulary [0, vocab_size="
                   f"{model.vocab_size})")
 

@@ -98,6 +98,7 @@ from nanotron.models.base import NanotronModel, init_on_device_and_dtype
 from nanotron.models.base import build_model as _nanotron_build_model
 from nanotron.optim.clip_grads import clip_grad_norm as _nanotron_clip_grad_norm
 from nanotron.optim.gradient_accumulator import FP32GradientAccumulator, GradientAccumulator
+from nanotron.optim.inherit_from_other_optimizer import InheritFromOtherOptimizer
 from nanotron.optim.named_optimizer import NamedOptimizer
 from nanotron.optim.optimizer_from_gradient_accumulator import OptimizerFromGradientAccumulator
 from nanotron.optim.zero import ZeroDistributedOptimizer
@@ -131,6 +132,7 @@ from nanotron.parallel.tied_parameters import (
 
 __all__ = [
     "DEFAULT_TIMEOUT_S",
+    "optimizer_parameter_names",
     "AllForwardAllBackwardPipelineEngine",
     "CompatParallelContext",
     "FP32GradientAccumulator",
@@ -578,3 +580,14 @@ def create_pg_for_tied_weights(root_module: nn.Module, parallel_context: Paralle
             parallel_context.world_ranks_to_pg[global_ranks] = dist.new_group(
                 ranks=list(global_ranks), timeout=_ctx_timeout(parallel_context)
             )
+
+
+def optimizer_parameter_names(optimizer: Any) -> list[str]:
+    """The parameter names of a nanotron optimizer stack (ZeRO, fp32 gradient accumulator, ``NamedOptimizer``
+    around a torch optimizer), in the order the torch optimizer's ``state_dict`` indexes them: nanotron's
+    ``NamedOptimizer.load_state_dict`` checks only the set of names, not which index is which."""
+    id_to_name: dict[int, str] = {}
+    inner = optimizer
+    while isinstance(inner, InheritFromOtherOptimizer):
+        id_to_name, inner = inner.id_to_name, inner.optimizer  # the innermost map names the torch optimizer's
+    return [id_to_name[id(param)] for group in inner.param_groups for param in group["params"]]

@@ -8,12 +8,12 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .nanotron_compat import ParallelContext, dist
+from .nanotron_compat import ParallelContext, dist, optimizer_parameter_names
 
 if TYPE_CHECKING:
     from .config import TrainerConfig
 
-__all__ = ["check_something_to_resume", "load_verified_checkpoint"]
+__all__ = ["check_optimizer_order", "check_something_to_resume", "load_verified_checkpoint"]
 
 
 def check_something_to_resume(cfg: TrainerConfig, world_rank: int) -> None:
@@ -67,3 +67,20 @@ def load_verified_checkpoint(cfg: TrainerConfig, ctx: ParallelContext,
     if problems:
         raise CheckpointCorruptError(f"no checkpoint in {ckpt.dir} verifies: {'; '.join(problems)}")
     return None
+
+
+def check_optimizer_order(optimizer: Any, saved: dict[str, Any], where: str | Path) -> None:
+    """A checkpoint's optimizer state indexes parameters by position (``saved["names"]``: index -> name, from
+    nanotron's ``NamedOptimizer``); it fits ``optimizer`` only if every index names the same parameter there.
+    Otherwise (a checkpoint written by a version that ordered the parameters differently) the Adam moments would
+    silently land on other parameters: ``CheckpointMismatchError``."""
+    from .checkpoint import CheckpointMismatchError
+
+    current = optimizer_parameter_names(optimizer)
+    for index, name in sorted((saved.get("names") or {}).items()):
+        now = current[index] if index < len(current) else None
+        if now != name:
+            raise CheckpointMismatchError(
+                f"{where}: the optimizer state was saved with parameter {index} = {name!r}, but this run's "
+                f"optimizer has {now!r} there (a checkpoint written by a version that orders parameters "
+                "differently): resume it with that version, or start over with `checkpoint.resume: false`")

@@ -4,12 +4,11 @@
 *global* batches, so the same config with another ``parallelism`` section trains the same model: every layout
 sees the same sequences at each step, each DP rank takes its contiguous block of the global batch and splits it
 into micro-batches, gradients are summed over DP ranks, and the losses are token means over the whole global
-batch (:mod:`.loss`). :func:`run` adds data, validation, metrics, checkpoints and the HF export around it.
+batch (:mod:`.loss`). :func:`.training_run.run` adds data, validation, metrics, checkpoints and the HF export
+around it.
 
-Faults: a step whose loss (any head's) or gradient norm is not finite on any rank takes no optimizer update;
-:func:`run` stops every rank with :class:`NonFiniteTrainingError` naming the step and the heads (or skips up to
-``train.skip_nonfinite_steps`` such steps, logging each), and never commits non-finite weights as a checkpoint
-or export. A resumed run verifies the checkpoint's checksums and falls back to the newest one that verifies.
+Faults: a step whose loss (any head's) or gradient norm is not finite on any rank takes no optimizer update
+(:attr:`StepResult.finite`); :func:`.training_run.run` then stops with :class:`NonFiniteTrainingError` or skips it.
 
 Precision: fp32 everywhere on CPU; with ``train.dtype: bfloat16`` the model runs in bf16 and nanotron's
 ``FP32GradientAccumulator`` keeps fp32 master weights and gradients (on GPUs; also tested on CPU with the shipped
@@ -20,7 +19,6 @@ from __future__ import annotations
 
 import dataclasses
 import math
-import os
 import time
 from collections.abc import Sequence
 from pathlib import Path
@@ -43,20 +41,17 @@ from .nanotron_compat import (
     clip_grad_norm,
     dist,
     make_fp32_grad_accumulator,
-    make_parallel_context,
     named_params_with_correct_tied,
     reset_pipeline_state,
     sync_tied_weights_gradients,
 )
 from .parallel_model import ParallelEarlyExitGPT, make_layout
-from .resume import check_something_to_resume, load_verified_checkpoint
-from .run_data import packed_rows, validation_batch
 from .weights import init_from_hf, initialize_weights
 
 if TYPE_CHECKING:
-    from .config import TrainConfig, TrainerConfig
+    from .config import TrainConfig
 
-__all__ = ["NonFiniteTrainingError", "ParallelTrainer", "StepResult", "run"]
+__all__ = ["NonFiniteTrainingError", "ParallelTrainer", "StepResult", "forward_only"]
 
 
 @dataclasses.dataclass
@@ -377,190 +372,3 @@ def forward_only(model: ParallelEarlyExitGPT, micro_batches: Sequence[dict[str, 
 # ------------------------------------------------------------------------------------------------------------
 # The whole run
 # ------------------------------------------------------------------------------------------------------------
-
-
-def _run_id(ctx: ParallelContext) -> str:
-    """16 random hex digits drawn on world rank 0, the same on every rank: the prefix of this run's
-    checkpoint temporaries."""
-    value = torch.tensor([int.from_bytes(os.urandom(7), "big")], dtype=torch.int64, device=ctx.device)
-    dist.broadcast(value, src=0, group=ctx.world_pg)
-    return f"{int(value.item()):016x}"
-
-
-def _skip_or_stop(result: StepResult, skipped: int, train: TrainConfig, exit_layers: Sequence[int],
-                  logger: Any) -> int:
-    """A non-finite step (no update was made): stop with :class:`NonFiniteTrainingError`, or, while fewer than
-    ``train.skip_nonfinite_steps`` were skipped, log it as skipped. Returns the new count of skipped steps."""
-    message = _nonfinite_message(result, exit_layers)
-    if skipped >= train.skip_nonfinite_steps:
-        raise NonFiniteTrainingError(
-            f"{message}; stopped with no update at this step and no checkpoint of it (skipped {skipped} such "
-            f"step(s) before, `train.skip_nonfinite_steps`={train.skip_nonfinite_steps}). Lower `train.lr` or "
-            "resume from the last checkpoint")
-    logger.log_event("nonfinite_step_skipped", result.step + 1, reason=message, skipped=skipped + 1,
-                     max_skipped=train.skip_nonfinite_steps)
-    return skipped + 1
-
-
-def _nonfinite_message(result: StepResult, exit_layers: Sequence[int]) -> str:
-    """Which heads' losses (or the gradient norm) were not finite at a step, for errors and events."""
-    from .metrics import head_names
-
-    heads = [name for name, value in zip(head_names(exit_layers), result.exit_losses) if not math.isfinite(value)]
-    what = f"the loss of head(s) {', '.join(heads)}" if heads else "the gradient norm"
-    if not heads and math.isfinite(result.grad_norm):
-        what = "a loss or the gradient norm on another rank"
-    return (f"step {result.step + 1}: {what} is not finite (loss {result.loss}, exit losses "
-            f"{result.exit_losses}, grad norm {result.grad_norm})")
-
-
-def _check_finite_weights(trainer: ParallelTrainer, step: int, what: str) -> None:
-    """Refuse to save or export non-finite weights (collective)."""
-    bad = trainer.nonfinite_parameters()
-    if bad:
-        raise NonFiniteTrainingError(
-            f"step {step}: {len(bad)} parameter(s) hold non-finite values ({', '.join(bad[:4])}"
-            f"{', ...' if len(bad) > 4 else ''}); not writing the {what}. Lower `train.lr`"
-        )
-
-
-def _fix_total_steps(ctx: ParallelContext, train: TrainConfig, done: int, elapsed_s: float,
-                     step_times: Sequence[float]) -> tuple[int, float]:
-    """The number of steps of a time-budgeted run (``train.time_budget_minutes``), decided by global rank 0 from
-    its timings and broadcast (collective: every rank calls it after the same step, and all get rank 0's
-    answer): :meth:`TrainConfig.budgeted_total_steps` with the mean of ``step_times``. Returns
-    ``(total, step_time_s)``."""
-    step_time = sum(step_times) / len(step_times)
-    total = train.budgeted_total_steps(done, elapsed_s, step_time)
-    decision = torch.tensor([float(total), step_time], dtype=torch.float64, device=ctx.device)
-    dist.broadcast(decision, src=0, group=ctx.world_pg)  # world rank 0 is rank 0 of world_pg
-    return int(decision[0].item()), float(decision[1].item())
-
-
-def run(cfg: TrainerConfig) -> list[StepResult]:
-    """Train as ``cfg`` says (every rank calls it): data, steps, validation, metrics, checkpoints, export.
-
-    With ``train.time_budget_minutes`` the number of steps is fixed after the calibration steps (see
-    :class:`~eellm_hf.trainer.config.TrainConfig`) and kept by a resumed run (checkpoint ``state["total_steps"]``).
-    """
-    from .checkpoint import (
-        capture_rng_state,
-        flatten_optimizer_state,
-        restore_rng_state,
-        save_checkpoint,
-        unflatten_optimizer_state,
-    )
-    from .config import TIME_BUDGET_CALIBRATION_STEPS, TIME_BUDGET_WARMUP_STEPS
-    from .data import PackedDataset, global_batch_indices, train_val_split
-    from .metrics import MetricsLogger
-
-    par, train, data = cfg.parallelism, cfg.train, cfg.data
-    ctx = make_parallel_context(par.tp, par.pp, par.dp, timeout_s=par.timeout_s)
-    world_rank = dist.get_rank(ctx.world_pg)
-    check_something_to_resume(cfg, world_rank)
-    run_id = _run_id(ctx)
-    model_config = cfg.model_config()
-    init_dir = None
-    if cfg.model.init_from is not None:
-        from .init_model import prepare_init_model
-
-        init_dir = prepare_init_model(cfg.model.init_from, model_config, cfg.run_dir, is_writer=world_rank == 0,
-                                      barrier=lambda: dist.barrier(group=ctx.world_pg))
-    if world_rank == 0:
-        from .data import write_builtin_corpus
-
-        for path, name in cfg.data.builtin_files.items():
-            if not Path(path).is_file():
-                Path(path).parent.mkdir(parents=True, exist_ok=True)
-                write_builtin_corpus(name, path)
-    rows = packed_rows(cfg, ctx)
-    train_set, val_set = train_val_split(PackedDataset(rows), data.validation, seed=data.shuffle_seed)
-    if len(train_set) < 1:
-        raise ValueError("no training sequences: more text or a smaller data.seq_len is needed")
-    trainer = ParallelTrainer(model_config, ctx, train, layer_split=par.layer_split, pp_engine=par.pp_engine,
-                              init_from=init_dir)
-    layout = {"tp": par.tp, "pp": par.pp, "dp": par.dp}
-
-    start_step = 0
-    resumed = False
-    # total: the number of steps of this run; `steps`, or with a time budget the total fixed after calibration
-    # (None until then: `steps` bounds the loop and the learning-rate schedule meanwhile)
-    budget = train.time_budget_minutes
-    fixed_total: int | None = None
-    ckpt = cfg.checkpoint
-    if (loaded := load_verified_checkpoint(cfg, ctx, layout)) is not None:
-        tensors, state = loaded
-        trainer.load_state_tensors(tensors)
-        if trainer.optimizer is not None:
-            trainer.optimizer.load_state_dict(unflatten_optimizer_state(tensors, state["optimizer"]))
-        restore_rng_state(state["rng"])
-        start_step, resumed = int(state["step"]), True
-        if budget is not None and state.get("total_steps") is not None:
-            fixed_total = min(int(state["total_steps"]), train.steps)
-
-    def save(step: int) -> None:
-        _check_finite_weights(trainer, step, "checkpoint")
-        opt_tensors, opt_state = ({}, None) if trainer.optimizer is None else flatten_optimizer_state(
-            trainer.optimizer.state_dict())
-        save_checkpoint(ckpt.dir, step, world_rank, par.world_size,
-                        tensors={**trainer.state_tensors(), **opt_tensors},
-                        state={"step": step, "consumed_sequences": step * train.global_batch_size,
-                               "total_steps": fixed_total, "optimizer": opt_state, "rng": capture_rng_state(),
-                               "skipped_nonfinite_steps": skipped_steps},
-                        barrier=ctx.world_pg, layout=layout, config_hash=cfg.fingerprint(),
-                        keep_last=ckpt.keep_last, run_id=run_id)
-
-    total = fixed_total if fixed_total is not None else train.steps
-    logger = MetricsLogger(cfg.run_dir, total, enabled=world_rank == 0,
-                           exit_layers=model_config.exit_layers, resume_step=start_step if resumed else None)
-    val_rows = validation_batch(val_set, train, par.dp)
-    tokens_per_step = train.global_batch_size * data.seq_len
-    results = []
-    # non-finite steps skipped so far (train.skip_nonfinite_steps), a resumed run included
-    skipped_steps = int(state.get("skipped_nonfinite_steps", 0)) if resumed else 0
-    step_times: list[float] = []  # time-budget calibration: durations of the timed steps
-    loop_start = time.perf_counter()
-    try:
-        step = start_step
-        while step < total:
-            step_start = time.perf_counter()
-            batch = train_set.batch(global_batch_indices(step, train.global_batch_size, len(train_set),
-                                                         seed=data.shuffle_seed))
-            result = trainer.train_step(step, batch["input_ids"], batch["labels"], total_steps=fixed_total,
-                                        bubble=trainer.bubble_batch(train_set, step, data.shuffle_seed))
-            results.append(result)
-            done = step + 1
-            step = done
-            if not result.finite:
-                skipped_steps = _skip_or_stop(result, skipped_steps, train, model_config.exit_layers, logger)
-            if result.finite and (done % train.log_interval == 0 or done == total):
-                logger.log_train(done, result.loss, exit_losses=result.exit_losses, lr=result.lr,
-                                 tokens=tokens_per_step, grad_norm=result.grad_norm,
-                                 exit_weights=result.exit_weights, **result.optional_metrics())
-            if budget is not None and fixed_total is None:
-                if done - start_step > TIME_BUDGET_WARMUP_STEPS:
-                    step_times.append(time.perf_counter() - step_start)
-                if done - start_step == TIME_BUDGET_CALIBRATION_STEPS:
-                    fixed_total, step_time = _fix_total_steps(ctx, train, done, time.perf_counter() - loop_start,
-                                                              step_times)
-                    total = fixed_total
-                    logger.set_total_steps(total)
-                    logger.log_event("time_budget", done, steps=total, step_time_s=round(step_time, 6),
-                                     budget_minutes=budget, max_steps=train.steps)
-            if val_rows is not None and train.val_interval > 0 and (
-                    done % train.val_interval == 0 or done == total):
-                val = trainer.evaluate(val_rows["input_ids"], val_rows["labels"])
-                weights = train.exit_loss_weights_at(done - 1, model_config.exit_loss_weights)
-                logger.log_validation(done, val[-1] + sum(w * x for w, x in zip(weights, val[:-1])),
-                                      exit_losses=val)
-            if ckpt is not None and ((ckpt.interval > 0 and done % ckpt.interval == 0) or done == total):
-                save(done)
-    finally:
-        logger.close()
-    if cfg.export_hf is not None:
-        from .weights import export_hf
-
-        _check_finite_weights(trainer, step, "export")
-        export_hf(trainer.model, cfg.export_hf, tokenizer=data.tokenizer, generation_kwargs=cfg.export_generation)
-    dist.barrier(group=ctx.world_pg)
-    return results
