@@ -81,17 +81,24 @@ def main(argv: Sequence[str] | None = None) -> int:
         parser.error(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.pp is not None:
         return _main_pipeline(parser, args)
-    tokenizer = load_tokenizer(args.model_dir)
     model = load_model(args.model_dir, args.dtype, args.device, trust_remote_code=args.trust_remote_code)
+    _generate_and_print(parser, args, model, model.generation_config, args.device)
+    return 0
+
+
+def _generate_and_print(parser: argparse.ArgumentParser, args: argparse.Namespace, model: Any,
+                        generation_config: Any, device: Any) -> None:
+    """Tokenize the prompts, check their lengths, generate with ``model`` (one process or a pipeline's first
+    rank) and print what ``--json`` or plain output asks for."""
+    tokenizer = load_tokenizer(args.model_dir)
     generate_kwargs = _generate_kwargs(parser, args, tokenizer, model.config)
-    encoded = tokenizer(args.prompt, return_tensors="pt", padding=True).to(args.device)
+    encoded = tokenizer(args.prompt, return_tensors="pt", padding=True).to(device)
     _check_prompt_lengths(parser, args, encoded["attention_mask"].sum(dim=1).tolist(),
                           model.config.max_position_embeddings)
     torch.manual_seed(args.seed)
     output = model.generate(**encoded, **generate_kwargs)
     _print_outputs(args, tokenizer, output, encoded["input_ids"].shape[1], model.config.num_hidden_layers,
-                   model.generation_config.eos_token_id)
-    return 0
+                   generation_config.eos_token_id)
 
 
 def _main_pipeline(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
@@ -107,16 +114,8 @@ def _main_pipeline(parser: argparse.ArgumentParser, args: argparse.Namespace) ->
         if not pipeline.is_first:
             pipeline.serve()
             return 0
-        tokenizer = load_tokenizer(args.model_dir)
-        generate_kwargs = _generate_kwargs(parser, args, tokenizer, pipeline.config)
-        encoded = tokenizer(args.prompt, return_tensors="pt", padding=True).to(pipeline.device)
-        _check_prompt_lengths(parser, args, encoded["attention_mask"].sum(dim=1).tolist(),
-                              pipeline.config.max_position_embeddings)
-        torch.manual_seed(args.seed)
-        output = pipeline.generate(**encoded, **generate_kwargs)
+        _generate_and_print(parser, args, pipeline, pipeline.model.generation_config, pipeline.device)
         pipeline.close()
-        _print_outputs(args, tokenizer, output, encoded["input_ids"].shape[1], pipeline.config.num_hidden_layers,
-                       pipeline.model.generation_config.eos_token_id)
     return 0
 
 

@@ -11,14 +11,13 @@ The output is deterministic for a given Python version (fixed seed, files in pat
 
 from __future__ import annotations
 
-import argparse
 import random
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ..code_corpus import completion_prompts, python_source_documents
-from .build_tasks import dump_jsonl
+from .build_tasks import builder_main, write_task_files
 
 SEED: int = 1991  # the year of Python's first release
 N_PERPLEXITY: int = 48
@@ -58,22 +57,12 @@ def build_rows() -> dict[str, list[dict[str, Any]]]:
 
 def build(out_dir: str | Path = DEFAULT_OUT) -> list[Path]:
     """Write the task jsonl files into ``out_dir`` and return their paths."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    written = []
-    for name, rows in build_rows().items():
-        path = out / name
-        path.write_bytes(dump_jsonl(rows))
-        written.append(path)
-    return written
+    return write_task_files(build_rows(), out_dir)
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(DEFAULT_OUT), help="output directory (default: %(default)s)")
-    args = parser.parse_args(argv)
-    for path in build(args.out):
-        print(f"wrote {path} ({sum(1 for _ in path.open(encoding='utf-8'))} docs)")
+    builder_main(argv, __doc__.splitlines()[0], DEFAULT_OUT, build)
+
 
 
 if __name__ == "__main__":

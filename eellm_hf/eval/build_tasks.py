@@ -18,7 +18,7 @@ import argparse
 import json
 import random
 import re
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -132,26 +132,38 @@ def dump_jsonl(rows: Iterable[dict[str, Any]]) -> bytes:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
 
 
-def build(out_dir: str | Path = DEFAULT_OUT) -> list[Path]:
-    """Write the task jsonl files into ``out_dir`` and return their paths."""
+def write_task_files(rows_by_file: dict[str, list[dict[str, Any]]], out_dir: str | Path) -> list[Path]:
+    """Write each ``{file name: rows}`` entry as deterministic JSON lines into ``out_dir``; return the paths."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
-    for name, rows in build_rows().items():
+    for name, rows in rows_by_file.items():
         path = out / name
         path.write_bytes(dump_jsonl(rows))
         written.append(path)
     return written
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    """CLI entry point."""
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--out", default=str(DEFAULT_OUT), help="output directory (default: %(default)s)")
+def builder_main(argv: Sequence[str] | None, description: str, default_out: Path,
+                 build_files: Callable[[str | Path], list[Path]]) -> None:
+    """The command line of a task-pack builder: ``--out DIR``, then one line per file written."""
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--out", default=str(default_out), help="output directory (default: %(default)s)")
     args = parser.parse_args(argv)
-    for path in build(args.out):
+    for path in build_files(args.out):
         n = sum(1 for _ in path.open(encoding="utf-8"))
         print(f"wrote {path} ({n} docs)")
+
+
+def build(out_dir: str | Path = DEFAULT_OUT) -> list[Path]:
+    """Write the task jsonl files into ``out_dir`` and return their paths."""
+    return write_task_files(build_rows(), out_dir)
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    """CLI entry point."""
+    builder_main(argv, __doc__.splitlines()[0], DEFAULT_OUT, build)
+
 
 
 if __name__ == "__main__":
