@@ -5,14 +5,17 @@ In one process (``--threads`` threads), A = no-grad forward and B = one EE-Tunin
 ``--rounds`` rounds; the ratio is tokens/s of B over A, per round, and its median is printed. Both are timed in
 process CPU time (less sensitive than wall time to other jobs on a shared machine). Then the step runs
 at pp=1 and pp=2 through ``torchrun`` (1 process x ``--threads`` threads, 2 processes x 1 thread), each timing its
-steps after a warm-up; tokens/s of both are printed side by side.
+steps after a warm-up; tokens/s of both are printed side by side. ``--autocast bfloat16`` (the recipe's
+``train.autocast``) runs both the step and the forward it is compared with under bf16 autocast.
 
     python benchmarks/bench_ee_tuning.py [--model smollm2-135m] [--exit-layers 16 22] [--rounds 3]
+                                         [--autocast bfloat16|none]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -35,7 +38,7 @@ def trainer_config(args: argparse.Namespace, pp: int, out: Path) -> dict:
         "parallelism": {"pp": pp, "timeout_s": 1800},
         "data": {"files": ["builtin:python-stdlib"], "seq_len": args.seq_len},
         "train": {"steps": args.steps, "global_batch_size": args.batch, "micro_batch_size": args.micro_batch,
-                  "lr": 1e-3, "freeze_backbone": True, "exit_distillation": 0.5},
+                  "lr": 1e-3, "freeze_backbone": True, "exit_distillation": 0.5, "autocast": args.autocast},
         "run_dir": str(out / f"run_pp{pp}"),
     }
 
@@ -45,10 +48,13 @@ def in_process(args: argparse.Namespace, out: Path) -> list[float]:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29600 + os.getpid() % 300), RANK="0", WORLD_SIZE="1",
                       LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
     torch.set_num_threads(args.threads)
+    from eellm_hf.host_memory import keep_freed_memory
     from eellm_hf.trainer import nanotron_compat as nc
     from eellm_hf.trainer.config import load_config
     from eellm_hf.trainer.init_model import prepare_init_model
     from eellm_hf.trainer.train_loop import ParallelTrainer
+
+    keep_freed_memory()  # as the trainer's run() does
 
     cfg = load_config(trainer_config(args, 1, out), world_size=1)
     model_config = cfg.model_config()
@@ -60,15 +66,21 @@ def in_process(args: argparse.Namespace, out: Path) -> list[float]:
     inputs, labels = ids[:, :-1], ids[:, 1:]
     model = trainer.model
 
+    precision = (torch.autocast("cpu", dtype=torch.bfloat16) if args.autocast else contextlib.nullcontext())
+
     @torch.no_grad()
     def forward() -> float:
         start = time.process_time()
+        with precision:
+            _forward()
+        return time.process_time() - start
+
+    def _forward() -> None:
         for micro in range(0, args.batch, args.micro_batch):
             hidden = model.model.embed_tokens.pp_block(inputs[micro:micro + args.micro_batch])
             for layer in model.model.layers:
                 hidden = layer.pp_block(hidden)
             model.lm_head.pp_block.sharded_logits(model.model.norm.pp_block(hidden))
-        return time.process_time() - start
 
     def step(index: int) -> float:
         start = time.process_time()
@@ -109,11 +121,15 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=6, help="steps of each torchrun run (the first is not timed)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-torchrun", action="store_true")
+    parser.add_argument("--autocast", default="bfloat16", choices=["bfloat16", "none"],
+                        help="train.autocast of the step, and the precision of the forward it is compared with")
     args = parser.parse_args()
+    args.autocast = None if args.autocast == "none" else args.autocast
     with tempfile.TemporaryDirectory(prefix="bench_ee_tuning_") as tmp:
         out = Path(tmp)
         ratios = in_process(args, out)
-        print(f"EE-Tuning / no-grad forward tokens/s, 1 process x {args.threads} threads: median "
+        print(f"EE-Tuning / no-grad forward tokens/s (autocast: {args.autocast}), 1 process x {args.threads} "
+              "threads: median "
               f"{statistics.median(ratios):.3f} (rounds {', '.join(f'{r:.3f}' for r in ratios)})")
         if not args.skip_torchrun:
             pp1 = torchrun_tokens_per_s(args, 1, out)

@@ -288,6 +288,8 @@ INVALID = [
     ("parallelism.timeout_s", 30, None, None, None),  # valid
     ("train.dtype", "float16", None, ValueError, r"dtype` must be one of float32, bfloat16; got 'float16'"),
     ("train.freeze_backbone", "yes", None, ValueError, r"freeze_backbone` must be true or false, got 'yes'"),
+    ("train.autocast", "float16", None, ValueError, r"autocast` must be .*bfloat16.*'float16'"),
+    ("train.autocast", "bfloat16", None, ValueError, r"autocast`=bfloat16 needs `train\.freeze_backbone: true`"),
     ("export_generation", {"threshold": 0.5}, None, ValueError, r"unknown key `export_generation\.threshold`"),
     ("export_generation", {"early_exit_threshold": 2}, None, ValueError,
      r"export_generation`: `early_exit_threshold` must be None .* got 2"),
@@ -345,6 +347,7 @@ def test_shipped_configs_validate(name: str, world_size: int, is_cpu: bool) -> N
     if name == "smollm2_ee_tune.yaml":  # the bundled checkpoint, converted with gated exits, tuned frozen
         assert (model.num_hidden_layers, model.vocab_size, model.exit_gate) == (30, 49152, True)
         assert cfg.train.freeze_backbone and cfg.export_generation["exit_confidence"] == "gate"
+        assert cfg.train.autocast == "bfloat16"  # bf16 matmuls over fp32 weights: the export stays fp32
     if is_cpu:
         assert cfg.parallelism.pp == 2 and cfg.train.dtype == "float32"
     else:
@@ -376,6 +379,9 @@ def test_sections_built_in_python_validate_themselves(workdir: Path) -> None:
         TrainConfig(steps=3, global_batch_size=8, micro_batch_size=0, lr=1e-3)
     with pytest.raises(ValueError, match=r"`train\.lr` must be > 0, got -1\.0"):
         TrainConfig(steps=3, global_batch_size=8, micro_batch_size=2, lr=-1.0)
+    with pytest.raises(ValueError, match=r"`train\.autocast`=bfloat16 needs `train\.dtype: float32`.*'bfloat16'"):
+        TrainConfig(steps=3, global_batch_size=8, micro_batch_size=2, lr=1e-3, freeze_backbone=True,
+                    dtype="bfloat16", autocast="bfloat16")
     with pytest.raises(ValueError, match=r"layer_dropout\.max_rate` must be in \[0, 1\), got 1\.0"):
         LayerDropout(max_rate=1.0)
     with pytest.raises(ValueError, match=r"exit_loss_weight_schedule\.init` must be >= 0, got -1"):

@@ -64,6 +64,8 @@ YAML layout (defaults in brackets; only the keys without a default are required)
       val_interval: 0 (0: never), val_batches: null (batches of global_batch_size sequences; null: the whole
       validation set), log_interval: 1 (steps between logged training entries)
       dtype: float32 (float32|bfloat16)
+      autocast: null                    # or bfloat16, with freeze_backbone: EE-Tuning's matmuls run in bf16
+                                        # (torch.autocast) while weights, optimizer and export stay fp32
       defer_exit_forward: false         # pp > 1: stages before the last run their exits' forward in the backward
                                         # step (EE-LLM fig. 3c; less activation memory, same gradients)
       fill_bubbles: false               # pp > 1, 1f1b, float32: extra exit-only micro-batches in the 1F1B bubble

@@ -14,10 +14,15 @@ nanotron's pipeline engine and runs, on every rank:
 The losses and their normalisation are those of :class:`~eellm_hf.trainer.loss.MultiExitLoss`, so a step gives
 exactly the gradients of the nanotron-engine path (and of single-process training), whatever the layout. Only
 the exits' activations are ever kept for backward, and no stage waits for a gradient.
+
+With ``train.autocast`` the forward passes (backbone, final head, exits) run under ``torch.autocast`` and the
+backward outside it, as PyTorch recommends; the weights stay in their own dtype, so hidden states between stages
+keep it (a residual stream in fp32 stays fp32) while the teacher logits, a bf16 matmul's output, travel in bf16.
 """
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -50,9 +55,13 @@ def run_stage_layers(model: ParallelEarlyExitGPT, stage: int, hidden: torch.Tens
 class FrozenBackboneStep:
     """One rank's part of an EE-Tuning step over its data-parallel rank's micro-batches."""
 
-    def __init__(self, model: ParallelEarlyExitGPT, parallel_context: ParallelContext) -> None:
+    def __init__(self, model: ParallelEarlyExitGPT, parallel_context: ParallelContext,
+                 autocast: torch.dtype | None = None) -> None:
         self.model = model
         self.dtype = next(model.parameters()).dtype
+        self.autocast = autocast
+        self.teacher_dtype = autocast or self.dtype
+        self.device_type = parallel_context.device.type
         self.teacher_width = model.padded_vocab // parallel_context.tp_pg.size()  # the final head's TP shard
         self.pp_pg, self.tp_pg = parallel_context.pp_pg, parallel_context.tp_pg
         self.stage = dist.get_rank(self.pp_pg)
@@ -62,6 +71,11 @@ class FrozenBackboneStep:
         # stages (other than the last) whose exits need the final head's logits as teacher
         self.teacher_stages = sorted({model.layout.stage_of_exit(j) for j in range(len(model.layout.exit_layers))}
                                      - {self.last_stage})
+
+    def _autocast(self) -> contextlib.AbstractContextManager:
+        if self.autocast is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device_type, dtype=self.autocast)
 
     def _peer(self, stage: int) -> int:
         return dist.get_global_rank(self.pp_pg, stage)
@@ -74,7 +88,8 @@ class FrozenBackboneStep:
         sends: list[tuple[dist.Work, torch.Tensor]] = []
         exit_inputs, teachers = [], []
         for micro_batch in micro_batches:
-            inputs, teacher = self._backbone_forward(micro_batch, needs_teacher, sends)
+            with self._autocast():
+                inputs, teacher = self._backbone_forward(micro_batch, needs_teacher, sends)
             exit_inputs.append(inputs)
             teachers.append(teacher)
         for index, micro_batch in enumerate(micro_batches):
@@ -83,8 +98,9 @@ class FrozenBackboneStep:
                 teacher = self._receive_teacher(micro_batch["labels"])
             if teacher is not None:  # once per micro-batch, for every exit of this stage
                 teacher = TeacherTargets.from_logits(teacher, self.tp_pg, self.model.config.vocab_size)
-            losses = [self._exit_loss(j, exit_inputs[index][j], micro_batch["labels"], teacher)
-                      for j in self.local_exits]
+            with self._autocast():
+                losses = [self._exit_loss(j, exit_inputs[index][j], micro_batch["labels"], teacher)
+                          for j in self.local_exits]
             losses = [loss for loss in losses if loss.requires_grad]
             if losses:  # one backward per micro-batch, as nanotron's engine does
                 total = self.model.loss.exit_backward_loss(sum(losses))
@@ -112,6 +128,7 @@ class FrozenBackboneStep:
             dist.recv(hidden, src=self._peer(stage - 1), group=self.pp_pg, tag=_HIDDEN_TAG)
         hidden, exit_inputs = run_stage_layers(model, stage, hidden, layer_keep)
         if stage != self.last_stage:
+            hidden = hidden.to(self.dtype).contiguous()
             sends.append((dist.isend(hidden, dst=self._peer(stage + 1), group=self.pp_pg, tag=_HIDDEN_TAG),
                           hidden))
             return exit_inputs, None
@@ -122,13 +139,13 @@ class FrozenBackboneStep:
                              vocab_parallel_token_losses(logits, labels, head.pg, head.vocab_size))
         if not needs_teacher:
             return exit_inputs, None
-        logits = logits.contiguous()
+        logits = logits.to(self.teacher_dtype).contiguous()
         for target in self.teacher_stages:
             sends.append((dist.isend(logits, dst=self._peer(target), group=self.pp_pg, tag=_TEACHER_TAG), logits))
         return exit_inputs, logits if self.local_exits else None
 
     def _receive_teacher(self, labels: torch.Tensor) -> torch.Tensor:
-        teacher = self._empty(labels, self.teacher_width)
+        teacher = self._empty(labels, self.teacher_width, self.teacher_dtype)
         dist.recv(teacher, src=self._peer(self.last_stage), group=self.pp_pg, tag=_TEACHER_TAG)
         return teacher
 
@@ -141,6 +158,6 @@ class FrozenBackboneStep:
         head = model.exit_lm_heads[exit_index].pp_block
         return head(hidden, labels, teacher=teacher, gate_logits=gate_logits)["loss"]
 
-    def _empty(self, like_ids: torch.Tensor, width: int) -> torch.Tensor:
-        """A receive buffer of shape ``(*like_ids.shape, width)`` in the model's dtype."""
-        return torch.empty(*like_ids.shape, width, dtype=self.dtype, device=like_ids.device)
+    def _empty(self, like_ids: torch.Tensor, width: int, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """A receive buffer of shape ``(*like_ids.shape, width)`` in ``dtype`` (default: the model's)."""
+        return torch.empty(*like_ids.shape, width, dtype=dtype or self.dtype, device=like_ids.device)

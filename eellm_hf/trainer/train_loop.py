@@ -12,7 +12,8 @@ Faults: a step whose loss (any head's) or gradient norm is not finite on any ran
 
 Precision: fp32 everywhere on CPU; with ``train.dtype: bfloat16`` the model runs in bf16 and nanotron's
 ``FP32GradientAccumulator`` keeps fp32 master weights and gradients (on GPUs; also tested on CPU with the shipped
-GPU configs shrunk, ZeRO-1 and tp=2 included).
+GPU configs shrunk, ZeRO-1 and tp=2 included). EE-Tuning may instead keep fp32 weights and run its forward
+passes under ``torch.autocast`` (``train.autocast: bfloat16``, :mod:`.ee_tuning`).
 """
 
 from __future__ import annotations
@@ -121,7 +122,8 @@ class ParallelTrainer:
         self.frozen_step = None
         if train.freeze_backbone:  # EE-Tuning: forward-only backbone, no pipeline backward (see .ee_tuning)
             self.model.freeze_backbone()
-            self.frozen_step = FrozenBackboneStep(self.model, parallel_context)
+            self.frozen_step = FrozenBackboneStep(self.model, parallel_context,
+                                                  autocast=train.autocast and DTYPES[train.autocast])
         # nanotron's engine, or with train.defer_exit_forward / train.fill_bubbles its subclass (.exit_schedule)
         self.engine, self.bubbles, self.bubble_micro_batches = make_pipeline_engine(
             self.model, parallel_context, train, pp_engine)

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from ..host_memory import keep_freed_memory
 from .nanotron_compat import ParallelContext, dist, make_parallel_context
 from .resume import check_something_to_resume, load_verified_checkpoint
 from .run_data import packed_rows, validation_batch
@@ -249,6 +250,7 @@ def run(cfg: TrainerConfig) -> list[StepResult]:
     With ``train.time_budget_minutes`` the number of steps is fixed after the calibration steps (see
     :class:`~eellm_hf.trainer.config.TrainConfig`) and kept by a resumed run (checkpoint ``state["total_steps"]``).
     """
+    keep_freed_memory()  # large CPU tensors reuse freed pages instead of page-faulting fresh ones every step
     par = cfg.parallelism
     ctx = make_parallel_context(par.tp, par.pp, par.dp, timeout_s=par.timeout_s)
     world_rank = dist.get_rank(ctx.world_pg)
