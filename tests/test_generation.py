@@ -244,6 +244,33 @@ def test_threshold_zero_always_exits_at_first_active_exit(models):
     assert set(out.exit_layers.flatten().tolist()) == {4}
 
 
+def test_batches_above_early_exit_max_batch_size_decode_at_full_depth(tmp_path, models):
+    """`early_exit_max_batch_size`: a batch within it exits early (threshold 0: always at the first exit), a larger
+    one (num_return_sequences counted) is transformers' own full-depth greedy; saved with the model like the
+    other settings."""
+    model = models["plain"]
+    one = prompts(lengths=(5,))[0]
+    out = model.generate(one, max_new_tokens=NEW_TOKENS, early_exit_threshold=0.0, early_exit_max_batch_size=1,
+                         return_dict_in_generate=True)
+    assert set(out.exit_layers.flatten().tolist()) == {2}
+    input_ids, attention_mask = left_pad(prompts())
+    full = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=NEW_TOKENS)
+    capped = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=NEW_TOKENS,
+                            early_exit_threshold=0.0, early_exit_max_batch_size=2, return_dict_in_generate=True)
+    assert torch.equal(capped.sequences, full)
+    assert getattr(capped, "early_exit_stats", None) is None  # transformers' own loop ran
+    within = model.generate(input_ids, attention_mask=attention_mask, max_new_tokens=NEW_TOKENS,
+                            early_exit_threshold=0.0, early_exit_max_batch_size=3, return_dict_in_generate=True)
+    assert set(within.exit_layers.flatten().tolist()) - {-1} == {2}
+    repeated = model.generate(one, max_new_tokens=4, early_exit_threshold=0.0, early_exit_max_batch_size=1,
+                              num_return_sequences=2, do_sample=True, return_dict_in_generate=True)
+    assert getattr(repeated, "early_exit_stats", None) is None
+    model.save_pretrained(tmp_path)
+    GenerationConfig(early_exit_threshold=0.0, early_exit_max_batch_size=2, pad_token_id=0).save_pretrained(tmp_path)
+    loaded = EarlyExitGPTForCausalLM.from_pretrained(tmp_path, dtype=torch.float64).eval()
+    assert torch.equal(loaded.generate(input_ids, attention_mask=attention_mask, max_new_tokens=NEW_TOKENS), full)
+
+
 @pytest.mark.parametrize("config_name", ["plain", "exit_block"])
 @pytest.mark.parametrize("cap", [None, 2])
 def test_left_padded_batch_equals_each_prompt_alone(models, config_name, cap):
@@ -519,9 +546,12 @@ def test_settings_saved_in_generation_config(tmp_path, models):
     {"early_exit_threshold": None, "active_exits": [2, 5]},
     {"early_exit_threshold": 0.5, "exit_confidence": "entropy"},
     {"early_exit_threshold": 0.5, "max_recompute_tokens": 0},
+    {"early_exit_threshold": 0.5, "early_exit_max_batch_size": 0},
+    {"early_exit_threshold": 0.5, "early_exit_max_batch_size": 1.5},
 ])
 def test_bad_settings_raise_value_error(models, kwargs):
-    with pytest.raises(ValueError, match="early_exit_threshold|active_exits|exit_confidence|max_recompute_tokens"):
+    with pytest.raises(ValueError, match="early_exit_threshold|active_exits|exit_confidence|max_recompute_tokens|"
+                                         "early_exit_max_batch_size"):
         models["plain"].generate(prompts(lengths=(3,))[0], max_new_tokens=2, **kwargs)
 
 

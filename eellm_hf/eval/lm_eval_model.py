@@ -15,6 +15,8 @@ Early-exit model_args (everything else is ``HFLM``'s, e.g. ``dtype``, ``batch_si
   separate layers with ``|`` or ``;`` (``active_exits=4|8``; quote the model_args in a shell); a list also
   works (``simple_evaluate(model_args={..., "active_exits": [4, 8]})``, or JSON model_args on the command line).
 * ``max_recompute_tokens``: cap on the KV-recomputation backlog (see ``generation_early_exit``).
+  With a threshold set, every batch lm-eval forms exits early, whatever ``early_exit_max_batch_size`` the export's
+  generation config recommends (that cap is for serving; an evaluation asks for early exit explicitly).
 * ``early_exit_mode``: ``lossy`` (default) or ``speculative`` (exits draft, the full model verifies: generated text
   identical to full depth, see ``speculative_early_exit``); ``num_speculative_tokens`` (default 4) and
   ``stop_draft_when_unsure`` (``true``/``false``) tune it.
@@ -252,7 +254,9 @@ class EarlyExitLM(HFLM):
         # full depth is asked for explicitly: an export's generation config may recommend early exit
         self._generate_kwargs: dict[str, Any] = {"early_exit_threshold": None} if exits else {}
         if threshold is not None:
-            self._generate_kwargs = {"early_exit_threshold": threshold, "exit_confidence": exit_confidence}
+            # lm-eval's batches exit early too, whatever batch cap (early_exit_max_batch_size) the export recommends
+            self._generate_kwargs = {"early_exit_threshold": threshold, "exit_confidence": exit_confidence,
+                                     "early_exit_max_batch_size": None}
             if active is not None:
                 self._generate_kwargs["active_exits"] = sorted(set(active))
             if cap is not None:

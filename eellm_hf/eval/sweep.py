@@ -195,6 +195,8 @@ def _generation_kwargs(model: Any, tokenizer: Any, threshold: float | None, max_
     # explicit, so full depth stays full depth when the model's generation config recommends early exit
     kwargs["early_exit_threshold"] = threshold
     if threshold is not None:
+        # a sweep measures early exit at its own batch size, whatever batch cap the export recommends
+        kwargs["early_exit_max_batch_size"] = None
         kwargs.update(early_exit_kwargs or {})
     return kwargs
 

@@ -14,7 +14,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 EXIT_CONFIDENCE_MEASURES = ("max_prob", "top2_margin", "gate")
-EARLY_EXIT_GENERATION_KEYS = ("early_exit_threshold", "exit_confidence", "active_exits", "max_recompute_tokens")
+EARLY_EXIT_GENERATION_KEYS = ("early_exit_threshold", "exit_confidence", "active_exits", "max_recompute_tokens",
+                              "early_exit_max_batch_size")
 
 
 def mean_exit_layer(tokens_per_exit: Mapping[int, int]) -> float | None:
@@ -37,12 +38,17 @@ class EarlyExitSettings:
         active_exits (`tuple[int]`): indices into `config.exit_layers` of the exits allowed to fire.
         max_recompute_tokens (`int` or `None`): cap on a row's backlog of tokens whose deep KV is missing (the
             current token included); reaching it fills the backlog's deep KV in the same forward pass.
+        max_batch_size (`int` or `None`, `early_exit_max_batch_size`): the largest batch (sequences decoded together)
+            that exits early; a larger one decodes at full depth. Where a decoder layer's cost is mostly reading
+            its weights (CPUs, and GPUs at small batches), a row that leaves early saves almost nothing while the
+            other rows go on, and its deep KV must still be recomputed: such batches are faster at full depth.
     """
 
     threshold: float | None = None
     confidence: str = "max_prob"
     active_exits: tuple[int, ...] = ()
     max_recompute_tokens: int | None = None
+    max_batch_size: int | None = None
 
     @classmethod
     def resolve(
@@ -65,7 +71,13 @@ class EarlyExitSettings:
             confidence=_confidence(setting("exit_confidence"), model_config),
             active_exits=_active_exits(setting("active_exits"), list(getattr(model_config, "exit_layers", ()))),
             max_recompute_tokens=_recompute_cap(setting("max_recompute_tokens")),
+            max_batch_size=_batch_cap(setting("early_exit_max_batch_size")),
         )
+
+    def exits_at_batch_size(self, batch_size: int) -> bool:
+        """Whether a batch of `batch_size` sequences decodes with early exit (a threshold set, the batch within
+        `max_batch_size`)."""
+        return self.threshold is not None and (self.max_batch_size is None or batch_size <= self.max_batch_size)
 
 
 def check_threshold(threshold: Any) -> float | None:
@@ -116,6 +128,12 @@ def _active_exits(requested: Any, exit_layers: list[int]) -> tuple[int, ...]:
 def _recompute_cap(cap: Any) -> int | None:
     if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
         raise ValueError(f"`max_recompute_tokens` must be None (no cap) or an integer >= 1, got {cap!r}.")
+    return cap
+
+
+def _batch_cap(cap: Any) -> int | None:
+    if cap is not None and (isinstance(cap, bool) or not isinstance(cap, int) or cap < 1):
+        raise ValueError(f"`early_exit_max_batch_size` must be None (any batch) or an integer >= 1, got {cap!r}.")
     return cap
 
 

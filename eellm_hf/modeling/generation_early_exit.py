@@ -107,8 +107,8 @@ def generate_with_early_exit(
 ) -> GenerateDecoderOnlyOutput | torch.LongTensor:
     """`generate` of an early-exit model: transformers' `generate`, with early exit when a threshold is set.
 
-    Takes `GenerationMixin.generate`'s arguments, plus `early_exit_threshold`, `exit_confidence`, `active_exits`
-    and `max_recompute_tokens` (defaults from the generation config), and `early_exit_mode`,
+    Takes `GenerationMixin.generate`'s arguments, plus `early_exit_threshold`, `exit_confidence`, `active_exits`,
+    `max_recompute_tokens` and `early_exit_max_batch_size` (defaults from the generation config), and `early_exit_mode`,
     `num_speculative_tokens` and `stop_draft_when_unsure` (lossless self-speculative decoding, see
     `speculative_early_exit`). `generate` is the bound base method.
     """
@@ -150,10 +150,10 @@ def generate_with_decoder(
     settings = EarlyExitSettings.resolve(model.config, overrides, configs)
     speculative_overrides = {key: kwargs.pop(key) for key in SPECULATIVE_GENERATION_KEYS if key in kwargs}
     speculative = SpeculativeSettings.resolve(settings, speculative_overrides, configs)
-    if settings.threshold is None:
+    if not settings.exits_at_batch_size(_decoded_batch_size(base_arguments, kwargs, model.generation_config)):
         if full_depth_with_transformers:
             return generate(**base_arguments, **kwargs)
-        settings = dataclasses.replace(settings, active_exits=())
+        settings = dataclasses.replace(settings, threshold=None, active_exits=())
 
     assistant_model, custom_generate = base_arguments["assistant_model"], base_arguments["custom_generate"]
     synced_gpus, generation_config = base_arguments["synced_gpus"], base_arguments["generation_config"]
@@ -201,6 +201,20 @@ def generate_with_decoder(
         decoding, early_exit_settings=settings, early_exit_streamer=streamer, **decoding_kwargs
     )
     return generate(**base_arguments, **kwargs)
+
+
+def _decoded_batch_size(base_arguments: dict[str, Any], kwargs: dict[str, Any], model_config: GenerationConfig
+                        ) -> int:
+    """Sequences `generate` will decode together: the prompts' rows times `num_return_sequences`."""
+    inputs = base_arguments["inputs"]
+    for candidate in (inputs, kwargs.get("input_ids"), kwargs.get("inputs_embeds")):
+        if isinstance(candidate, torch.Tensor):
+            rows = candidate.shape[0] if candidate.dim() > 1 else 1
+            break
+    else:
+        rows = 1
+    config = base_arguments["generation_config"] or model_config
+    return rows * int(kwargs.get("num_return_sequences") or getattr(config, "num_return_sequences", 1) or 1)
 
 
 def check_decoding_request(generation_config: GenerationConfig, model_kwargs: dict[str, Any]) -> Cache | None:
