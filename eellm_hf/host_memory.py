@@ -6,7 +6,10 @@ touch. With a 49,152-token vocabulary one micro-batch's logits are 100 MB, and a
 a third of its time in those page faults (``sys`` time). :func:`keep_freed_memory` makes malloc take large
 blocks from its heap and never trim it, so the next step reuses the same pages; the process's peak footprint
 stays what its tensors need at once. It is what ``MALLOC_MMAP_MAX_=0 MALLOC_TRIM_THRESHOLD_=...`` in the
-environment would do, set from inside the process (the trainer's workers are started by ``torchrun``).
+environment would do, set from inside the process (the trainer's workers are started by ``torchrun``). The
+trainer's ``run`` calls it in every worker, and so do the command lines that score or generate over batches
+(``eellm-eval``, ``eellm-sweep``, ``eellm-calibrate``, the demos); a library call never changes its caller's
+allocator.
 
 A leaf module (it imports only the standard library); on a C library other than glibc it does nothing.
 """

@@ -220,6 +220,9 @@ def demo_main(argv: list[str] | None, *, prog: str, description: str, settings_t
     mix."""
     import argparse
 
+    from ..host_memory import keep_freed_memory
+
+    keep_freed_memory()  # lm-eval and the sweep run in this process
     default_minutes = default_minutes if default_minutes is not None else settings_type.minutes
     parser = argparse.ArgumentParser(prog=prog, description=description)
     parser.add_argument("--out", type=Path, default=None,

@@ -47,6 +47,7 @@ from eellm_hf.eval.sweep import (
     prompt_agreements,
     run_sweep,
 )
+from eellm_hf.host_memory import keep_freed_memory
 from eellm_hf.modeling.early_exit_settings import check_threshold
 from eellm_hf.modeling.loading import DTYPES, load_model, load_tokenizer
 
@@ -346,6 +347,7 @@ def calibrate_from_args(argv: list[str] | None = None) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> None:
     """``eellm-calibrate`` console entry point."""
+    keep_freed_memory()
     calibrate_from_args(argv)
 
 

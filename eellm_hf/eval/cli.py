@@ -12,6 +12,8 @@ from __future__ import annotations
 import sys
 from typing import Any
 
+from eellm_hf.host_memory import keep_freed_memory
+
 
 def format_cost(cost: dict[str, Any]) -> str:
     """A short human-readable summary of ``results["eellm_cost"]``."""
@@ -35,6 +37,7 @@ def format_cost(cost: dict[str, Any]) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     """Run lm-eval's CLI (``lm_eval.__main__.cli_evaluate``) on ``argv`` (default ``sys.argv[1:]``)."""
+    keep_freed_memory()  # a batch's logits over a large vocabulary reuse freed pages (see eellm_hf.host_memory)
     from lm_eval.__main__ import cli_evaluate
 
     from eellm_hf.eval.lm_eval_model import recording_cost  # importing registers the "eellm" model

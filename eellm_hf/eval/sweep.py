@@ -36,6 +36,7 @@ from typing import Any
 import torch
 from tqdm.auto import tqdm
 
+from ..host_memory import keep_freed_memory
 from ..modeling.early_exit_settings import EXIT_CONFIDENCE_MEASURES, EarlyExitSettings, check_threshold, mean_exit_layer
 from ..modeling.loading import DTYPES, load_model, load_tokenizer
 from .sweep_report import label, plot_exit_histogram, plot_speed_quality, write_csv
@@ -508,6 +509,7 @@ def check_settings(prog: str, model_config: Any, early_exit_kwargs: dict[str, An
 
 def main(argv: list[str] | None = None) -> None:
     """``eellm-sweep`` console entry point."""
+    keep_freed_memory()
     sweep_from_args(argv)
 
 
