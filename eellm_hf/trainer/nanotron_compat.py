@@ -133,6 +133,7 @@ from nanotron.parallel.tied_parameters import (
 __all__ = [
     "DEFAULT_TIMEOUT_S",
     "optimizer_parameter_names",
+    "destroy_process_groups",
     "AllForwardAllBackwardPipelineEngine",
     "CompatParallelContext",
     "FP32GradientAccumulator",
@@ -395,6 +396,15 @@ def fail_fast(exit_code: int = 1) -> Iterator[None]:
         _die(exc, exit_code if not isinstance(exc.code, int) else exc.code)
     except BaseException as exc:  # noqa: BLE001 - we report everything, then exit
         _die(exc, exit_code)
+
+
+def destroy_process_groups() -> None:
+    """End a finished job in order (collective): every rank reaches a barrier, then the process groups are
+    destroyed. Exiting with them alive leaves the teardown of gloo's threads to the interpreter's exit, which can
+    abort the process (``terminate called without an active exception``) after a successful run."""
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def _die(exc: BaseException, exit_code: int) -> None:
