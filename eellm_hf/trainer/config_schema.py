@@ -211,6 +211,7 @@ class TrainConfig:
     ``torch.autocast``, so their matrix multiplies are bf16 (about 4x fp32's throughput on CPUs with AVX-512 BF16
     or AMX, and on GPUs), while every weight, gradient and optimizer moment stays fp32: the backbone stays the
     checkpoint's own, bit for bit, and the export is fp32. The teacher logits travel between stages in bf16.
+    Validation runs in fp32, so its losses compare with runs without autocast.
     """
 
     steps: int
