@@ -104,7 +104,7 @@ def _generate_and_print(parser: argparse.ArgumentParser, args: argparse.Namespac
 def _main_pipeline(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     """`--pp P`: this process is one of P pipeline ranks (torchrun); rank 0 prints, the others serve its steps."""
     from .pipeline_decoding import PipelineEarlyExitGPT
-    from .trainer.nanotron_compat import fail_fast
+    from .trainer.rank_exit import fail_fast
 
     with fail_fast():  # an error on any rank (a dead peer included) ends this rank at once, with the reason
         pipeline = PipelineEarlyExitGPT.from_pretrained(

@@ -167,6 +167,7 @@ def _worker_equivalence(spec_path: str, out_dir: str) -> None:
     import torch
 
     from eellm_hf.trainer import nanotron_compat as c
+    from eellm_hf.trainer.rank_exit import fail_fast
     from eellm_hf.trainer.train_loop import ParallelTrainer, forward_only
     from eellm_hf.trainer.weights import gather_hf_state_dict
 
@@ -182,7 +183,7 @@ def _worker_equivalence(spec_path: str, out_dir: str) -> None:
     out = Path(out_dir)
     timeout = float(os.environ.get("EE_TEST_TIMEOUT", "120"))
     torch.set_num_threads(1)
-    with c.fail_fast():
+    with fail_fast():
         for case_name, case in spec["cases"].items():
             config = types.SimpleNamespace(**case["config"])
             train = _train_config(case["train"])

@@ -203,8 +203,8 @@ def generate_with_decoder(
     return generate(**base_arguments, **kwargs)
 
 
-def _decoded_batch_size(base_arguments: dict[str, Any], kwargs: dict[str, Any], model_config: GenerationConfig
-                        ) -> int:
+def _decoded_batch_size(base_arguments: dict[str, Any], kwargs: dict[str, Any],
+                        default_generation_config: GenerationConfig) -> int:
     """Sequences `generate` will decode together: the prompts' rows times `num_return_sequences`."""
     inputs = base_arguments["inputs"]
     for candidate in (inputs, kwargs.get("input_ids"), kwargs.get("inputs_embeds")):
@@ -213,7 +213,7 @@ def _decoded_batch_size(base_arguments: dict[str, Any], kwargs: dict[str, Any], 
             break
     else:
         rows = 1
-    config = base_arguments["generation_config"] or model_config
+    config = base_arguments["generation_config"] or default_generation_config
     return rows * int(kwargs.get("num_return_sequences") or getattr(config, "num_return_sequences", 1) or 1)
 
 

@@ -34,7 +34,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"eellm-train: invalid config {args.config}: {exc}", file=sys.stderr)
         return 2
 
-    from eellm_hf.trainer.nanotron_compat import destroy_process_groups, fail_fast
+    from eellm_hf.trainer.rank_exit import destroy_process_groups, fail_fast
     from eellm_hf.trainer.training_run import run
 
     with fail_fast():

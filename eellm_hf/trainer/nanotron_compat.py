@@ -10,8 +10,6 @@ Everything else in ``eellm_hf.trainer`` imports nanotron only through this modul
   creates the same timeout;
 * helpers pass the right device to the nanotron functions that hard-code ``"cuda"`` (``P2P``, ``build_model``,
   ``clip_grad_norm``, ``FP32GradientAccumulator``);
-* :func:`fail_fast` turns an exception in one rank (typically a collective that timed out because a peer died)
-  into a clear message and an immediate exit, instead of a hang at interpreter shutdown.
 
 Rank layout (nanotron's, unchanged): world ranks are laid out as an array of shape ``(ep, pp, dp, tp)``, so
 tensor parallelism is the fastest-varying coordinate, then data parallelism, then pipeline parallelism::
@@ -42,12 +40,10 @@ nanotron 0.4 facts that matter to callers:
 
 from __future__ import annotations
 
-import contextlib
 import datetime
 import os
 import socket
 import sys
-import traceback
 import types
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import Any, TypeVar
@@ -133,7 +129,6 @@ from nanotron.parallel.tied_parameters import (
 __all__ = [
     "DEFAULT_TIMEOUT_S",
     "optimizer_parameter_names",
-    "destroy_process_groups",
     "AllForwardAllBackwardPipelineEngine",
     "CompatParallelContext",
     "FP32GradientAccumulator",
@@ -159,7 +154,6 @@ __all__ = [
     "device_for_backend",
     "differentiable_identity",
     "dist",
-    "fail_fast",
     "find_free_port",
     "init_distributed",
     "make_fp32_grad_accumulator",
@@ -373,55 +367,6 @@ def _ctx_timeout(parallel_context: ParallelContext) -> datetime.timedelta:
 
 def _ctx_device(parallel_context: ParallelContext) -> torch.device:
     return getattr(parallel_context, "device", None) or device_for_backend()
-
-
-# ----------------------------------------------------------------------------------------------------
-# Fault handling
-# ----------------------------------------------------------------------------------------------------
-
-
-@contextlib.contextmanager
-def fail_fast(exit_code: int = 1) -> Iterator[None]:
-    """Run a rank's main code; on any exception print a clear error and ``os._exit(exit_code)`` at once.
-
-    A collective whose peer died raises after the group timeout (or at once when the peer's socket closed);
-    exiting normally afterwards can hang in process-group teardown, so this exits hard after flushing.
-    ``SystemExit(0)``/``SystemExit(None)`` pass through.
-    """
-    try:
-        yield
-    except SystemExit as exc:
-        if exc.code in (0, None):
-            raise
-        _die(exc, exit_code if not isinstance(exc.code, int) else exc.code)
-    except BaseException as exc:  # noqa: BLE001 - we report everything, then exit
-        _die(exc, exit_code)
-
-
-def destroy_process_groups() -> None:
-    """End a finished job in order (collective): every rank reaches a barrier, then the process groups are
-    destroyed. Exiting with them alive leaves the teardown of gloo's threads to the interpreter's exit, which can
-    abort the process (``terminate called without an active exception``) after a successful run."""
-    if dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-
-
-def _die(exc: BaseException, exit_code: int) -> None:
-    rank = os.environ.get("RANK", "?")
-    world = os.environ.get("WORLD_SIZE", "?")
-    text = str(exc)
-    hint = ""
-    lowered = text.lower()
-    if any(k in lowered for k in ("timed out", "timeout", "connection closed", "connection reset", "peer")):
-        hint = " (a peer rank probably died or hung; check the other ranks' logs)"
-    sys.stdout.flush()
-    sys.stderr.write(
-        f"[rank {rank}/{world}] FATAL: {type(exc).__name__}: {text}{hint}\n"
-        + "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
-    )
-    sys.stderr.flush()
-    os._exit(exit_code)
 
 
 # ----------------------------------------------------------------------------------------------------
