@@ -76,12 +76,13 @@ def _worker(out_dir: str, spec_path: str) -> None:
     from eellm_hf.trainer import nanotron_compat as c
     from eellm_hf.trainer.config import TrainConfig
     from eellm_hf.trainer.exit_schedule import SavedActivationMeter
+    from eellm_hf.trainer.rank_exit import fail_fast
     from eellm_hf.trainer.train_loop import ParallelTrainer
 
     spec = torch.load(spec_path)
     ids, labels = spec["batch"]
     torch.set_num_threads(1)
-    with c.fail_fast():
+    with fail_fast():
         for case_name, case in CASES.items():
             config = types.SimpleNamespace(**spec["configs"][case_name])
             for layout in case["layouts"]:

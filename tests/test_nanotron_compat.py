@@ -32,14 +32,19 @@ FAULT_TIMEOUT_S = 4.0
 # ------------------------------------------------------------------------------------------------------------
 
 
-def _load_compat():
+def _load_compat(path=COMPAT_PATH, name="nanotron_compat_under_test"):
     import importlib.util
 
-    spec = importlib.util.spec_from_file_location("nanotron_compat_under_test", COMPAT_PATH)
+    spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module
     spec.loader.exec_module(module)
     return module
+
+
+def _load_rank_exit():
+    """``eellm_hf/trainer/rank_exit.py`` (fail_fast), loaded from its file like the compat module."""
+    return _load_compat(COMPAT_PATH.with_name("rank_exit.py"), "rank_exit_under_test")
 
 
 def _emit(kind: str, payload: dict) -> None:
@@ -387,7 +392,7 @@ def _worker_main() -> None:
     import torch
 
     torch.manual_seed(0)
-    with c.fail_fast():
+    with _load_rank_exit().fail_fast():
         results = {}
         ctx = c.make_parallel_context(tp=2, pp=2, dp=1, timeout_s=60)
         results.update({f"A_{k}": v for k, v in _check_layout(c, ctx).items()})
@@ -433,7 +438,7 @@ def _worker_fault(sync_dir: str) -> None:
         os._exit(0)
     time.sleep(0.5)
     # phase 2: a collective with a dead peer -> error; fail_fast reports it and exits with code 3
-    with c.fail_fast(exit_code=3):
+    with _load_rank_exit().fail_fast(exit_code=3):
         t0 = time.monotonic()
         try:
             torch.distributed.all_reduce(torch.ones(4), group=pg01)
