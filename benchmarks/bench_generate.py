@@ -104,7 +104,8 @@ class FlopModel:
 
     layer: float
     exit_block: float
-    exit_body: list[float]  # an exit's norm / MLP / gate matmuls: every token that reaches the exit
+    exit_mlp: list[float]  # an exit's MLP: every token that reaches the exit, unless a gate before it stops it
+    exit_gate: list[float]  # its confidence gate
     exit_projection: list[float]  # its vocabulary projection: only the tokens whose decision needs it
     final_head: float
     num_layers: int
@@ -113,7 +114,7 @@ class FlopModel:
     def exit_head(self) -> list[float]:
         """An exit's whole head (body and projection), as a token that reaches it and is decided by its logits
         pays."""
-        return [body + projection for body, projection in zip(self.exit_body, self.exit_projection)]
+        return [sum(parts) for parts in zip(self.exit_mlp, self.exit_gate, self.exit_projection)]
 
     @classmethod
     def of(cls, model: EarlyExitGPTForCausalLM) -> FlopModel:
@@ -123,10 +124,10 @@ class FlopModel:
         config = model.config
         exits = model.model.exits
         block = matmul_flops(exits[0].block) if config.exit_block and len(exits) else 0.0
-        bodies = [matmul_flops(exit_module) - (matmul_flops(exit_module.block) if config.exit_block else 0.0)
-                  for exit_module in exits]
+        mlps = [matmul_flops(exit_module.mlp) if config.exit_mlp else 0.0 for exit_module in exits]
+        gates = [matmul_flops(exit_module.gate) if config.exit_gate else 0.0 for exit_module in exits]
         projections = [matmul_flops(model.exit_projection(index)) for index in range(len(exits))]
-        return cls(matmul_flops(model.model.layers[0]), block, bodies, projections, matmul_flops(model.lm_head),
+        return cls(matmul_flops(model.model.layers[0]), block, mlps, gates, projections, matmul_flops(model.lm_head),
                    config.num_hidden_layers)
 
     def full_depth(self, batch_size: int, prompt_length: int, new_tokens: int) -> float:
@@ -142,11 +143,12 @@ class FlopModel:
                 + stats.final_head_tokens * self.final_head)
 
     def _exit_heads(self, stats: Any) -> float:
-        """Exit bodies for every token that reached an exit (the gate's count with `exit_confidence="gate"`,
-        where the projection runs only for the tokens that leave), projections for the tokens that ran them."""
-        reached = [max(gate, head) for gate, head in zip(stats.exit_gate_tokens, stats.exit_head_tokens)]
-        return (sum(n * flops for n, flops in zip(reached, self.exit_body))
-                + sum(n * flops for n, flops in zip(stats.exit_head_tokens, self.exit_projection)))
+        """Each exit's MLP, gate and projection, each for the tokens that ran it (`EarlyExitStats` counts them:
+        with `exit_confidence="gate"` the projection runs only for the tokens that leave, and so does the MLP when
+        the gate reads before it)."""
+        counted = ((stats.exit_mlp_tokens, self.exit_mlp), (stats.exit_gate_tokens, self.exit_gate),
+                   (stats.exit_head_tokens, self.exit_projection))
+        return sum(n * flops for tokens, costs in counted for n, flops in zip(tokens, costs))
 
     def heads_share(self, stats: Any, full: float) -> float:
         return self._exit_heads(stats) / full

@@ -31,7 +31,7 @@ def test_ee_tune_demo_runs_end_to_end_and_reuses_phases(tmp_path, tiny_llama_dir
     assert train["steps"] == 2 and [row["step"] for row in read_metrics(out / "train", split="train")] == [1, 2]
 
     model = AutoModelForCausalLM.from_pretrained(out / "model", trust_remote_code=True)
-    assert model.config.exit_gate and model.config.tie_exit_heads
+    assert model.config.exit_gate and model.config.exit_gate_before_mlp and model.config.tie_exit_heads
     assert model.generation_config.exit_confidence == "gate"  # the recipe's recommendation, exported
     exits = json.loads((out / "exits.json").read_text())
     assert {row["measure"] for row in exits["policies"]} == {"gate"}

@@ -177,10 +177,11 @@ def test_top2_margin_and_active_exits_match_oracle(models, config_name):
                 assert out.early_exit_stats.exit_head_tokens[0] == 0  # nothing computed for an inactive exit
 
 
-@pytest.fixture(scope="module")
-def gated_model() -> EarlyExitGPTForCausalLM:
-    """Exits with confidence gates (random, scaled so that their probabilities spread over (0, 1))."""
-    model = tiny_model(seed=3, exit_gate=True, exit_mlp=True)
+@pytest.fixture(scope="module", params=[False, True], ids=["gate_reads_output", "gate_before_mlp"])
+def gated_model(request) -> EarlyExitGPTForCausalLM:
+    """Exits with confidence gates (random, scaled so that their probabilities spread over (0, 1)), reading the
+    exit's output or (`exit_gate_before_mlp`) its state before the MLP."""
+    model = tiny_model(seed=3, exit_gate=True, exit_mlp=True, exit_gate_before_mlp=request.param)
     with torch.no_grad():
         for exit_module in model.model.exits:
             exit_module.gate.weight.mul_(30.0)
@@ -197,7 +198,8 @@ def gate_threshold(model) -> float:
 
 def test_gate_confidence_matches_oracle_and_skips_projections(gated_model):
     """`exit_confidence="gate"`: the first exit whose gate probability reaches the threshold, as the no-cache
-    oracle decides it; the vocabulary projection of an exit runs only for the tokens that leave there."""
+    oracle decides it; the vocabulary projection of an exit runs only for the tokens that leave there, and so does
+    its MLP when the gate reads before it."""
     threshold = gate_threshold(gated_model)
     seen = Counter()
     for prompt in prompts(lengths=(6, 3, 8)):
@@ -211,6 +213,8 @@ def test_gate_confidence_matches_oracle_and_skips_projections(gated_model):
             stats = out.early_exit_stats
             assert stats.exit_head_tokens == [stats.tokens_per_exit[2], stats.tokens_per_exit[4]]
             assert stats.exit_gate_tokens[0] > stats.exit_head_tokens[0]
+            mlp_ran_for = stats.exit_head_tokens if gated_model.config.exit_gate_before_mlp else stats.exit_gate_tokens
+            assert stats.exit_mlp_tokens == mlp_ran_for
     assert seen[2] and seen[4] and seen[6], seen
 
 

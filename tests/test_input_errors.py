@@ -28,6 +28,7 @@ SMALL = dict(num_hidden_layers=4, hidden_size=32, intermediate_size=64, num_atte
     (dict(exit_layers=[True]), r"`exit_layers` entries must be integers, got True"),
     (dict(exit_layers=[1], exit_mlp="false"), r"`exit_mlp` must be true or false, got str 'false'"),
     (dict(exit_layers=[1], exit_norm=1), r"`exit_norm` must be true or false, got int 1"),
+    (dict(exit_layers=[1], exit_gate_before_mlp="yes"), r"`exit_gate_before_mlp` must be true or false, got str"),
     (dict(exit_layers=[1], exit_loss_weights=["0.5"]), r"entries must be numbers, got '0\.5'"),
     (dict(exit_layers=[1], exit_loss_weights="0.5"), r"`exit_loss_weights` must be a list, got str '0.5'"),
 ])
@@ -39,6 +40,12 @@ def test_config_refuses_values_of_the_wrong_type(fields, message):
 def test_config_refuses_infinite_exit_loss_weights():
     with pytest.raises(ValueError, match=r"`exit_loss_weights` entries must be finite, got inf in \[inf\]"):
         EarlyExitGPTConfig(**SMALL, exit_layers=[1], exit_loss_weights=[math.inf])
+
+
+@pytest.mark.parametrize("fields", [dict(exit_mlp=True), dict(exit_gate=True)])
+def test_a_gate_before_the_mlp_needs_a_gate_and_an_mlp(fields):
+    with pytest.raises(ValueError, match=r"`exit_gate_before_mlp` needs `exit_gate` and `exit_mlp`, got exit_gate="):
+        EarlyExitGPTConfig(**SMALL, exit_layers=[1], exit_gate_before_mlp=True, **fields)
 
 
 def test_config_still_accepts_tuples_and_round_trips():
@@ -162,6 +169,18 @@ def test_convert_refuses_to_overwrite_its_source(tiny_llama_dir, tmp_path):
             main([str(src), str(dst), "--exit-layers", "1"])
     assert (src / "model.safetensors").read_bytes() == before
     assert json.loads((src / "config.json").read_text())["model_type"] == "llama"
+
+
+@pytest.mark.parametrize(("flags", "message"), [
+    (["--exit-layers", "9"], r"eellm-convert: exit_layers entry 9 is outside \[1, 1\]"),
+    (["--exit-layers", "1", "--exit-gate-before-mlp"], r"eellm-convert: `exit_gate_before_mlp` needs `exit_gate`"),
+])
+def test_convert_names_bad_exit_options_before_loading(tiny_llama_dir, tmp_path, flags, message):
+    from eellm_hf.modeling.convert import main
+
+    with pytest.raises(SystemExit, match=message):
+        main([str(tiny_llama_dir), str(tmp_path / "out"), *flags])
+    assert not (tmp_path / "out").exists()
 
 
 def _generate_error(capsys, argv) -> str:

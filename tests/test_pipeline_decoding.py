@@ -31,7 +31,8 @@ except ImportError:  # tests/ is not a package here: pytest put tests/ itself on
 NEW_TOKENS = 10
 MODELS = {
     "plain": dict(exit_layers=[1, 3, 4], tie_word_embeddings=True),
-    "block": dict(exit_layers=[2, 4], exit_block=True, tie_exit_heads=True, exit_gate=True),
+    "block": dict(exit_layers=[2, 4], exit_block=True, exit_mlp=True, tie_exit_heads=True, exit_gate=True,
+                  exit_gate_before_mlp=True),
 }
 LAYOUTS = {
     2: {"plain": [[3, 3], [1, 5]], "block": [[3, 3], [4, 2]]},

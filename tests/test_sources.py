@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -14,10 +15,10 @@ import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM
 
 try:
-    from tests.dist_utils import REPO_ROOT, launch
+    from tests.dist_utils import REPO_ROOT, offline_env
     from tests.gguf_utils import CHAT_TEMPLATE, train_byte_bpe, write_llama_gguf
 except ImportError:  # tests/ is not a package here: pytest put tests/ itself on sys.path
-    from dist_utils import REPO_ROOT, launch
+    from dist_utils import REPO_ROOT, offline_env
     from gguf_utils import CHAT_TEMPLATE, train_byte_bpe, write_llama_gguf
 
 ATOL = 1e-5
@@ -159,7 +160,8 @@ def test_config_converts_pretrained_sources(tiny_gguf, tmp_path):
 def test_ee_tuning_a_gguf_checkpoint_end_to_end(tiny_gguf, tmp_path):
     """One YAML from a GGUF checkpoint to a tuned early-exit model: converted on the fly, EE-Tuned at pp=2 with
     self-distillation; the export's backbone and final logits are the checkpoint's, its exits trained, and it
-    carries the checkpoint's tokenizer and chat template."""
+    carries the checkpoint's tokenizer and chat template. Started as a user does, `eellm-train --config` outside
+    torchrun: it starts the config's two processes itself."""
     from safetensors.torch import load_file
 
     from eellm_hf.trainer.metrics import read_metrics
@@ -167,7 +169,12 @@ def test_ee_tuning_a_gguf_checkpoint_end_to_end(tiny_gguf, tmp_path):
     cfg = _tuning_config(tiny_gguf, tmp_path, str(tiny_gguf["path"]))
     config_path = tmp_path / "tune.yaml"
     config_path.write_text(yaml.safe_dump(cfg))
-    launch(REPO_ROOT / "eellm_hf" / "trainer" / "__main__.py", 2, ["--config", str(config_path)], timeout_s=300)
+    env = {name: value for name, value in os.environ.items() if name not in ("WORLD_SIZE", "RANK", "LOCAL_RANK")}
+    env.update(offline_env(), PYTHONPATH=str(REPO_ROOT))
+    done = subprocess.run([sys.executable, "-m", "eellm_hf.trainer", "--config", str(config_path)], env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+    assert "asks for 2 processes (tp*pp*dp); starting them with torchrun" in done.stderr
 
     train = [entry for entry in read_metrics(cfg["run_dir"]) if entry.get("split") == "train"]
     assert [entry["step"] for entry in train] == [1, 2, 3, 4]

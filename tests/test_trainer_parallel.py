@@ -71,10 +71,11 @@ CASES = {
     ),
     # EE-Tuning with self-distillation: exit loss = w * KL(final head || exit / T) + (1 - w) * CE. The teacher
     # comes from the last stage to exits on every earlier stage (pp=4), TP-sharded over a padded vocabulary.
-    # Confidence gates learn (BCE) whether each exit's greedy token is the final head's.
+    # Confidence gates learn (BCE) whether each exit's greedy token is the final head's, reading the exit's state
+    # before its MLP (`exit_gate_before_mlp`; the autocast case below has gates that read the exit's output).
     "distill_tied": dict(
         model=dict(vocab_size=61, exit_layers=[1, 3], exit_loss_weights=[0.5, 1.0], exit_mlp=True,
-                   tie_word_embeddings=True, tie_exit_heads=True, exit_gate=True),
+                   tie_word_embeddings=True, tie_exit_heads=True, exit_gate=True, exit_gate_before_mlp=True),
         train=dict(freeze_backbone=True, exit_distillation=0.6, exit_temperature=1.5),
         layouts=[dict(tp=2, pp=2, dp=1), dict(tp=1, pp=2, dp=2), dict(tp=1, pp=4, dp=1, layer_split=[1, 1, 1, 1]),
                  dict(tp=2, pp=1, dp=2)],

@@ -17,6 +17,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..trainer.launch import threads_per_rank, torchrun_command
+
 Phase = tuple[str, Callable[[], dict[str, Any]]]
 LAYER_COLORS = ("bright_green", "yellow", "cyan", "magenta", "white")
 
@@ -71,10 +73,9 @@ class PhaseRunner:
 
 
 def torchrun_trainer(config: Path, processes: int = 2) -> None:
-    """``torchrun --nproc-per-node P -m eellm_hf.trainer --config CONFIG``, one torch thread per process."""
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(processes),
-               "-m", "eellm_hf.trainer", "--config", str(config)]
-    subprocess.run(command, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    """``torchrun --nproc-per-node P -m eellm_hf.trainer --config CONFIG``, the machine's cores shared out."""
+    env = {**os.environ, "OMP_NUM_THREADS": threads_per_rank(processes)}
+    subprocess.run(torchrun_command(config, processes), check=True, env=env)
 
 
 def load_model(model_dir: Path):

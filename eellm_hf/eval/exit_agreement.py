@@ -3,9 +3,11 @@ top-1 agreement with the final head, and for each threshold of a confidence meas
 would leave at each exit (first confident exit wins, as in generation), their agreement with the final head, and
 the compute per token relative to full depth by the cost model below.
 
-Cost model (batch 1, multiply-adds per token): a decoder layer costs its matmuls, an exit its norm/MLP (and gate)
-on every token that reaches it plus its vocabulary projection on every token whose decision needs it (all of them
-for ``max_prob``; only the tokens that leave for ``gate``), the final head its projection. Deep KV of exited tokens
+Cost model (batch 1, multiply-adds per token): a decoder layer costs its matmuls, an exit its block and MLP on
+every token that reaches it (with ``gate`` and ``exit_gate_before_mlp``, the MLP only on the tokens that leave)
+plus its vocabulary projection on every token whose decision needs it (all of them for ``max_prob``; only the
+tokens that leave for ``gate``), the final head its projection; norms and gates are not counted (a gate is one
+dot product). Deep KV of exited tokens
 is recomputed later in a batched pass, which costs little extra time on a CPU bound by reading weights, so it is
 not counted: the figure is an upper bound of the speedup (``ideal``), not a measurement.
 """
@@ -68,16 +70,18 @@ def exit_agreements(data: dict[str, torch.Tensor]) -> list[float]:
 def policy(data: dict[str, torch.Tensor], measure: str, threshold: float, config: Any) -> dict[str, Any]:
     """First exit whose confidence reaches the threshold: shares, agreement and the cost-model speedup."""
     layers, unit, head = config.exit_layers, layer_cost(config), config.hidden_size * config.vocab_size
-    exit_extra = 3 * config.hidden_size * config.intermediate_size if config.exit_mlp else 0.0
-    exit_extra += unit if config.exit_block else 0.0
+    mlp = 3 * config.hidden_size * config.intermediate_size if config.exit_mlp else 0.0
+    block = unit if config.exit_block else 0.0
+    gate_first = measure == "gate" and getattr(config, "exit_gate_before_mlp", False)
     tokens = data["final"].numel()
     undecided = torch.ones(tokens, dtype=torch.bool)
     agree = torch.zeros(tokens, dtype=torch.bool)
     cost = torch.zeros(tokens)
     previous, shares = 0, []
     for index, layer in enumerate(layers):
-        cost[undecided] += (layer - previous) * unit + exit_extra
+        cost[undecided] += (layer - previous) * unit + block + (0.0 if gate_first else mlp)
         fire = undecided & (data[measure][index] >= threshold)
+        cost[fire] += mlp if gate_first else 0.0
         cost[fire if measure == "gate" else undecided] += head
         agree |= fire & (data["top"][index] == data["final"])
         shares.append(float(fire.float().mean()))

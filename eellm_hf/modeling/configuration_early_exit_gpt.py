@@ -33,6 +33,10 @@ class EarlyExitGPTConfig(PreTrainedConfig):
             logit, as CALM's classifier): trained to predict that the exit's top token equals the final head's,
             and read by `generate(..., exit_confidence="gate")` *before* the exit's vocabulary projection, so an
             exit that does not fire costs no projection.
+        exit_gate_before_mlp (`bool`): the gate reads the exit's hidden state after its block and norm but before
+            its MLP (needs `exit_gate` and `exit_mlp`), so an exit that does not fire costs its norm and gate
+            only, not its MLP. Defaults to False: the gate reads the exit's output (the meaning of configs saved
+            without this field).
         tie_exit_heads (`bool`): every exit projects with the final LM head's weight (itself tied to the input
             embedding when `tie_word_embeddings`); otherwise each exit has its own projection.
 
@@ -84,6 +88,7 @@ class EarlyExitGPTConfig(PreTrainedConfig):
     exit_mlp: bool = False
     exit_block: bool = False
     exit_gate: bool = False
+    exit_gate_before_mlp: bool = False
     tie_exit_heads: bool = False
 
     def __post_init__(self, **kwargs):
@@ -150,7 +155,7 @@ class EarlyExitGPTConfig(PreTrainedConfig):
             if not math.isfinite(weight):
                 raise ValueError(f"`exit_loss_weights` entries must be finite, got {weight!r} in "
                                  f"{self.exit_loss_weights!r}.")
-        for name in ("exit_norm", "exit_mlp", "exit_block", "exit_gate", "tie_exit_heads"):
+        for name in ("exit_norm", "exit_mlp", "exit_block", "exit_gate", "exit_gate_before_mlp", "tie_exit_heads"):
             value = getattr(self, name)
             if not isinstance(value, bool):
                 raise TypeError(f"`{name}` must be true or false, got {type(value).__name__} {value!r}.")
@@ -174,6 +179,9 @@ class EarlyExitGPTConfig(PreTrainedConfig):
         for weight in weights:
             if not weight >= 0.0:
                 raise ValueError(f"`exit_loss_weights` entries must be >= 0, got {weight} in {weights}.")
+        if self.exit_gate_before_mlp and not (self.exit_gate and self.exit_mlp):
+            raise ValueError(f"`exit_gate_before_mlp` needs `exit_gate` and `exit_mlp`, got exit_gate={self.exit_gate}"
+                             f" and exit_mlp={self.exit_mlp}.")
 
 
 __all__ = ["EarlyExitGPTConfig"]

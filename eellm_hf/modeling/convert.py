@@ -80,12 +80,12 @@ def llama_to_early_exit(
             an untrained exit reads the intermediate hidden state exactly as the final head would. `"random"`:
             exits initialised from `initializer_range`.
         **exit_options: other `EarlyExitGPTConfig` early-exit fields (`exit_loss_weights`, `exit_norm`,
-            `exit_mlp`, `exit_block`, `exit_gate`, `tie_exit_heads`).
+            `exit_mlp`, `exit_block`, `exit_gate`, `exit_gate_before_mlp`, `tie_exit_heads`).
     """
     if exit_init not in ("copy", "random"):
         raise ValueError(f"exit_init must be 'copy' or 'random', got {exit_init!r}.")
     unknown = set(exit_options) - {"exit_loss_weights", "exit_norm", "exit_mlp", "exit_block", "exit_gate",
-                                   "tie_exit_heads"}
+                                   "exit_gate_before_mlp", "tie_exit_heads"}
     if unknown:
         raise ValueError(f"Unknown early-exit options: {sorted(unknown)}.")
     source = _load(model_or_path)
@@ -168,6 +168,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--exit-mlp", action="store_true")
     parser.add_argument("--exit-block", action="store_true")
     parser.add_argument("--exit-gate", action="store_true", help="learned confidence gates (exit_confidence='gate')")
+    parser.add_argument("--exit-gate-before-mlp", action="store_true",
+                        help="the gates read the exit's state before its MLP (needs --exit-gate and --exit-mlp): an "
+                        "exit that does not fire then skips its MLP")
     parser.add_argument("--tie-exit-heads", action="store_true")
     return parser
 
@@ -186,17 +189,15 @@ def main(argv: list[str] | None = None) -> None:
     except FileNotFoundError as error:
         raise SystemExit(f"eellm-convert: {error}") from None
     _refuse_overwriting_source(source.folder, args.dst_dir)
-    model = llama_to_early_exit(
-        source.load_model(torch.float32),
-        args.exit_layers,
-        exit_init=args.exit_init,
-        exit_loss_weights=args.exit_loss_weights,
-        exit_norm=not args.no_exit_norm,
-        exit_mlp=args.exit_mlp,
-        exit_block=args.exit_block,
-        exit_gate=args.exit_gate,
-        tie_exit_heads=args.tie_exit_heads,
-    )
+    options = dict(exit_loss_weights=args.exit_loss_weights, exit_norm=not args.no_exit_norm,
+                   exit_mlp=args.exit_mlp, exit_block=args.exit_block, exit_gate=args.exit_gate,
+                   exit_gate_before_mlp=args.exit_gate_before_mlp, tie_exit_heads=args.tie_exit_heads)
+    try:
+        EarlyExitGPTConfig(**backbone_fields(source.load_config()), exit_layers=args.exit_layers, **options)
+    except (TypeError, ValueError) as error:  # before loading the weights
+        raise SystemExit(f"eellm-convert: {error}") from None
+    model = llama_to_early_exit(source.load_model(torch.float32), args.exit_layers, exit_init=args.exit_init,
+                                **options)
     model.save_pretrained(args.dst_dir)
     if source.has_tokenizer():
         source.load_tokenizer().save_pretrained(args.dst_dir)

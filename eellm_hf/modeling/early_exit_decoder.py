@@ -154,6 +154,7 @@ class EarlyExitDecoder:
             exit_block_tokens=[0] * len(self.exit_layers),
             exit_head_tokens=[0] * len(self.exit_layers),
             exit_gate_tokens=[0] * len(self.exit_layers),
+            exit_mlp_tokens=[0] * len(self.exit_layers),
         )
         self._pass_cache: dict[Any, Any] = {}
         self.on_last_layer: Callable[[torch.Tensor, list[int], int], None] | None = None
@@ -525,28 +526,34 @@ def decide_exit(
     fire: Callable[[torch.Tensor], list[bool]] | None = None,
 ) -> tuple[list[int], torch.Tensor]:
     """Which of the rows of `hidden` (exit `exit_index`'s block output, one row each) leave at this exit, and their
-    logits: the exit's norm and residual MLP (`EarlyExitGPTExit.after_block`), its projection, then the
-    confidence. With the `"gate"` measure the
-    vocabulary projection runs for the leaving rows only. Counts the work in `stats` when given; `fire` (default
-    `exit_fires`) decides from the logits."""
-    hidden = exit_module.after_block(hidden)
+    logits: the exit's norm and residual MLP, its projection, then the confidence. With the `"gate"` measure the
+    vocabulary projection runs for the leaving rows only, and so does the MLP when the gate reads before it
+    (`config.exit_gate_before_mlp`). Counts the work in `stats` when given; `fire` (default `exit_fires`) decides
+    from the logits."""
+    normed = exit_module.normed(hidden)
     projection = model.exit_projection(exit_index)
-    if settings.confidence == "gate":
+    if settings.confidence != "gate":
+        logits = projection(exit_module.residual_mlp(normed))
         if stats is not None:
-            stats.exit_gate_tokens[exit_index] += hidden.shape[0]
-        confidence = torch.sigmoid(exit_module.gate_logit(hidden).to(confidence_dtype))
-        fired = (confidence >= settings.threshold).nonzero().flatten().tolist()
-        if not fired:
-            return [], hidden[:0]
-        if stats is not None:
-            stats.exit_head_tokens[exit_index] += len(fired)
-        return fired, projection(hidden if len(fired) == hidden.shape[0] else hidden[fired])
-    logits = projection(hidden)
+            stats.exit_mlp_tokens[exit_index] += hidden.shape[0]
+            stats.exit_head_tokens[exit_index] += hidden.shape[0]
+        fires = fire(logits) if fire is not None else exit_fires(logits, settings, confidence_dtype)
+        fired = [index for index, on in enumerate(fires) if on]
+        return fired, logits if len(fired) == logits.shape[0] else logits[fired]
+    before_mlp = exit_module.gate_before_mlp
+    output = None if before_mlp else exit_module.residual_mlp(normed)
+    confidence = torch.sigmoid(exit_module.gate_logit(normed if before_mlp else output).to(confidence_dtype))
+    fired = (confidence >= settings.threshold).nonzero().flatten().tolist()
+    every_row = len(fired) == hidden.shape[0]
+    if before_mlp and fired:
+        output = exit_module.residual_mlp(normed if every_row else normed[fired])
+    elif fired and not every_row:
+        output = output[fired]
     if stats is not None:
-        stats.exit_head_tokens[exit_index] += hidden.shape[0]
-    fires = fire(logits) if fire is not None else exit_fires(logits, settings, confidence_dtype)
-    fired = [index for index, on in enumerate(fires) if on]
-    return fired, logits if len(fired) == logits.shape[0] else logits[fired]
+        stats.exit_gate_tokens[exit_index] += hidden.shape[0]
+        stats.exit_mlp_tokens[exit_index] += len(fired) if before_mlp else hidden.shape[0]
+        stats.exit_head_tokens[exit_index] += len(fired)
+    return fired, projection(output) if fired else hidden[:0]
 
 
 def exit_fires(logits: torch.Tensor, settings: EarlyExitSettings, confidence_dtype: torch.dtype) -> list[bool]:

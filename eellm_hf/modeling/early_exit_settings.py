@@ -153,7 +153,9 @@ class EarlyExitStats:
         padding_token_layers (`int`): token-layers computed only to align the rows of a batch (results unused).
         exit_head_tokens (`list[int]`): tokens whose vocabulary projection each exit evaluated (with the `"gate"`
             measure, only the tokens that left there).
-        exit_gate_tokens (`list[int]`): tokens each exit's confidence gate (and norm and MLP) evaluated.
+        exit_gate_tokens (`list[int]`): tokens each exit's confidence gate (and norm) evaluated.
+        exit_mlp_tokens (`list[int]`): tokens each exit's MLP evaluated (with a gate that reads before the MLP,
+            only the tokens that left there).
         final_head_tokens (`int`): tokens the final norm and LM head evaluated.
         prefill_tokens (`int`): prompt tokens computed in the prefill (all rows).
         completion_token_layers (`int`): token-layers computed after decoding to complete the returned cache
@@ -169,6 +171,7 @@ class EarlyExitStats:
     padding_token_layers: int = 0
     exit_head_tokens: list[int] = field(default_factory=list)
     exit_gate_tokens: list[int] = field(default_factory=list)
+    exit_mlp_tokens: list[int] = field(default_factory=list)
     final_head_tokens: int = 0
     prefill_tokens: int = 0
     completion_token_layers: int = 0

@@ -45,9 +45,12 @@ class EarlyExitModelOutputWithPast(BaseModelOutputWithPast):
         exit_hidden_states (`tuple(torch.Tensor)`, *optional*):
             One `(batch_size, sequence_length, hidden_size)` tensor per exit in `config.exit_layers`, after the
             exit's block, norm and MLP. `None` when exits were not computed.
+        exit_gate_inputs (`tuple(torch.Tensor)`, *optional*): with `config.exit_gate`, what each exit's gate reads
+            (`EarlyExitGPTExit.output_and_gate_input`), of the same shape.
     """
 
     exit_hidden_states: tuple[torch.Tensor, ...] | None = None
+    exit_gate_inputs: tuple[torch.Tensor, ...] | None = None
 
 
 @dataclass
@@ -81,7 +84,9 @@ class EarlyExitGPTExitBlock(LlamaDecoderLayer):
 
 class EarlyExitGPTExit(nn.Module):
     """Everything of exit `exit_index` before its vocabulary projection: block, then norm, then residual MLP; and
-    its confidence gate (`config.exit_gate`), read from that hidden state by `gate_logit`."""
+    its confidence gate (`config.exit_gate`), read by `gate_logit` from the exit's output, or from its normed
+    hidden state before the MLP with `config.exit_gate_before_mlp` (an exit that does not fire then skips its
+    MLP)."""
 
     def __init__(self, config: EarlyExitGPTConfig, exit_index: int):
         super().__init__()
@@ -93,24 +98,40 @@ class EarlyExitGPTExit(nn.Module):
             self.mlp = LlamaMLP(config)
         if config.exit_gate:
             self.gate = nn.Linear(config.hidden_size, 1)
+        self.gate_before_mlp = config.exit_gate_before_mlp
 
-    def gate_logit(self, exit_hidden_states: torch.Tensor) -> torch.Tensor:
-        """The gate's logit per token, `(..., )`, from this exit's output (`forward`); the gate's input is
-        detached, so training it leaves the exit's own representation alone."""
-        return self.gate(exit_hidden_states.detach()).squeeze(-1)
+    def gate_logit(self, gate_input: torch.Tensor) -> torch.Tensor:
+        """The gate's logit per token, `(..., )`, from its input (`output_and_gate_input`); the input is
+        detached, so training the gate leaves the exit's own representation alone."""
+        return self.gate(gate_input.detach()).squeeze(-1)
 
     def forward(self, hidden_states: torch.Tensor, **layer_kwargs) -> torch.Tensor:
         if hasattr(self, "block"):
             hidden_states = self.block(hidden_states, **layer_kwargs)
         return self.after_block(hidden_states)
 
+    def output_and_gate_input(self, hidden_states: torch.Tensor, **layer_kwargs
+                              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The exit's output (`forward`) and what its gate reads (None without a gate)."""
+        if hasattr(self, "block"):
+            hidden_states = self.block(hidden_states, **layer_kwargs)
+        normed = self.normed(hidden_states)
+        output = self.residual_mlp(normed)
+        if not hasattr(self, "gate"):
+            return output, None
+        return output, normed if self.gate_before_mlp else output
+
+    def normed(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The exit's norm (the identity without `config.exit_norm`)."""
+        return self.norm(hidden_states) if hasattr(self, "norm") else hidden_states
+
+    def residual_mlp(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The exit's residual MLP (the identity without `config.exit_mlp`)."""
+        return hidden_states + self.mlp(hidden_states) if hasattr(self, "mlp") else hidden_states
+
     def after_block(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Norm, then residual MLP: the exit after its block (generation runs the block over more columns)."""
-        if hasattr(self, "norm"):
-            hidden_states = self.norm(hidden_states)
-        if hasattr(self, "mlp"):
-            hidden_states = hidden_states + self.mlp(hidden_states)
-        return hidden_states
+        return self.residual_mlp(self.normed(hidden_states))
 
 
 class EarlyExitGPTPreTrainedModel(PreTrainedModel):
@@ -210,17 +231,21 @@ class EarlyExitGPTModel(EarlyExitGPTPreTrainedModel):
         )
 
         exit_of_layer = dict(zip(self.config.exit_layers, self.exits)) if compute_exits else {}
-        exit_hidden_states = []
+        exit_hidden_states, gate_inputs = [], []
         for layer_number, decoder_layer in enumerate(self.layers[: self.config.num_hidden_layers], start=1):
             hidden_states = decoder_layer(hidden_states, **layer_kwargs)
             if layer_number in exit_of_layer:
-                exit_hidden_states.append(exit_of_layer[layer_number](hidden_states, **layer_kwargs))
+                exit_hidden, gate_input = exit_of_layer[layer_number].output_and_gate_input(hidden_states,
+                                                                                            **layer_kwargs)
+                exit_hidden_states.append(exit_hidden)
+                gate_inputs.append(gate_input)
 
         hidden_states = self.norm(hidden_states)
         return EarlyExitModelOutputWithPast(
             last_hidden_state=hidden_states,
             cache=cache,
             exit_hidden_states=tuple(exit_hidden_states) if compute_exits else None,
+            exit_gate_inputs=tuple(gate_inputs) if compute_exits and self.config.exit_gate else None,
         )
 
 
@@ -321,9 +346,9 @@ class EarlyExitGPTForCausalLM(EarlyExitGPTPreTrainedModel, GenerationMixin):
                                   for exit_hidden in outputs.exit_hidden_states]
             exit_logits = tuple(self.exit_projection(index)(exit_hidden)
                                 for index, exit_hidden in enumerate(exit_hidden_states))
-            if self.config.exit_gate:
-                gate_logits = tuple(exit_module.gate_logit(exit_hidden)
-                                    for exit_module, exit_hidden in zip(self.model.exits, exit_hidden_states))
+            if outputs.exit_gate_inputs is not None:
+                gate_logits = tuple(exit_module.gate_logit(slice_logits_to_keep(gate_input, logits_to_keep))
+                                    for exit_module, gate_input in zip(self.model.exits, outputs.exit_gate_inputs))
 
         loss, exit_losses, gate_losses = None, None, None
         if labels is not None:
@@ -380,6 +405,11 @@ def model_card(config: EarlyExitGPTConfig) -> str:
     head_parts = [name for name, on in (("exit block", config.exit_block), ("RMSNorm", config.exit_norm),
                                         ("residual MLP", config.exit_mlp)) if on]
     projection = "the final LM head's weight" if config.tie_exit_heads else "its own projection"
+    gate = ""
+    if config.exit_gate:
+        reads = "its state before the MLP" if config.exit_gate_before_mlp else "its output"
+        gate = (f" Each exit has a learned confidence gate (`exit_confidence=\"gate\"`), which reads {reads}: the"
+                " projection runs only for the tokens that leave.")
     return f"""---
 library_name: transformers
 tags:
@@ -392,7 +422,7 @@ pipeline_tag: text-generation
 
 A Llama-style decoder with {config.num_hidden_layers} layers, hidden size {config.hidden_size} and
 {config.num_exits} early exit(s) besides the final head, in the style of EE-LLM. Each exit applies
-{", ".join(head_parts) or "nothing"} and then {projection}.
+{", ".join(head_parts) or "nothing"} and then {projection}.{gate}
 
 | exit | position | training loss weight |
 |---|---|---|

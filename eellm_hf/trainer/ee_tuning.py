@@ -153,8 +153,8 @@ class FrozenBackboneStep:
                    teacher: TeacherTargets | None) -> torch.Tensor:
         model = self.model
         exit_module = model.model.exits[exit_index].pp_block
-        hidden = exit_module(exit_input)
-        gate_logits = exit_module.gate_logit(hidden) if hasattr(exit_module, "gate") else None
+        hidden, gate_input = exit_module.output_and_gate_input(exit_input)
+        gate_logits = exit_module.gate_logit(gate_input) if gate_input is not None else None
         head = model.exit_lm_heads[exit_index].pp_block
         return head(hidden, labels, teacher=teacher, gate_logits=gate_logits)["loss"]
 

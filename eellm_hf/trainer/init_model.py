@@ -28,7 +28,8 @@ SHAPE_FIELDS = (
 )
 """Model fields that `init_from` configs may not change (they define the parameters to load)."""
 
-EXIT_FIELDS = ("exit_layers", "exit_loss_weights", "exit_norm", "exit_mlp", "exit_block", "exit_gate", "tie_exit_heads")
+EXIT_FIELDS = ("exit_layers", "exit_loss_weights", "exit_norm", "exit_mlp", "exit_block", "exit_gate",
+               "exit_gate_before_mlp", "tie_exit_heads")
 """EarlyExitGPTConfig fields that say which exits a converted checkpoint gets."""
 
 _MARKER = "eellm_init_from.json"

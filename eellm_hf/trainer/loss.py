@@ -94,17 +94,22 @@ class TeacherTargets:
     @classmethod
     @torch.no_grad()
     def from_logits(cls, sharded_logits: torch.Tensor, tp_pg: dist.ProcessGroup, vocab_size: int) -> TeacherTargets:
-        logits = mask_padded_vocab(sharded_logits.float(), vocab_size, _tp_rank(tp_pg))
-        peak = logits.amax(dim=-1, keepdim=True)
+        raw = sharded_logits.float()
+        logits = mask_padded_vocab(raw, vocab_size, _tp_rank(tp_pg))
+        values, indices = logits.max(dim=-1)  # one pass: the softmax's shift and the greedy token
+        top = _global_argmax(values, indices, logits.shape[-1], tp_pg)
+        peak = values.unsqueeze(-1)
         _all_reduce(peak, tp_pg, dist.ReduceOp.MAX)
         probs = (logits - peak).exp_()
         total = probs.sum(dim=-1, keepdim=True)
         _all_reduce(total, tp_pg)
         probs.div_(total)
-        log_probs = logits - peak - total.log()  # not in place: `logits` may be the tensor a stage is still sending
-        neg_entropy = torch.where(probs > 0, probs * log_probs, 0.0).sum(dim=-1)
+        # sum p log p = sum p * z - logsumexp(z), as sum p = 1; on the raw logits, whose padding entries are
+        # finite (with probability 0), not -inf
+        neg_entropy = (probs * raw).sum(dim=-1)
         _all_reduce(neg_entropy, tp_pg)
-        return cls(probs, neg_entropy, vocab_parallel_argmax(probs, tp_pg))
+        neg_entropy -= (peak + total.log()).squeeze(-1)
+        return cls(probs, neg_entropy, top)
 
 
 @torch.no_grad()
@@ -112,7 +117,13 @@ def vocab_parallel_argmax(sharded: torch.Tensor, tp_pg: dist.ProcessGroup) -> to
     """Per token, the global vocabulary id of the largest entry of TP-sharded scores (the lowest id on ties, as
     ``torch.argmax`` on the whole vocabulary). Padding entries must already be ``-inf`` (or 0 probabilities)."""
     values, indices = sharded.max(dim=-1)
-    indices = indices + _tp_rank(tp_pg) * sharded.shape[-1]
+    return _global_argmax(values, indices, sharded.shape[-1], tp_pg)
+
+
+def _global_argmax(values: torch.Tensor, indices: torch.Tensor, shard: int, tp_pg: dist.ProcessGroup) -> torch.Tensor:
+    """The global vocabulary id of the largest entry, from each TP rank's largest entry of its shard
+    (``values``) and its index in the shard; the lowest id on ties."""
+    indices = indices + _tp_rank(tp_pg) * shard
     if tp_pg.size() == 1:
         return indices
     best = values.clone()

@@ -326,6 +326,9 @@ class PipelineExit(EarlyExitGPTExit):
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
         return super().forward(hidden_states, **self.layer_inputs(hidden_states))
 
+    def output_and_gate_input(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        return super().output_and_gate_input(hidden_states, **self.layer_inputs(hidden_states))
+
 
 def _materialize(module: nn.Module, device: torch.device) -> None:
     """Give the parameters still on the meta device uninitialised storage on ``device``."""
