@@ -7,9 +7,9 @@ Cost model (batch 1, multiply-adds per token): a decoder layer costs its matmuls
 every token that reaches it (with ``gate`` and ``exit_gate_before_mlp``, the MLP only on the tokens that leave)
 plus its vocabulary projection on every token whose decision needs it (all of them for ``max_prob``; only the
 tokens that leave for ``gate``), the final head its projection; norms and gates are not counted (a gate is one
-dot product). Deep KV of exited tokens
-is recomputed later in a batched pass, which costs little extra time on a CPU bound by reading weights, so it is
-not counted: the figure is an upper bound of the speedup (``ideal``), not a measurement.
+dot product). Deep KV of exited tokens is recomputed later in a batched pass, which costs little extra time on a
+CPU bound by reading weights, so it is not counted: the figure is an upper bound of the speedup (``ideal``), not a
+measurement.
 """
 
 from __future__ import annotations
@@ -81,7 +81,8 @@ def policy(data: dict[str, torch.Tensor], measure: str, threshold: float, config
     for index, layer in enumerate(layers):
         cost[undecided] += (layer - previous) * unit + block + (0.0 if gate_first else mlp)
         fire = undecided & (data[measure][index] >= threshold)
-        cost[fire] += mlp if gate_first else 0.0
+        if gate_first:
+            cost[fire] += mlp
         cost[fire if measure == "gate" else undecided] += head
         agree |= fire & (data["top"][index] == data["final"])
         shares.append(float(fire.float().mean()))

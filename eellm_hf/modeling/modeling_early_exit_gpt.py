@@ -106,13 +106,11 @@ class EarlyExitGPTExit(nn.Module):
         return self.gate(gate_input.detach()).squeeze(-1)
 
     def forward(self, hidden_states: torch.Tensor, **layer_kwargs) -> torch.Tensor:
-        if hasattr(self, "block"):
-            hidden_states = self.block(hidden_states, **layer_kwargs)
-        return self.after_block(hidden_states)
+        return self.output_and_gate_input(hidden_states, **layer_kwargs)[0]
 
     def output_and_gate_input(self, hidden_states: torch.Tensor, **layer_kwargs
                               ) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """The exit's output (`forward`) and what its gate reads (None without a gate)."""
+        """The exit's output (block, norm, residual MLP) and what its gate reads (None without a gate)."""
         if hasattr(self, "block"):
             hidden_states = self.block(hidden_states, **layer_kwargs)
         normed = self.normed(hidden_states)
@@ -128,10 +126,6 @@ class EarlyExitGPTExit(nn.Module):
     def residual_mlp(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """The exit's residual MLP (the identity without `config.exit_mlp`)."""
         return hidden_states + self.mlp(hidden_states) if hasattr(self, "mlp") else hidden_states
-
-    def after_block(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Norm, then residual MLP: the exit after its block (generation runs the block over more columns)."""
-        return self.residual_mlp(self.normed(hidden_states))
 
 
 class EarlyExitGPTPreTrainedModel(PreTrainedModel):

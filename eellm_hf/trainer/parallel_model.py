@@ -324,7 +324,7 @@ class PipelineExit(EarlyExitGPTExit):
         self.layer_inputs = layer_inputs
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return super().forward(hidden_states, **self.layer_inputs(hidden_states))
+        return self.output_and_gate_input(hidden_states)[0]
 
     def output_and_gate_input(self, hidden_states: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         return super().output_and_gate_input(hidden_states, **self.layer_inputs(hidden_states))
