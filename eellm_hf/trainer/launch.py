@@ -24,7 +24,8 @@ def torchrun_command(config: str | Path, processes: int) -> list[str]:
 def threads_per_rank(processes: int) -> str:
     """``OMP_NUM_THREADS`` for each rank: the caller's, else this machine's usable cores shared out (torchrun's
     own default is 1 whatever the machine)."""
-    return os.environ.get("OMP_NUM_THREADS") or str(max(1, len(os.sched_getaffinity(0)) // processes))
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    return os.environ.get("OMP_NUM_THREADS") or str(max(1, cores // processes))
 
 
 def exec_torchrun(config: str | Path, processes: int) -> None:
