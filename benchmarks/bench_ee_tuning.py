@@ -7,9 +7,13 @@ process CPU time (less sensitive than wall time to other jobs on a shared machin
 at pp=1 and pp=2 through ``torchrun`` (1 process x ``--threads`` threads, 2 processes x 1 thread), each timing its
 steps after a warm-up; tokens/s of both are printed side by side. ``--autocast bfloat16`` (the recipe's
 ``train.autocast``) runs both the step and the forward it is compared with under bf16 autocast.
+``--exit-vocab-sizes 0 8192`` measures the step without and with vocabulary-pruned exits (``model.exit_vocab_size``;
+0: the whole vocabulary) in the same rounds (A B C C B A) and torchrun runs. In process the shortlist is the
+first K token ids (what it costs does not depend on which; the torchrun runs choose it from the data, as the
+trainer does).
 
     python benchmarks/bench_ee_tuning.py [--model smollm2-135m] [--exit-layers 16 22] [--rounds 3]
-                                         [--autocast bfloat16|none]
+                                         [--autocast bfloat16|none] [--exit-vocab-sizes 0 8192]
 """
 
 from __future__ import annotations
@@ -31,20 +35,24 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
-def trainer_config(args: argparse.Namespace, pp: int, out: Path) -> dict:
+def trainer_config(args: argparse.Namespace, pp: int, out: Path, exit_vocab_size: int = 0) -> dict:
+    model = {"init_from": args.model, "exit_layers": args.exit_layers, "exit_mlp": True, "tie_exit_heads": True,
+             "exit_gate": True, "exit_gate_before_mlp": True}
+    if exit_vocab_size:
+        model["exit_vocab_size"] = exit_vocab_size
     return {
-        "model": {"init_from": args.model, "exit_layers": args.exit_layers, "exit_mlp": True, "tie_exit_heads": True,
-                  "exit_gate": True},
+        "model": model,
         "parallelism": {"pp": pp, "timeout_s": 1800},
         "data": {"files": ["builtin:python-stdlib"], "seq_len": args.seq_len},
         "train": {"steps": args.steps, "global_batch_size": args.batch, "micro_batch_size": args.micro_batch,
-                  "lr": 1e-3, "freeze_backbone": True, "exit_distillation": 0.5, "autocast": args.autocast},
-        "run_dir": str(out / f"run_pp{pp}"),
+                  "lr": 1e-3, "freeze_backbone": True, "exit_distillation": 1.0, "autocast": args.autocast},
+        "run_dir": str(out / f"run_pp{pp}_k{exit_vocab_size}"),
     }
 
 
-def in_process(args: argparse.Namespace, out: Path) -> list[float]:
-    """Ratios (EE-Tuning tokens/s over no-grad forward tokens/s) of A B B A rounds in this process."""
+def in_process(args: argparse.Namespace, out: Path) -> dict[int, list[float]]:
+    """Per exit vocabulary size, the ratios (EE-Tuning tokens/s over no-grad forward tokens/s) of A B .. B A rounds
+    in this process."""
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29600 + os.getpid() % 300), RANK="0", WORLD_SIZE="1",
                       LOCAL_RANK="0", LOCAL_WORLD_SIZE="1")
     torch.set_num_threads(args.threads)
@@ -60,11 +68,15 @@ def in_process(args: argparse.Namespace, out: Path) -> list[float]:
     model_config = cfg.model_config()
     init_dir = prepare_init_model(cfg.model.init_from, model_config, cfg.run_dir, is_writer=True)
     ctx = nc.make_parallel_context(1, 1, 1)
-    trainer = ParallelTrainer(model_config, ctx, cfg.train, init_from=init_dir)
+    trainers = {}
+    for size in args.exit_vocab_sizes:
+        shortlist = {"exit_vocab": list(range(size))} if size else {}
+        config = type(model_config).from_dict({**model_config.to_dict(), **shortlist})
+        trainers[size] = ParallelTrainer(config, ctx, cfg.train, init_from=init_dir)
     generator = torch.Generator().manual_seed(0)
     ids = torch.randint(0, model_config.vocab_size, (args.batch, args.seq_len + 1), generator=generator)
     inputs, labels = ids[:, :-1], ids[:, 1:]
-    model = trainer.model
+    model = trainers[args.exit_vocab_sizes[0]].model
 
     precision = (torch.autocast("cpu", dtype=torch.bfloat16) if args.autocast else contextlib.nullcontext())
 
@@ -82,30 +94,43 @@ def in_process(args: argparse.Namespace, out: Path) -> list[float]:
                 hidden = layer.pp_block(hidden)
             model.lm_head.pp_block.sharded_logits(model.model.norm.pp_block(hidden))
 
-    def step(index: int) -> float:
+    def step(size: int, index: int) -> float:
         start = time.process_time()
-        trainer.train_step(index, inputs, labels)
+        trainers[size].train_step(index, inputs, labels)
         return time.process_time() - start
 
-    forward(), step(0)  # warm-up
-    ratios = []
+    sizes = args.exit_vocab_sizes
+    forward()
+    for size in sizes:  # warm-up
+        step(size, 0)
+    ratios: dict[int, list[float]] = {size: [] for size in sizes}
     for round_index in range(args.rounds):
-        a1, b1, b2, a2 = forward(), step(2 * round_index + 1), step(2 * round_index + 2), forward()
-        ratios.append((a1 + a2) / (b1 + b2))
-        print(f"round {round_index}: no-grad forward {a1 + a2:.2f} CPU s, EE-Tuning steps {b1 + b2:.2f} CPU s, "
-              f"ratio {ratios[-1]:.3f}", flush=True)
+        a1 = forward()
+        first = {size: step(size, 2 * round_index + 1) for size in sizes}
+        second = {size: step(size, 2 * round_index + 2) for size in reversed(sizes)}
+        a2 = forward()
+        for size in sizes:
+            ratios[size].append((a1 + a2) / (first[size] + second[size]))
+        print(f"round {round_index}: no-grad forward {a1 + a2:.2f} CPU s, EE-Tuning steps "
+              + ", ".join(f"{_name(size)} {first[size] + second[size]:.2f} CPU s (ratio {ratios[size][-1]:.3f})"
+                          for size in sizes), flush=True)
     return ratios
 
 
-def torchrun_tokens_per_s(args: argparse.Namespace, pp: int, out: Path) -> float:
-    config_path = out / f"pp{pp}.yaml"
-    config_path.write_text(yaml.safe_dump(trainer_config(args, pp, out)))
+def _name(exit_vocab_size: int) -> str:
+    return "whole vocabulary" if not exit_vocab_size else f"shortlist of {exit_vocab_size}"
+
+
+def torchrun_tokens_per_s(args: argparse.Namespace, pp: int, out: Path, exit_vocab_size: int) -> float:
+    config_path = out / f"pp{pp}_k{exit_vocab_size}.yaml"
+    config = trainer_config(args, pp, out, exit_vocab_size)
+    config_path.write_text(yaml.safe_dump(config))
     threads = args.threads if pp == 1 else 1
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
     subprocess.run([sys.executable, "-m", "torch.distributed.run", f"--nproc-per-node={pp}", "-m", "eellm_hf.trainer",
                     "--config", str(config_path)], check=True, env=env, cwd=REPO, stdout=subprocess.DEVNULL,
                    stderr=subprocess.DEVNULL)
-    lines = [json.loads(line) for line in (out / f"run_pp{pp}" / "metrics.jsonl").read_text().splitlines()]
+    lines = [json.loads(line) for line in (Path(config["run_dir"]) / "metrics.jsonl").read_text().splitlines()]
     rates = [entry["tokens_per_s"] for entry in lines if entry.get("split") == "train" and entry["step"] > 1]
     return statistics.median(rates)
 
@@ -123,19 +148,23 @@ def main() -> None:
     parser.add_argument("--skip-torchrun", action="store_true")
     parser.add_argument("--autocast", default="bfloat16", choices=["bfloat16", "none"],
                         help="train.autocast of the step, and the precision of the forward it is compared with")
+    parser.add_argument("--exit-vocab-sizes", type=int, nargs="+", default=[0],
+                        help="model.exit_vocab_size of each variant measured (0: the whole vocabulary)")
     args = parser.parse_args()
     args.autocast = None if args.autocast == "none" else args.autocast
     with tempfile.TemporaryDirectory(prefix="bench_ee_tuning_") as tmp:
         out = Path(tmp)
         ratios = in_process(args, out)
-        print(f"EE-Tuning / no-grad forward tokens/s (autocast: {args.autocast}), 1 process x {args.threads} "
-              "threads: median "
-              f"{statistics.median(ratios):.3f} (rounds {', '.join(f'{r:.3f}' for r in ratios)})")
+        for size, values in ratios.items():
+            print(f"EE-Tuning / no-grad forward tokens/s (autocast: {args.autocast}, {_name(size)}), 1 process x "
+                  f"{args.threads} threads: median {statistics.median(values):.3f} "
+                  f"(rounds {', '.join(f'{r:.3f}' for r in values)})")
         if not args.skip_torchrun:
-            pp1 = torchrun_tokens_per_s(args, 1, out)
-            pp2 = torchrun_tokens_per_s(args, 2, out)
-            print(f"EE-Tuning tokens/s: pp=1 (1 x {args.threads} threads) {pp1:.1f}, pp=2 (2 x 1 thread) {pp2:.1f}: "
-                  f"pp=2 / pp=1 = {pp2 / pp1:.3f}")
+            for size in args.exit_vocab_sizes:
+                pp1 = torchrun_tokens_per_s(args, 1, out, size)
+                pp2 = torchrun_tokens_per_s(args, 2, out, size)
+                print(f"EE-Tuning tokens/s ({_name(size)}): pp=1 (1 x {args.threads} threads) {pp1:.1f}, pp=2 (2 x 1 "
+                      f"thread) {pp2:.1f}: pp=2 / pp=1 = {pp2 / pp1:.3f}")
 
 
 if __name__ == "__main__":

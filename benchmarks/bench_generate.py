@@ -126,7 +126,9 @@ class FlopModel:
         block = matmul_flops(exits[0].block) if config.exit_block and len(exits) else 0.0
         mlps = [matmul_flops(exit_module.mlp) if config.exit_mlp else 0.0 for exit_module in exits]
         gates = [matmul_flops(exit_module.gate) if config.exit_gate else 0.0 for exit_module in exits]
-        projections = [matmul_flops(model.exit_projection(index)) for index in range(len(exits))]
+        # an exit projects onto its shortlist's rows only (`config.exit_vocab`)
+        shortlist = 1.0 if config.exit_vocab is None else len(config.exit_vocab) / config.vocab_size
+        projections = [shortlist * matmul_flops(model.exit_projection(index)) for index in range(len(exits))]
         return cls(matmul_flops(model.model.layers[0]), block, mlps, gates, projections, matmul_flops(model.lm_head),
                    config.num_hidden_layers)
 

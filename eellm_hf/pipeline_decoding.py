@@ -393,6 +393,11 @@ class PipelineEarlyExitGPT:
         """Run this stage's part of every step rank 0 starts, until it closes (ranks other than 0)."""
         if self.is_first:
             raise RuntimeError("rank 0 drives the pipeline: call generate() and close(), not serve()")
+        with self.model.reusing_exit_shortlists():
+            self._serve_steps()
+        self._finish()
+
+    def _serve_steps(self) -> None:
         stage = self.stage
         while True:
             step, hidden = self._receive_step()
@@ -408,7 +413,6 @@ class PipelineEarlyExitGPT:
                                           report)
             if not stage.is_last:
                 self._send_step(dataclasses.replace(step, undecided=undecided), hidden)
-        self._finish()
 
     def _send_decisions(self, step_undecided: list[int], groups: list[tuple[list[int], int, torch.Tensor]]) -> None:
         """To rank 0: the layer that decided each row that arrived undecided (`step_undecided`, indices into the

@@ -32,6 +32,8 @@ def test_ee_tune_demo_runs_end_to_end_and_reuses_phases(tmp_path, tiny_llama_dir
 
     model = AutoModelForCausalLM.from_pretrained(out / "model", trust_remote_code=True)
     assert model.config.exit_gate and model.config.exit_gate_before_mlp and model.config.tie_exit_heads
+    # the recipe's shortlist at the same share of the vocabulary: 8,192 of 49,152 -> 85 of 512
+    assert len(model.config.exit_vocab) == round(8192 * model.config.vocab_size / 49152) == 85
     assert model.generation_config.exit_confidence == "gate"  # the recipe's recommendation, exported
     exits = json.loads((out / "exits.json").read_text())
     assert {row["measure"] for row in exits["policies"]} == {"gate"}
@@ -42,7 +44,8 @@ def test_ee_tune_demo_runs_end_to_end_and_reuses_phases(tmp_path, tiny_llama_dir
                for sample in generate["samples"])
 
     evaluation = json.loads((out / "evaluate.json").read_text())
-    assert set(evaluation["runs"]) == {"full depth", "early exit (gate 0.9)", "exit 1"}
+    # a shortlisted exit's perplexity of real text is infinite: no per-exit run, and the report says why
+    assert set(evaluation["runs"]) == {"full depth", "early exit (gate 0.9)"} and evaluation["exit_vocab_size"] == 85
     full = evaluation["runs"]["full depth"]["metrics"]
     assert full["python_perplexity"]["bits_per_byte"] > 0 and 0.0 <= full["python_completion"]["rougeL"] <= 1.0
     assert evaluation["runs"]["full depth"]["cost"]["mean_exit_layer"] == 2.0  # full depth despite the export
@@ -52,6 +55,7 @@ def test_ee_tune_demo_runs_end_to_end_and_reuses_phases(tmp_path, tiny_llama_dir
 
     report = (out / "report.md").read_text()
     assert "## What the gates could buy" in report and "| full depth |" in report and "speed_quality.png" in report
+    assert "predict among 85 of the 512 tokens only" in report
     second = run_demo(out, "--smoke", "--source", str(tiny_llama_dir), module="eellm_hf.demo")
     assert second.returncode == 0, second.stderr[-3000:]
     assert all(f"[demo] {phase}: done before, reused" in second.stdout for phase in EE_TUNE_PHASES), second.stdout

@@ -31,3 +31,14 @@ def test_cost_model_counts_what_each_token_runs(measure, before_mlp):
     row = policy(DATA, measure, 0.5, cfg)
     assert row["shares"] == [0.5] and row["agreement"] == 1.0
     assert row["ideal_speedup"] == pytest.approx((4 * layer + head) / ((2 * leaving + 2 * staying) / 4), rel=1e-6)
+
+
+@pytest.mark.parametrize("measure", ["gate", "max_prob"])
+def test_a_shortlisted_exit_pays_for_its_shortlist_rows_only(measure):
+    cfg = config(exit_gate_before_mlp=True, exit_vocab=[0, 1, 3, 5, 7, 11, 13, 17])  # 8 of 32 tokens
+    layer, mlp, head, exit_head = layer_cost(cfg), 3 * 8 * 16, 8 * 32, 8 * 8
+    leaving = 2 * layer + mlp + exit_head
+    exit_checked = (mlp + exit_head) if measure == "max_prob" else 0
+    staying = 4 * layer + exit_checked + head
+    row = policy(DATA, measure, 0.5, cfg)
+    assert row["ideal_speedup"] == pytest.approx((4 * layer + head) / ((2 * leaving + 2 * staying) / 4), rel=1e-6)

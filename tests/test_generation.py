@@ -39,6 +39,8 @@ EXIT_CONFIGS = {
     "exit_block": {"exit_block": True},
     "mlp_no_norm": {"exit_mlp": True, "exit_norm": False},
     "tied_heads": {"tie_exit_heads": True},
+    # vocabulary-pruned exits: they predict among 24 of the 64 tokens only
+    "shortlist": {"exit_vocab": list(range(1, VOCAB, 3))[:24]},
 }
 
 
@@ -151,6 +153,9 @@ def test_greedy_matches_oracle(models, config_name, regime):
                                  max_recompute_tokens=cap, return_dict_in_generate=True)
             assert torch.equal(out.sequences, expected), (regime, cap)
             assert out.exit_layers[0].tolist() == expected_layers, (regime, cap)
+            if model.config.exit_vocab is not None:  # a token an exit produced is on its shortlist
+                produced = out.sequences[0, prompt.shape[1]:][out.exit_layers[0] < model.config.num_hidden_layers]
+                assert set(produced.tolist()) <= set(model.config.exit_vocab)
     early = (layers_seen[2] + layers_seen[4]) / sum(layers_seen.values())
     if regime == "often":
         assert early >= 0.6, layers_seen
@@ -177,11 +182,13 @@ def test_top2_margin_and_active_exits_match_oracle(models, config_name):
                 assert out.early_exit_stats.exit_head_tokens[0] == 0  # nothing computed for an inactive exit
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["gate_reads_output", "gate_before_mlp"])
+@pytest.fixture(scope="module", params=[{"exit_gate_before_mlp": False}, {"exit_gate_before_mlp": True},
+                                        {"exit_gate_before_mlp": True, "exit_vocab": list(range(0, VOCAB, 2))}],
+                ids=["gate_reads_output", "gate_before_mlp", "gate_before_mlp_shortlist"])
 def gated_model(request) -> EarlyExitGPTForCausalLM:
     """Exits with confidence gates (random, scaled so that their probabilities spread over (0, 1)), reading the
-    exit's output or (`exit_gate_before_mlp`) its state before the MLP."""
-    model = tiny_model(seed=3, exit_gate=True, exit_mlp=True, exit_gate_before_mlp=request.param)
+    exit's output or (`exit_gate_before_mlp`) its state before the MLP; and with a vocabulary shortlist."""
+    model = tiny_model(seed=3, exit_gate=True, exit_mlp=True, **request.param)
     with torch.no_grad():
         for exit_module in model.model.exits:
             exit_module.gate.weight.mul_(30.0)

@@ -31,6 +31,7 @@ SMALL = dict(num_hidden_layers=4, hidden_size=32, intermediate_size=64, num_atte
     (dict(exit_layers=[1], exit_gate_before_mlp="yes"), r"`exit_gate_before_mlp` must be true or false, got str"),
     (dict(exit_layers=[1], exit_loss_weights=["0.5"]), r"entries must be numbers, got '0\.5'"),
     (dict(exit_layers=[1], exit_loss_weights="0.5"), r"`exit_loss_weights` must be a list, got str '0.5'"),
+    (dict(exit_layers=[1], exit_vocab=[1.5]), r"`exit_vocab` entries must be token ids in \[0, \d+\].*got 1\.5"),
 ])
 def test_config_refuses_values_of_the_wrong_type(fields, message):
     with pytest.raises(TypeError, match=message):
@@ -81,6 +82,25 @@ def test_trainer_model_type_errors_name_the_value(tmp_path):
 
     with pytest.raises(ValueError, match=r"invalid `model` section: `exit_mlp` must be true or false, got str"):
         load_config(_trainer_dict(tmp_path, exit_mlp="false"), check_files=False)
+
+
+@pytest.mark.parametrize(("model", "parallelism", "message"), [
+    (dict(exit_vocab_size=0), {}, r"`model.exit_vocab_size` must be a positive integer, got 0"),
+    (dict(exit_vocab_size="8k"), {}, r"`model.exit_vocab_size` must be a positive integer, got '8k'"),
+    (dict(exit_vocab_size=301), {}, r"`model.exit_vocab_size`=301 exceeds vocab_size=300"),
+    (dict(exit_vocab_size=8, exit_layers=[]), {}, r"`model.exit_vocab_size`=8 but the model has no exits"),
+    (dict(exit_vocab_size=8, exit_vocab=[1, 2]), {}, r"`model.exit_vocab` and `model.exit_vocab_size` are exclusive"),
+    (dict(exit_vocab=[1, 2, 149]), dict(tp=2, pp=1, dp=1),
+     r"`model.exit_vocab` has no token id in \[150, 300\), the vocabulary shard of TP rank 1 of tp=2"),
+])
+def test_trainer_refuses_a_bad_exit_shortlist(tmp_path, model, parallelism, message):
+    from eellm_hf.trainer.config import load_config
+
+    raw = _trainer_dict(tmp_path, **model)
+    if parallelism:
+        raw["parallelism"] = parallelism
+    with pytest.raises(ValueError, match=message):
+        load_config(raw, world_size=2 if parallelism else None, check_files=False)
 
 
 def test_resume_accepts_true_false_auto_only(tmp_path):
@@ -178,6 +198,21 @@ def test_convert_refuses_to_overwrite_its_source(tiny_llama_dir, tmp_path):
 def test_convert_names_bad_exit_options_before_loading(tiny_llama_dir, tmp_path, flags, message):
     from eellm_hf.modeling.convert import main
 
+    with pytest.raises(SystemExit, match=message):
+        main([str(tiny_llama_dir), str(tmp_path / "out"), *flags])
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize(("size", "with_text", "message"), [
+    ("2", False, r"eellm-convert: --exit-vocab-size and --exit-vocab-text go together"),
+    ("0", True, r"eellm-convert: --exit-vocab-size: the exit vocabulary size must be an integer in \[1, \d+\].*got 0"),
+])
+def test_convert_names_a_bad_exit_vocabulary(tiny_llama_dir, tmp_path, size, with_text, message):
+    from eellm_hf.modeling.convert import main
+
+    text = tmp_path / "text.txt"
+    text.write_text("some text to count tokens of")
+    flags = ["--exit-layers", "1", "--exit-vocab-size", size] + (["--exit-vocab-text", str(text)] if with_text else [])
     with pytest.raises(SystemExit, match=message):
         main([str(tiny_llama_dir), str(tmp_path / "out"), *flags])
     assert not (tmp_path / "out").exists()

@@ -143,16 +143,20 @@ def reference_exit_logits(model, ids, mask=None):
     return result
 
 
-@pytest.mark.parametrize("options", [dict(), dict(exit_mlp=True), dict(exit_norm=False, tie_exit_heads=True),
-                                     dict(tie_exit_heads=True, tie_word_embeddings=True)])
-def test_exit_logits_and_loss_by_hand(options):
-    model = build(tiny_config(**options))
+def forward_with_labels(model):
+    """Labels (some ignored), the model's output with them, and the exits' logits computed by hand."""
     ids = torch.randint(3, 97, (2, 10))
     labels = ids.clone()
     labels[0, :4] = -100
     with torch.no_grad():
-        out = model(input_ids=ids, labels=labels)
-        expected_exits = reference_exit_logits(model, ids)
+        return labels, model(input_ids=ids, labels=labels), reference_exit_logits(model, ids)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(exit_mlp=True), dict(exit_norm=False, tie_exit_heads=True),
+                                     dict(tie_exit_heads=True, tie_word_embeddings=True)])
+def test_exit_logits_and_loss_by_hand(options):
+    model = build(tiny_config(**options))
+    labels, out, expected_exits = forward_with_labels(model)
     for ours, ref in zip(out.exit_logits, expected_exits):
         assert (ours - ref).abs().max() <= ATOL
 
@@ -165,6 +169,33 @@ def test_exit_logits_and_loss_by_hand(options):
     assert torch.allclose(out.loss, total, rtol=1e-5, atol=0)
     for ours, ref in zip(out.exit_losses, exit_losses):
         assert torch.allclose(ours, ref, rtol=1e-5, atol=0)
+
+
+@pytest.mark.parametrize("options", [dict(), dict(tie_exit_heads=True, tie_word_embeddings=True)])
+def test_shortlisted_exit_logits_and_loss_by_hand(options):
+    """With `exit_vocab` an exit's logits are its projection at the shortlist's rows and -inf elsewhere, and its
+    cross-entropy sums over the labels it can predict, divided by the number of all labels."""
+    shortlist = list(range(3, 97, 2))
+    model = build(tiny_config(exit_vocab=shortlist[::-1] + shortlist[:5], **options))  # any order, repeats
+    assert model.config.exit_vocab == shortlist
+    labels, out, expected_exits = forward_with_labels(model)
+    outside = torch.ones(97, dtype=torch.bool)
+    outside[shortlist] = False
+    exit_labels = labels.clone()
+    exit_labels[outside[labels.clamp(min=0)] & (labels != -100)] = -100
+    assert (exit_labels != labels).any() and (exit_labels[:, 1:] != -100).any()
+    for ours, ref, loss in zip(out.exit_logits, expected_exits, out.exit_losses):
+        assert torch.isneginf(ours[..., outside]).all()
+        assert (ours[..., shortlist] - ref[..., shortlist]).abs().max() <= ATOL
+        shifted = ours[:, :-1].reshape(-1, 97)
+        expected = F.cross_entropy(shifted, exit_labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+        expected = expected / (labels[:, 1:] != -100).sum()  # a label outside the shortlist costs nothing
+        assert torch.allclose(loss, expected, rtol=1e-5, atol=0)
+    gathered = model._shortlist(model.exit_projection(0).weight)[0]
+    with model.reusing_exit_shortlists():  # generation gathers the shortlist's rows once
+        first = model._shortlist(model.exit_projection(0).weight)[0]
+        assert model._shortlist(model.exit_projection(0).weight)[0] is first and torch.equal(first, gathered)
+    assert model._shortlist(model.exit_projection(0).weight)[0] is not first
 
 
 def test_exit_block_is_a_decoder_layer_on_the_exit_hidden_state():
@@ -209,6 +240,9 @@ INVALID_CONFIGS = [
     dict(vocab_size=-1),
     dict(rms_norm_eps=0.0),
     dict(initializer_range=2.0),
+    dict(exit_vocab=[5, 32000]),
+    dict(exit_vocab=[-1]),
+    dict(exit_vocab=[]),
 ]
 
 
@@ -235,7 +269,7 @@ def test_config_rope_theta_and_round_trip(tmp_path):
 
 
 def test_save_load_round_trip_and_model_card(tmp_path):
-    model = build(tiny_config(exit_mlp=True, exit_block=True))
+    model = build(tiny_config(exit_mlp=True, exit_block=True, exit_vocab=list(range(0, 97, 3))))
     model.save_pretrained(tmp_path)
     files = {p.name for p in tmp_path.iterdir()}
     assert "model.safetensors" in files and not any(name.endswith((".bin", ".pt")) for name in files)
@@ -248,6 +282,7 @@ def test_save_load_round_trip_and_model_card(tmp_path):
         a, b = model(input_ids=ids), loaded(input_ids=ids)
     assert torch.equal(a.logits, b.logits)
     assert all(torch.equal(x, y) for x, y in zip(a.exit_logits, b.exit_logits))
+    assert loaded.config.exit_vocab == list(range(0, 97, 3)) and "33 of its 97 tokens" in card
 
 
 def test_remote_code_loads_without_eellm_hf(tmp_path):
@@ -386,12 +421,15 @@ def test_convert_cli(tmp_path):
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>").save_pretrained(src)
     dst = tmp_path / "ee"
+    text = tmp_path / "tuning.txt"
+    text.write_text("w9 w5 w9 w7\nw5 w9 w7 w3 w5 w9")  # w9 four times, w5 three, w7 twice
     result = subprocess.run([sys.executable, "-m", "eellm_hf.modeling.convert", str(src), str(dst),
-                             "--exit-layers", "1", "3", "--exit-init", "copy"],
+                             "--exit-layers", "1", "3", "--exit-init", "copy",
+                             "--exit-vocab-size", "3", "--exit-vocab-text", str(text)],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr[-3000:]
     model = AutoModelForCausalLM.from_pretrained(dst)
-    assert model.config.exit_layers == [1, 3]
+    assert model.config.exit_layers == [1, 3] and model.config.exit_vocab == [5, 7, 9]
     assert (dst / "tokenizer.json").exists()
     ids = torch.randint(3, 97, (1, 6))
     with torch.no_grad():

@@ -1,15 +1,16 @@
 """Pipeline-parallel early-exit decoding against single-process generation with KV recomputation.
 
 Two models (6 layers, float64 so that decisions cannot differ by rounding): "plain" (exits after layers 1, 3 and 4,
-tied embeddings) and "block" (exit blocks after layers 2 and 4, exits projecting with the final head, learned
-confidence gates, weights saved in shards). One 2-process and one 3-process launch each run both models under two
-layouts, with greedy search, sampling, full depth, `top2_margin` with a subset of exits, the gates (block model),
-and a row that stops at an end-of-sequence token, on batches of prompts of different lengths (left padding); every
-output must equal the single-process `generate` token for token, exit layer for exit layer. The layouts put exits on
-different stages (and a stage without exits); the reference outputs must use exits on at least two stages. Each rank
-also reports the tensors it read and the parameters it materialised: exactly its stage's. A 2-process launch runs
-the CLI (`eellm_hf.generate_cli --pp 2 --json`), which must print what the single-process command prints; a
-3-process launch kills a middle rank during decoding: every rank must end with a clear error, quickly.
+tied embeddings) and "block" (exit blocks after layers 2 and 4, exits projecting with the final head onto a
+shortlist of every other token, learned confidence gates, weights saved in shards). One 2-process and one 3-process
+launch each run both models under two layouts, with greedy search, sampling, full depth, `top2_margin` with a subset
+of exits, the gates (block model), and a row that stops at an end-of-sequence token, on batches of prompts of
+different lengths (left padding); every output must equal the single-process `generate` token for token, exit layer
+for exit layer. The layouts put exits on different stages (and a stage without exits); the reference outputs must
+use exits on at least two stages. Each rank also reports the tensors it read and the parameters it materialised:
+exactly its stage's. A 2-process launch runs the CLI (`eellm_hf.generate_cli --pp 2 --json`), which must print what
+the single-process command prints; a 3-process launch kills a middle rank during decoding: every rank must end with
+a clear error, quickly.
 
 This file is also the worker script (`python tests/test_pipeline_decoding.py MODE SPEC OUT`).
 """
@@ -123,6 +124,8 @@ def model_dirs(tiny_llama_dir, tmp_path_factory) -> dict[str, Path]:
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama_dir)
     dirs = {}
     for name, overrides in MODELS.items():
+        if name == "block":  # vocabulary-pruned exits: every other token of the vocabulary
+            overrides = {**overrides, "exit_vocab": list(range(0, len(tokenizer), 2))}
         out = tmp_path_factory.mktemp(f"pipeline_{name}")
         tokenizer.save_pretrained(out)
         torch.manual_seed(0)

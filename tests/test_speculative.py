@@ -21,6 +21,7 @@ CONFIGS = {
     "exit_block": {"exit_block": True},
     "mlp_no_norm": {"exit_mlp": True, "exit_norm": False},
     "tied_heads": {"tie_exit_heads": True},
+    "shortlist": {"tie_exit_heads": True, "exit_vocab": list(range(0, VOCAB, 2))},  # exits draft among half the tokens
 }
 
 

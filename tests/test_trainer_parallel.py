@@ -17,6 +17,7 @@ needs torch, nanotron and the model's transformers modules only.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import os
 import sys
@@ -99,6 +100,22 @@ CASES = {
         train=dict(freeze_backbone=True, exit_distillation=1.0),
         layouts=[dict(tp=2, pp=2, dp=1), dict(tp=1, pp=4, dp=1, layer_split=[1, 1, 1, 1])],
     ),
+    # Vocabulary-pruned exits (`exit_vocab`, 21 of 61 tokens, on both TP shards of the padded 62): EE-Tuning with
+    # gates and distillation against the teacher restricted to the shortlist, which travels as its shortlisted
+    # columns and greedy token only; labels off the shortlist cost no CE.
+    "shortlist_distill": dict(
+        model=dict(vocab_size=61, exit_layers=[1, 3], exit_loss_weights=[0.5, 1.0], exit_mlp=True,
+                   tie_word_embeddings=True, tie_exit_heads=True, exit_gate=True, exit_gate_before_mlp=True,
+                   exit_vocab=list(range(0, 61, 3))),
+        train=dict(freeze_backbone=True, exit_distillation=0.6, exit_temperature=1.5),
+        layouts=[dict(tp=2, pp=2, dp=1), dict(tp=1, pp=4, dp=1, layer_split=[1, 1, 1, 1]), dict(tp=2, pp=1, dp=2)],
+    ),
+    # ... and trained with the whole model (nanotron's engine), untied heads: only their shortlisted rows learn.
+    "shortlist_ce": dict(
+        model=dict(vocab_size=64, exit_layers=[2], exit_loss_weights=[0.5], exit_vocab=[1, 4, 9, 16, 25, 36, 49]),
+        train=dict(),
+        layouts=[dict(tp=2, pp=2, dp=1), dict(tp=1, pp=2, dp=2)],
+    ),
 }
 
 # Eager attention and llama3 rotary scaling (every other case runs SDPA and the default rope), in exit blocks too.
@@ -149,6 +166,12 @@ def _head_logits(model):
 
     def capture(head, args, kwargs):
         shard = head.sharded_logits(kwargs["hidden_states"]).contiguous()
+        if head.shortlist is not None:  # its shortlisted columns: -inf elsewhere, as the HF model's exit logits
+            full = shard.new_full((*shard.shape[:-1], head.weight.shape[0] * head.pg.size()), float("-inf"))
+            full[..., head.shortlist.ids] = shard
+            torch.distributed.all_reduce(full, op=torch.distributed.ReduceOp.MAX, group=head.pg)
+            captured.setdefault(head.head, []).append(full[..., : head.vocab_size].cpu())
+            return
         pieces = [torch.empty_like(shard) for _ in range(head.pg.size())]
         torch.distributed.all_gather(pieces, shard, group=head.pg)
         captured.setdefault(head.head, []).append(torch.cat(pieces, dim=-1)[..., : head.vocab_size].cpu())
@@ -309,18 +332,21 @@ def _reference_run(config, train, batches: list, freeze: bool):
         n = int((labels != -100).sum())
 
         def ce(logits, labels=labels, n=n):
-            return F.cross_entropy(logits.float().reshape(-1, config.vocab_size), labels.reshape(-1),
+            return F.cross_entropy(logits.float().reshape(-1, logits.shape[-1]), labels.reshape(-1),
                                    ignore_index=-100, reduction="sum") / n
 
         teacher = out.logits.detach()
 
         def exit_loss(logits, teacher=teacher, labels=labels, n=n, w=train.exit_distillation):
             logits = logits / train.exit_temperature
+            real = labels != -100
+            if config.exit_vocab is not None:  # the shortlist's columns; a label off it costs no CE
+                logits, teacher, labels = _on_shortlist(config.exit_vocab, logits, teacher, labels)
             if w == 0.0:
-                return ce(logits)
+                return ce(logits, labels)
             kl = F.kl_div(F.log_softmax(logits.float(), -1), F.log_softmax(teacher.float(), -1), log_target=True,
                           reduction="none").sum(-1)
-            return w * (kl * (labels != -100)).sum() / n + (1 - w) * ce(logits)
+            return w * (kl * real).sum() / n + (1 - w) * ce(logits, labels)
 
         per_head = [exit_loss(x) for x in out.exit_logits] + [ce(out.logits)]
         weights = train.exit_loss_weights_at(step, config.exit_loss_weights)
@@ -344,12 +370,24 @@ def _reference_run(config, train, batches: list, freeze: bool):
     return model, steps
 
 
+def _on_shortlist(shortlist, logits, teacher, labels):
+    """Logits and teacher at the shortlist's columns, labels as columns there (-100 when off the shortlist)."""
+    import torch
+
+    ids = torch.tensor(shortlist)
+    column = torch.full((logits.shape[-1],), -100)
+    column[ids] = torch.arange(len(shortlist))
+    return logits[..., ids], teacher[..., ids], torch.where(labels != -100, column[labels.clamp(min=0)], -100)
+
+
 def _rel(a, b) -> float:
-    """max |a - b| / max |b| (scalars or tensors)."""
+    """max |a - b| / max |b| over the finite entries of b (scalars or tensors); equal infinities (a shortlisted
+    exit's -inf logits) agree."""
     import torch
 
     a, b = torch.as_tensor(a, dtype=torch.float64), torch.as_tensor(b, dtype=torch.float64)
-    return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
+    difference = torch.where(a == b, 0.0, a - b).abs().max()
+    return float(difference / b[torch.isfinite(b)].abs().max().clamp_min(1e-12))
 
 
 @pytest.fixture(scope="module")
@@ -700,7 +738,9 @@ def test_cli_ee_tuning_from_hf_export(kjv_run):
     """EE-Tuning from the exported folder (`model.init_from`, `train.freeze_backbone`): the exit trains, the
     backbone (embedding, layers, final norm and head) stays bit-identical through init, training and export.
     Under a tiny time budget with `steps` 50 as the upper bound: the run stops after the calibration steps plus
-    one (step 5) on both ranks, and the learning rate decays to min_lr at that total, not at 50."""
+    one (step 5) on both ranks, and the learning rate decays to min_lr at that total, not at 50. The exits get a
+    shortlist (`model.exit_vocab_size`): the training split's 96 most frequent labels, saved in the export."""
+    import numpy as np
     import torch
     import yaml
     from safetensors.torch import load_file
@@ -710,7 +750,7 @@ def test_cli_ee_tuning_from_hf_export(kjv_run):
     cfg, tmp = kjv_run["cfg"], kjv_run["dir"]
     tuned = {
         **cfg,
-        "model": {"init_from": cfg["export_hf"]},
+        "model": {"init_from": cfg["export_hf"], "exit_vocab_size": 96},
         "data": {**cfg["data"], "tokenizer": cfg["export_hf"], "validation_sequences": 0},
         "train": {**cfg["train"], "steps": 50, "freeze_backbone": True, "val_interval": 0,
                   "time_budget_minutes": 1e-6},
@@ -732,6 +772,12 @@ def test_cli_ee_tuning_from_hf_export(kjv_run):
     assert set(before) == set(after)
     changed = {k for k in before if not torch.equal(before[k], after[k])}
     assert changed == {k for k in before if k.startswith(("model.exits.", "exit_lm_heads."))}, sorted(changed)
+    rows = np.load(next((Path(tuned["run_dir"]) / "data_cache").glob("packed_*.npy")))  # all training rows
+    counts = np.bincount(rows[:, 1:].reshape(-1), minlength=384)
+    most_frequent = sorted(np.argsort(-counts, kind="stable")[:96].tolist())
+    saved = json.loads((tmp / "hf_tuned" / "config.json").read_text())["exit_vocab"]
+    assert saved == most_frequent and len(saved) == 96
+    assert counts[saved].min() >= np.delete(counts, saved).max()  # no token off the shortlist is more frequent
 
 
 def _check_export(tmp: Path, cfg: dict, last_val: dict) -> None:

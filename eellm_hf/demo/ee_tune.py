@@ -49,7 +49,8 @@ class EETuneDemoSettings:
     """What the demo tunes and measures. The defaults are the ``make demo`` run; :meth:`smoke` is a tiny one.
 
     ``model`` / ``data`` / ``train`` override the recipe's sections (``exit_layers`` defaults to the recipe's exits
-    at the same fractions of depth, for a source of another depth)."""
+    at the same fractions of depth, for a source of another depth, and ``exit_vocab_size`` to the recipe's share
+    of the vocabulary, for a source of another vocabulary size)."""
 
     minutes: float = 7.0
     source: str = "smollm2-135m"
@@ -93,6 +94,7 @@ def exits_at_same_depth(recipe_exits: list[int], recipe_layers: int, num_layers:
 
 
 RECIPE_DEPTH = 30  # the recipe's exits were placed for SmolLM2-135M's 30 layers
+RECIPE_VOCAB = 49152  # ... and its exits' shortlist sized for its vocabulary
 
 
 class EETuneDemo(PhaseRunner):
@@ -118,10 +120,13 @@ class EETuneDemo(PhaseRunner):
 
         settings, recipe = self.settings, self._recipe()
         model = {**recipe["model"], "init_from": settings.source, **settings.model}
+        source = resolve_source(settings.source).load_config()
         if "exit_layers" not in settings.model:
-            num_layers = resolve_source(settings.source).load_config().num_hidden_layers
-            model["exit_layers"] = exits_at_same_depth(recipe["model"]["exit_layers"], RECIPE_DEPTH, num_layers)
+            model["exit_layers"] = exits_at_same_depth(recipe["model"]["exit_layers"], RECIPE_DEPTH,
+                                                       source.num_hidden_layers)
             model["exit_loss_weights"] = [1.0] * len(model["exit_layers"])
+        if "exit_vocab_size" not in settings.model and model.get("exit_vocab_size"):
+            model["exit_vocab_size"] = max(1, round(model["exit_vocab_size"] * source.vocab_size / RECIPE_VOCAB))
         train = {**recipe["train"], "time_budget_minutes": settings.minutes or None, **settings.train}
         config = {**recipe, "model": model, "data": {**recipe["data"], **settings.data},
                   "train": {key: value for key, value in train.items() if value is not None},
@@ -186,8 +191,12 @@ class EETuneDemo(PhaseRunner):
         runs = {"full depth": ("", ["python_pack"]),
                 f"early exit ({early_exit.get('exit_confidence')} {early_exit.get('early_exit_threshold')})":
                     (extra, ["python_completion"])}  # loglikelihood is scored at full depth: generation only
-        runs |= {f"exit {layer}": (f",exit_layer={layer}", ["python_perplexity"]) for layer in config["exit_layers"]}
-        return lm_eval_runs(self.model_dir, runs, self.settings.eval_limit, "python_pack")
+        if config.get("exit_vocab") is None:  # a shortlisted exit gives other tokens probability 0: no perplexity
+            runs |= {f"exit {layer}": (f",exit_layer={layer}", ["python_perplexity"])
+                     for layer in config["exit_layers"]}
+        return {**lm_eval_runs(self.model_dir, runs, self.settings.eval_limit, "python_pack"),
+                "exit_vocab_size": None if config.get("exit_vocab") is None else len(config["exit_vocab"]),
+                "vocab_size": config["vocab_size"]}
 
     def sweep(self) -> dict[str, Any]:
         from ..eval.sweep import sweep_from_args
@@ -206,6 +215,16 @@ class EETuneDemo(PhaseRunner):
     def report(self) -> dict[str, Any]:
         lines = write_report(self.out, self.results)
         return {"report": str(self.out / "report.md"), "lines": lines}
+
+
+def _lm_eval_note(evaluation: dict[str, Any]) -> str:
+    note = ("The early-exit row generates with the export's recommended settings (loglikelihood is scored at full "
+            "depth).")
+    if evaluation.get("exit_vocab_size") is None:
+        return f"Per-exit rows score perplexity with that exit's head. {note}"
+    return (f"{note} The exits predict among {evaluation['exit_vocab_size']:,} of the {evaluation['vocab_size']:,} "
+            "tokens only (a vocabulary shortlist): a token off it has probability 0 at an exit, so an exit's "
+            "perplexity of real text is infinite and is not scored; its agreement above is what it is for.")
 
 
 def _percent(values: list[float]) -> str:
@@ -250,8 +269,7 @@ def write_report(out: Path, results: dict[str, Any]) -> int:
         "",
         f"## lm-eval on the Python task pack (first {evaluation['limit']} documents per task)",
         "",
-        "Per-exit rows score perplexity with that exit's head; the early-exit row generates with the export's "
-        "recommended settings.",
+        _lm_eval_note(evaluation),
         "",
         *lm_eval_table(evaluation),
         "",

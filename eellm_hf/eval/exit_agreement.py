@@ -6,10 +6,10 @@ the compute per token relative to full depth by the cost model below.
 Cost model (batch 1, multiply-adds per token): a decoder layer costs its matmuls, an exit its block and MLP on
 every token that reaches it (with ``gate`` and ``exit_gate_before_mlp``, the MLP only on the tokens that leave)
 plus its vocabulary projection on every token whose decision needs it (all of them for ``max_prob``; only the
-tokens that leave for ``gate``), the final head its projection; norms and gates are not counted (a gate is one
-dot product). Deep KV of exited tokens is recomputed later in a batched pass, which costs little extra time on a
-CPU bound by reading weights, so it is not counted: the figure is an upper bound of the speedup (``ideal``), not a
-measurement.
+tokens that leave for ``gate``; with ``exit_vocab``, onto its shortlist only), the final head its projection;
+norms and gates are not counted (a gate is one dot product). Deep KV of exited tokens is recomputed later in a
+batched pass, which costs little extra time on a CPU bound by reading weights, so it is not counted: the figure
+is an upper bound of the speedup (``ideal``), not a measurement.
 """
 
 from __future__ import annotations
@@ -70,6 +70,8 @@ def exit_agreements(data: dict[str, torch.Tensor]) -> list[float]:
 def policy(data: dict[str, torch.Tensor], measure: str, threshold: float, config: Any) -> dict[str, Any]:
     """First exit whose confidence reaches the threshold: shares, agreement and the cost-model speedup."""
     layers, unit, head = config.exit_layers, layer_cost(config), config.hidden_size * config.vocab_size
+    shortlist = getattr(config, "exit_vocab", None)
+    exit_head = head if shortlist is None else config.hidden_size * len(shortlist)
     mlp = 3 * config.hidden_size * config.intermediate_size if config.exit_mlp else 0.0
     block = unit if config.exit_block else 0.0
     gate_first = measure == "gate" and getattr(config, "exit_gate_before_mlp", False)
@@ -83,7 +85,7 @@ def policy(data: dict[str, torch.Tensor], measure: str, threshold: float, config
         fire = undecided & (data[measure][index] >= threshold)
         if gate_first:
             cost[fire] += mlp
-        cost[fire if measure == "gate" else undecided] += head
+        cost[fire if measure == "gate" else undecided] += exit_head
         agree |= fire & (data["top"][index] == data["final"])
         shares.append(float(fire.float().mean()))
         undecided &= ~fire

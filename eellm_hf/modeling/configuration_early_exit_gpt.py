@@ -39,6 +39,10 @@ class EarlyExitGPTConfig(PreTrainedConfig):
             without this field).
         tie_exit_heads (`bool`): every exit projects with the final LM head's weight (itself tied to the input
             embedding when `tie_word_embeddings`); otherwise each exit has its own projection.
+        exit_vocab (`list[int]`, *optional*): a shortlist of token ids the exits predict among (a vocabulary-pruned
+            exit head): each exit projects onto these rows of its projection only, and every other token gets
+            logit -inf (probability 0), so a leaving token costs `len(exit_vocab) / vocab_size` of a full
+            projection. Stored sorted and without repeats. `None` (the default): the whole vocabulary.
 
     Example:
 
@@ -90,6 +94,7 @@ class EarlyExitGPTConfig(PreTrainedConfig):
     exit_gate: bool = False
     exit_gate_before_mlp: bool = False
     tie_exit_heads: bool = False
+    exit_vocab: list[int] | None = None
 
     def __post_init__(self, **kwargs):
         if self.num_key_value_heads is None:
@@ -103,6 +108,7 @@ class EarlyExitGPTConfig(PreTrainedConfig):
             self.exit_loss_weights = [1.0] * len(self.exit_layers)
         self.exit_loss_weights = [float(weight) for weight in self.exit_loss_weights]
         self.validate_exits()
+        self.exit_vocab = self._checked_exit_vocab()
         super().__post_init__(**kwargs)
 
     @property
@@ -182,6 +188,23 @@ class EarlyExitGPTConfig(PreTrainedConfig):
         if self.exit_gate_before_mlp and not (self.exit_gate and self.exit_mlp):
             raise ValueError(f"`exit_gate_before_mlp` needs `exit_gate` and `exit_mlp`, got exit_gate={self.exit_gate}"
                              f" and exit_mlp={self.exit_mlp}.")
+
+    def _checked_exit_vocab(self) -> list[int] | None:
+        """`exit_vocab` sorted and without repeats, after checking that it lists token ids of this vocabulary."""
+        ids = self.exit_vocab
+        if ids is None:
+            return None
+        if not isinstance(ids, (list, tuple)):
+            raise TypeError(f"`exit_vocab` must be a list of token ids or None, got {type(ids).__name__} {ids!r}.")
+        if not ids:
+            raise ValueError("`exit_vocab` must list at least one token id, got [] (None: the whole vocabulary).")
+        for token in ids:
+            wrong_type = not isinstance(token, numbers.Integral) or isinstance(token, bool)
+            if wrong_type or not 0 <= token < self.vocab_size:
+                raise (TypeError if wrong_type else ValueError)(
+                    f"`exit_vocab` entries must be token ids in [0, {self.vocab_size - 1}] "
+                    f"(vocab_size={self.vocab_size}), got {token!r}.")
+        return sorted({int(token) for token in ids})
 
 
 __all__ = ["EarlyExitGPTConfig"]

@@ -80,12 +80,12 @@ def llama_to_early_exit(
             an untrained exit reads the intermediate hidden state exactly as the final head would. `"random"`:
             exits initialised from `initializer_range`.
         **exit_options: other `EarlyExitGPTConfig` early-exit fields (`exit_loss_weights`, `exit_norm`,
-            `exit_mlp`, `exit_block`, `exit_gate`, `exit_gate_before_mlp`, `tie_exit_heads`).
+            `exit_mlp`, `exit_block`, `exit_gate`, `exit_gate_before_mlp`, `tie_exit_heads`, `exit_vocab`).
     """
     if exit_init not in ("copy", "random"):
         raise ValueError(f"exit_init must be 'copy' or 'random', got {exit_init!r}.")
     unknown = set(exit_options) - {"exit_loss_weights", "exit_norm", "exit_mlp", "exit_block", "exit_gate",
-                                   "exit_gate_before_mlp", "tie_exit_heads"}
+                                   "exit_gate_before_mlp", "tie_exit_heads", "exit_vocab"}
     if unknown:
         raise ValueError(f"Unknown early-exit options: {sorted(unknown)}.")
     source = _load(model_or_path)
@@ -139,6 +139,25 @@ def _copy_final_head_into_exits(model: EarlyExitGPTForCausalLM) -> None:
             model.exit_lm_heads[index].weight.copy_(model.lm_head.weight)
 
 
+def exit_vocab_from_counts(counts: torch.Tensor, size: int) -> list[int]:
+    """The `size` most frequent token ids by `counts` (occurrences of each id; ties go to the lower id), sorted:
+    a shortlist for `EarlyExitGPTConfig.exit_vocab`, e.g. from the text an early-exit model is tuned on."""
+    if not isinstance(size, int) or isinstance(size, bool) or not 1 <= size <= counts.numel():
+        raise ValueError(f"the exit vocabulary size must be an integer in [1, {counts.numel()}] (the vocabulary), "
+                         f"got {size!r}.")
+    order = torch.argsort(counts.to(torch.int64), descending=True, stable=True)
+    return sorted(order[:size].tolist())
+
+
+def count_tokens(tokenizer, texts: list[str], vocab_size: int) -> torch.Tensor:
+    """Occurrences of each token id in `texts` as `tokenizer` encodes them (no special tokens added)."""
+    counts = torch.zeros(vocab_size, dtype=torch.int64)
+    for text in texts:
+        ids = torch.tensor(tokenizer(text, add_special_tokens=False)["input_ids"], dtype=torch.int64)
+        counts += torch.bincount(ids, minlength=vocab_size)[:vocab_size]
+    return counts
+
+
 def early_exit_to_llama(model: EarlyExitGPTForCausalLM) -> LlamaForCausalLM:
     """Drop the exits: a `LlamaForCausalLM` with the same backbone and final head (same final logits)."""
     config = model.config
@@ -172,7 +191,32 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the gates read the exit's state before its MLP (needs --exit-gate and --exit-mlp): an "
                         "exit that does not fire then skips its MLP")
     parser.add_argument("--tie-exit-heads", action="store_true")
+    parser.add_argument("--exit-vocab-size", type=int, default=None, metavar="K",
+                        help="vocabulary-pruned exits: they predict among the K tokens most frequent in "
+                        "--exit-vocab-text only (config.exit_vocab)")
+    parser.add_argument("--exit-vocab-text", type=Path, nargs="+", default=None, metavar="FILE",
+                        help="text files whose token counts choose the exits' shortlist (with --exit-vocab-size)")
     return parser
+
+
+def _exit_vocab_from_text(args: argparse.Namespace, source, vocab_size: int) -> list[int] | None:
+    """The shortlist `--exit-vocab-size` and `--exit-vocab-text` ask for (None without them)."""
+    if (args.exit_vocab_size is None) != (args.exit_vocab_text is None):
+        raise SystemExit("eellm-convert: --exit-vocab-size and --exit-vocab-text go together (got only "
+                         f"{'--exit-vocab-size' if args.exit_vocab_text is None else '--exit-vocab-text'})")
+    if args.exit_vocab_size is None:
+        return None
+    missing = [str(path) for path in args.exit_vocab_text if not path.is_file()]
+    if missing:
+        raise SystemExit(f"eellm-convert: --exit-vocab-text: no such file: {', '.join(missing)}")
+    if not source.has_tokenizer():
+        raise SystemExit(f"eellm-convert: --exit-vocab-text needs the source's tokenizer; {args.src} has none")
+    texts = [path.read_text(encoding="utf-8", errors="replace") for path in args.exit_vocab_text]
+    counts = count_tokens(source.load_tokenizer(), texts, vocab_size)
+    try:
+        return exit_vocab_from_counts(counts, args.exit_vocab_size)
+    except ValueError as error:
+        raise SystemExit(f"eellm-convert: --exit-vocab-size: {error}") from None
 
 
 def _refuse_overwriting_source(src_dir: Path, dst_dir: Path) -> None:
@@ -192,10 +236,12 @@ def main(argv: list[str] | None = None) -> None:
     options = dict(exit_loss_weights=args.exit_loss_weights, exit_norm=not args.no_exit_norm,
                    exit_mlp=args.exit_mlp, exit_block=args.exit_block, exit_gate=args.exit_gate,
                    exit_gate_before_mlp=args.exit_gate_before_mlp, tie_exit_heads=args.tie_exit_heads)
+    fields = backbone_fields(source.load_config())
     try:
-        EarlyExitGPTConfig(**backbone_fields(source.load_config()), exit_layers=args.exit_layers, **options)
+        EarlyExitGPTConfig(**fields, exit_layers=args.exit_layers, **options)
     except (TypeError, ValueError) as error:  # before loading the weights
         raise SystemExit(f"eellm-convert: {error}") from None
+    options["exit_vocab"] = _exit_vocab_from_text(args, source, fields["vocab_size"])
     model = llama_to_early_exit(source.load_model(torch.float32), args.exit_layers, exit_init=args.exit_init,
                                 **options)
     model.save_pretrained(args.dst_dir)

@@ -526,14 +526,13 @@ def decide_exit(
     fire: Callable[[torch.Tensor], list[bool]] | None = None,
 ) -> tuple[list[int], torch.Tensor]:
     """Which of the rows of `hidden` (exit `exit_index`'s block output, one row each) leave at this exit, and their
-    logits: the exit's norm and residual MLP, its projection, then the confidence. With the `"gate"` measure the
-    vocabulary projection runs for the leaving rows only, and so does the MLP when the gate reads before it
-    (`config.exit_gate_before_mlp`). Counts the work in `stats` when given; `fire` (default `exit_fires`) decides
-    from the logits."""
+    logits: the exit's norm and residual MLP, its projection (`exit_logits`), then the confidence. With the
+    `"gate"` measure the vocabulary projection runs for the leaving rows only, and so does the MLP when the gate
+    reads before it (`config.exit_gate_before_mlp`). Counts the work in `stats` when given; `fire` (default
+    `exit_fires`) decides from the logits."""
     normed = exit_module.normed(hidden)
-    projection = model.exit_projection(exit_index)
     if settings.confidence != "gate":
-        logits = projection(exit_module.residual_mlp(normed))
+        logits = model.exit_logits(exit_index, exit_module.residual_mlp(normed))
         if stats is not None:
             stats.exit_mlp_tokens[exit_index] += hidden.shape[0]
             stats.exit_head_tokens[exit_index] += hidden.shape[0]
@@ -553,7 +552,7 @@ def decide_exit(
         stats.exit_gate_tokens[exit_index] += hidden.shape[0]
         stats.exit_mlp_tokens[exit_index] += len(fired) if before_mlp else hidden.shape[0]
         stats.exit_head_tokens[exit_index] += len(fired)
-    return fired, projection(output) if fired else hidden[:0]
+    return fired, model.exit_logits(exit_index, output) if fired else hidden[:0]
 
 
 def exit_fires(logits: torch.Tensor, settings: EarlyExitSettings, confidence_dtype: torch.dtype) -> list[bool]:

@@ -200,7 +200,8 @@ def generate_with_decoder(
     base_arguments["custom_generate"] = functools.partial(
         decoding, early_exit_settings=settings, early_exit_streamer=streamer, **decoding_kwargs
     )
-    return generate(**base_arguments, **kwargs)
+    with model.reusing_exit_shortlists():
+        return generate(**base_arguments, **kwargs)
 
 
 def _decoded_batch_size(base_arguments: dict[str, Any], kwargs: dict[str, Any],

@@ -10,6 +10,8 @@ This file is self-contained apart from single-dot imports of its neighbours, so 
 as remote code.
 """
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -259,11 +261,48 @@ class EarlyExitGPTForCausalLM(EarlyExitGPTPreTrainedModel, GenerationMixin):
             self.exit_lm_heads = nn.ModuleList(
                 [nn.Linear(config.hidden_size, config.vocab_size, bias=False) for _ in range(config.num_exits)]
             )
+        self._shortlist_weights: dict | None = None  # see `reusing_exit_shortlists`
         self.post_init()
 
     def exit_projection(self, exit_index: int) -> nn.Linear:
         """The vocabulary projection of exit `exit_index` (the final LM head when exits are tied)."""
         return self.lm_head if self.config.tie_exit_heads else self.exit_lm_heads[exit_index]
+
+    def exit_logits(self, exit_index: int, exit_hidden: torch.Tensor) -> torch.Tensor:
+        """Exit `exit_index`'s next-token logits from its output (`exit_hidden_states`): its projection, onto the
+        rows of `config.exit_vocab` only when set (every other token then gets -inf: probability 0)."""
+        projection = self.exit_projection(exit_index)
+        if self.config.exit_vocab is None:
+            return projection(exit_hidden)
+        weight, ids = self._shortlist(projection.weight)
+        shortlist_logits = nn.functional.linear(exit_hidden, weight)
+        logits = shortlist_logits.new_full((*shortlist_logits.shape[:-1], projection.out_features), float("-inf"))
+        logits[..., ids] = shortlist_logits
+        return logits
+
+    def _shortlist(self, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The rows of `weight` at `config.exit_vocab`, and those ids as a tensor on its device."""
+        cache = self._shortlist_weights
+        key = (weight.data_ptr(), weight.device, weight.dtype)
+        if cache is not None and key in cache:
+            return cache[key]
+        ids = torch.tensor(self.config.exit_vocab, device=weight.device)
+        rows = (weight.index_select(0, ids), ids)
+        if cache is not None:
+            cache[key] = rows
+        return rows
+
+    @contextlib.contextmanager
+    def reusing_exit_shortlists(self) -> Iterator[None]:
+        """Within this block the exits' shortlisted projection rows (`config.exit_vocab`) are gathered once and
+        reused: generation runs in one, as the weights do not change while it decodes. Without it, every call
+        gathers them afresh (so that training and edited weights are always seen)."""
+        outer = self._shortlist_weights
+        self._shortlist_weights = {} if outer is None else outer
+        try:
+            yield
+        finally:
+            self._shortlist_weights = outer
 
     def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
                                 mean_resizing: bool = True) -> nn.Embedding:
@@ -338,7 +377,7 @@ class EarlyExitGPTForCausalLM(EarlyExitGPTPreTrainedModel, GenerationMixin):
         if outputs.exit_hidden_states is not None:
             exit_hidden_states = [slice_logits_to_keep(exit_hidden, logits_to_keep)
                                   for exit_hidden in outputs.exit_hidden_states]
-            exit_logits = tuple(self.exit_projection(index)(exit_hidden)
+            exit_logits = tuple(self.exit_logits(index, exit_hidden)
                                 for index, exit_hidden in enumerate(exit_hidden_states))
             if outputs.exit_gate_inputs is not None:
                 gate_logits = tuple(exit_module.gate_logit(slice_logits_to_keep(gate_input, logits_to_keep))
@@ -348,8 +387,10 @@ class EarlyExitGPTForCausalLM(EarlyExitGPTPreTrainedModel, GenerationMixin):
         if labels is not None:
             loss = self.loss_function(logits=logits, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
             if exit_logits is not None:
+                exit_labels, exit_kwargs = shortlisted_labels(labels, self.config.exit_vocab, kwargs)
                 exit_losses = tuple(
-                    self.loss_function(logits=exit_logit, labels=labels, vocab_size=self.config.vocab_size, **kwargs)
+                    self.loss_function(logits=exit_logit, labels=exit_labels, vocab_size=self.config.vocab_size,
+                                       **exit_kwargs)
                     for exit_logit in exit_logits
                 )
                 for weight, exit_loss in zip(self.config.exit_loss_weights, exit_losses):
@@ -379,6 +420,28 @@ class EarlyExitGPTForCausalLM(EarlyExitGPTPreTrainedModel, GenerationMixin):
             card.write_text(model_card(self.config))
 
 
+def shortlisted_labels(labels: torch.LongTensor, exit_vocab: list[int] | None, loss_kwargs: dict
+                       ) -> tuple[torch.LongTensor, dict]:
+    """The labels and loss arguments of an exit restricted to `exit_vocab`: a label outside it, which the exit can
+    never predict, costs nothing (-100), and the mean stays over every real label (`num_items_in_batch`), so the
+    exit's loss is the sum of its listed labels' cross-entropies over all of them. Unchanged without a shortlist."""
+    if exit_vocab is None:
+        return labels, loss_kwargs
+    ids = torch.tensor(exit_vocab, device=labels.device)
+
+    def listed(targets: torch.Tensor) -> torch.Tensor:
+        return targets.masked_fill(~torch.isin(targets, ids) & (targets != -100), -100)
+
+    loss_kwargs = dict(loss_kwargs)
+    shift_labels = loss_kwargs.get("shift_labels")
+    if loss_kwargs.get("num_items_in_batch") is None:
+        shifted = shift_labels if shift_labels is not None else labels[..., 1:]
+        loss_kwargs["num_items_in_batch"] = (shifted != -100).sum()
+    if shift_labels is not None:
+        loss_kwargs["shift_labels"] = listed(shift_labels)
+    return listed(labels), loss_kwargs
+
+
 def gate_loss(gate_logits: torch.Tensor, exit_logits: torch.Tensor, logits: torch.Tensor,
               labels: torch.LongTensor) -> torch.Tensor:
     """Mean binary cross-entropy of an exit's gate against "the exit's greedy token is the final head's", over the
@@ -399,6 +462,10 @@ def model_card(config: EarlyExitGPTConfig) -> str:
     head_parts = [name for name, on in (("exit block", config.exit_block), ("RMSNorm", config.exit_norm),
                                         ("residual MLP", config.exit_mlp)) if on]
     projection = "the final LM head's weight" if config.tie_exit_heads else "its own projection"
+    shortlist = ""
+    if config.exit_vocab is not None:
+        shortlist = (f" The exits predict among {len(config.exit_vocab)} of its {config.vocab_size} tokens only (a"
+                     " vocabulary shortlist, `config.exit_vocab`), so a leaving token pays that share of a projection.")
     gate = ""
     if config.exit_gate:
         reads = "its state before the MLP" if config.exit_gate_before_mlp else "its output"
@@ -416,7 +483,7 @@ pipeline_tag: text-generation
 
 A Llama-style decoder with {config.num_hidden_layers} layers, hidden size {config.hidden_size} and
 {config.num_exits} early exit(s) besides the final head, in the style of EE-LLM. Each exit applies
-{", ".join(head_parts) or "nothing"} and then {projection}.{gate}
+{", ".join(head_parts) or "nothing"} and then {projection}.{shortlist}{gate}
 
 | exit | position | training loss weight |
 |---|---|---|

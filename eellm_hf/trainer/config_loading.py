@@ -117,12 +117,12 @@ def _parse_model(section: Any, base: Path) -> ModelSection:
     from eellm_hf.modeling.configuration_early_exit_gpt import EarlyExitGPTConfig
     from eellm_hf.modeling.sources import BUNDLED_MODELS
 
-    allowed = [*EarlyExitGPTConfig.__annotations__, *_EXTRA_MODEL_KEYS, "init_from"]
+    allowed = [*EarlyExitGPTConfig.__annotations__, *_EXTRA_MODEL_KEYS, "init_from", "exit_vocab_size"]
     fields = _check_keys("model", section, allowed)
     init_from = fields.pop("init_from", None)
     if init_from is not None and not (isinstance(init_from, str) and init_from in BUNDLED_MODELS):
         init_from = _resolve("model.init_from", init_from, base)
-    return ModelSection(fields=fields, init_from=init_from)
+    return ModelSection(fields=fields, init_from=init_from, exit_vocab_size=fields.pop("exit_vocab_size", None))
 
 
 def _model_tokenizer(model: ModelSection, run_dir: Path) -> Path | None:

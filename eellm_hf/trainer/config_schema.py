@@ -18,7 +18,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Literal
 
-from .config_checks import is_int, need, need_choice
+from .config_checks import check_shortlist_shards, is_int, need, need_choice
 from .init_model import SHAPE_FIELDS, check_init_from
 from .tokenizer_files import check_tokenizer, is_tokenizer_dir
 from .train_schedules import ExitLossWeightSchedule, LayerDropout
@@ -38,11 +38,18 @@ class ModelSection:
 
     fields: dict[str, Any]
     init_from: Path | str | None = None  # a folder, a .gguf file, or a bundled model's name (kept as a string)
+    # the exits' shortlist (EarlyExitGPTConfig.exit_vocab): the K tokens most frequent in the training split
+    exit_vocab_size: int | None = None
     _pretrained_config: Any = dataclasses.field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.fields, Mapping):
             raise ValueError(f"`model` must be a mapping, got {type(self.fields).__name__}: {self.fields!r}")
+        if self.exit_vocab_size is not None:
+            need(is_int(self.exit_vocab_size) and self.exit_vocab_size >= 1,
+                 f"`model.exit_vocab_size` must be a positive integer, got {self.exit_vocab_size!r}")
+            need("exit_vocab" not in self.fields, "`model.exit_vocab` and `model.exit_vocab_size` are exclusive: "
+                 "give the shortlist, or its size to choose it from the training data")
         if self.init_from is not None:
             if isinstance(self.init_from, str) and self.init_from not in _bundled_models():
                 self.init_from = Path(self.init_from)
@@ -109,6 +116,7 @@ class ParallelismConfig:
         for name in ("num_attention_heads", "num_key_value_heads", "intermediate_size"):
             value = getattr(model, name)
             need(value % self.tp == 0, f"model.{name}={value} is not divisible by parallelism.tp={self.tp}")
+        check_shortlist_shards(model.exit_vocab, model.vocab_size, self.tp)
 
     @property
     def world_size(self) -> int:
@@ -431,6 +439,10 @@ class TrainerConfig:
               f"`data.seq_len`={data.seq_len} exceeds model.max_position_embeddings={model.max_position_embeddings}")
         if train.freeze_backbone:
             need(model.num_exits > 0, "`train.freeze_backbone` is true but the model has no exits to train")
+        size = self.model.exit_vocab_size
+        if size is not None:
+            need(model.num_exits > 0, f"`model.exit_vocab_size`={size} but the model has no exits")
+            need(size <= model.vocab_size, f"`model.exit_vocab_size`={size} exceeds vocab_size={model.vocab_size}")
         self._check_export_generation(model)
         need(not model.exit_gate or train.freeze_backbone,
               "`model.exit_gate` needs `train.freeze_backbone: true` in this trainer: the gates learn to predict the "
@@ -498,6 +510,9 @@ class TrainerConfig:
         out: dict[str, Any] = {"model": dict(self.model.fields)}
         if self.model.init_from is not None:
             out["model"]["init_from"] = str(self.model.init_from)
+        if self.model.exit_vocab_size is not None:  # the shortlist it chose from the data (if yet) is derived
+            out["model"].pop("exit_vocab", None)
+            out["model"]["exit_vocab_size"] = self.model.exit_vocab_size
         out["parallelism"] = _plain(self.parallelism)
         data = _plain(self.data)
         spec = data.pop("train_bpe")

@@ -8,7 +8,8 @@ nanotron's pipeline engine and runs, on every rank:
    non-blocking point-to-point sends), keeping the input of each exit on this stage;
 2. on the last stage, the final head (its loss is logged; with ``train.exit_distillation`` or exit gates its
    logits are the teacher of the exits' distillation and the target of their gates, and are sent, TP shard by TP
-   shard, to the stages that hold exits: one message a micro-batch for all of a stage's exits);
+   shard, to the stages that hold exits: one message a micro-batch for all of a stage's exits; with exit
+   shortlists, ``config.exit_vocab``, only the shortlist's columns and the greedy token travel);
 3. each exit's forward and backward, from its saved input (and teacher), micro-batch by micro-batch.
 
 The losses and their normalisation are those of :class:`~eellm_hf.trainer.loss.MultiExitLoss`, so a step gives
@@ -28,13 +29,18 @@ from typing import Any
 
 import torch
 
-from .loss import TeacherTargets, vocab_parallel_token_losses
+from .exit_shortlist import ShortlistShard
+from .loss import TeacherTargets, teacher_top, vocab_parallel_token_losses
 from .nanotron_compat import ParallelContext, dist
 from .parallel_model import ParallelEarlyExitGPT
 
 __all__ = ["FrozenBackboneStep", "run_stage_layers"]
 
-_HIDDEN_TAG, _TEACHER_TAG = 1, 2
+_HIDDEN_TAG, _TEACHER_TAG, _TEACHER_TOP_TAG = 1, 2, 3
+
+Teacher = tuple[torch.Tensor, ...]
+"""What the last stage keeps and sends of the final head per micro-batch: its TP shard of the logits; with
+exit shortlists, only their columns and the greedy token over the whole vocabulary."""
 
 
 def run_stage_layers(model: ParallelEarlyExitGPT, stage: int, hidden: torch.Tensor,
@@ -62,8 +68,12 @@ class FrozenBackboneStep:
         self.autocast = autocast
         self.teacher_dtype = autocast or self.dtype
         self.device_type = parallel_context.device.type
-        self.teacher_width = model.padded_vocab // parallel_context.tp_pg.size()  # the final head's TP shard
         self.pp_pg, self.tp_pg = parallel_context.pp_pg, parallel_context.tp_pg
+        tp, shard = self.tp_pg.size(), model.padded_vocab // self.tp_pg.size()  # the final head's TP shard
+        shortlist = model.config.exit_vocab
+        self.shortlist = None if shortlist is None else ShortlistShard.of(
+            shortlist, shard, dist.get_rank(self.tp_pg) if tp > 1 else 0, tp, parallel_context.device)
+        self.teacher_width = shard if self.shortlist is None else self.shortlist.rows.numel()
         self.stage = dist.get_rank(self.pp_pg)
         self.last_stage = model.layout.last_stage
         self.local_exits = [j for j in range(len(model.layout.exit_layers))
@@ -97,7 +107,7 @@ class FrozenBackboneStep:
             if needs_teacher and self.local_exits and teacher is None:
                 teacher = self._receive_teacher(micro_batch["labels"])
             if teacher is not None:  # once per micro-batch, for every exit of this stage
-                teacher = TeacherTargets.from_logits(teacher, self.tp_pg, self.model.config.vocab_size)
+                teacher = self._teacher_targets(teacher)
             with self._autocast():
                 losses = [self._exit_loss(j, exit_inputs[index][j], micro_batch["labels"], teacher)
                           for j in self.local_exits]
@@ -115,9 +125,9 @@ class FrozenBackboneStep:
     @torch.no_grad()
     def _backbone_forward(self, micro_batch: dict[str, torch.Tensor], needs_teacher: bool,
                           sends: list[tuple[dist.Work, torch.Tensor]]
-                          ) -> tuple[dict[int, torch.Tensor], torch.Tensor | None]:
+                          ) -> tuple[dict[int, torch.Tensor], Teacher | None]:
         """This stage's layers on one micro-batch: the inputs of its exits, and (last stage, ``needs_teacher``) the
-        teacher logits kept for its own exits."""
+        teacher kept for its own exits."""
         model, stage = self.model, self.stage
         backbone = model.model
         input_ids, layer_keep = micro_batch["input_ids"], micro_batch.get("layer_keep")
@@ -139,15 +149,28 @@ class FrozenBackboneStep:
                              vocab_parallel_token_losses(logits, labels, head.pg, head.vocab_size))
         if not needs_teacher:
             return exit_inputs, None
-        logits = logits.to(self.teacher_dtype).contiguous()
+        if self.shortlist is None:
+            teacher = (logits.to(self.teacher_dtype).contiguous(),)
+        else:  # the exits need the shortlist's columns and the greedy token only
+            teacher = (logits[..., self.shortlist.rows].to(self.teacher_dtype).contiguous(),
+                       teacher_top(logits, self.tp_pg, model.config.vocab_size).contiguous())
         for target in self.teacher_stages:
-            sends.append((dist.isend(logits, dst=self._peer(target), group=self.pp_pg, tag=_TEACHER_TAG), logits))
-        return exit_inputs, logits if self.local_exits else None
+            for tag, tensor in zip((_TEACHER_TAG, _TEACHER_TOP_TAG), teacher):
+                sends.append((dist.isend(tensor, dst=self._peer(target), group=self.pp_pg, tag=tag), tensor))
+        return exit_inputs, teacher if self.local_exits else None
 
-    def _receive_teacher(self, labels: torch.Tensor) -> torch.Tensor:
-        teacher = self._empty(labels, self.teacher_width, self.teacher_dtype)
-        dist.recv(teacher, src=self._peer(self.last_stage), group=self.pp_pg, tag=_TEACHER_TAG)
-        return teacher
+    def _receive_teacher(self, labels: torch.Tensor) -> Teacher:
+        teacher = [self._empty(labels, self.teacher_width, self.teacher_dtype)]
+        if self.shortlist is not None:
+            teacher.append(torch.empty_like(labels))
+        for tag, tensor in zip((_TEACHER_TAG, _TEACHER_TOP_TAG), teacher):
+            dist.recv(tensor, src=self._peer(self.last_stage), group=self.pp_pg, tag=tag)
+        return tuple(teacher)
+
+    def _teacher_targets(self, teacher: Teacher) -> TeacherTargets:
+        if self.shortlist is None:
+            return TeacherTargets.from_logits(teacher[0], self.tp_pg, self.model.config.vocab_size)
+        return TeacherTargets.from_shortlist(teacher[0], teacher[1], self.tp_pg)
 
     def _exit_loss(self, exit_index: int, exit_input: torch.Tensor, labels: torch.Tensor,
                    teacher: TeacherTargets | None) -> torch.Tensor:

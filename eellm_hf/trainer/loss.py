@@ -40,6 +40,8 @@ __all__ = [
     "TeacherTargets",
     "distillation_token_losses",
     "gate_token_losses",
+    "shortlist_token_losses",
+    "teacher_top",
     "summarize_losses",
     "vocab_parallel_argmax",
     "vocab_parallel_token_losses",
@@ -85,7 +87,12 @@ def vocab_parallel_token_losses(
 class TeacherTargets:
     """The final head's distribution over this TP rank's vocabulary shard, the teacher of self-distillation and
     the target of exit gates: ``probs`` (fp32, 0 on padding entries), ``neg_entropy`` (per token ``sum p log p``
-    over the whole vocabulary) and ``top``. Computed once per micro-batch and shared by every exit of a stage."""
+    over the whole vocabulary) and ``top``. Computed once per micro-batch and shared by every exit of a stage.
+
+    For exits with a vocabulary shortlist (``config.exit_vocab``) the teacher is the final head's distribution
+    restricted to the shortlist and renormalised there (:meth:`from_shortlist`): ``probs`` and ``neg_entropy`` over
+    this rank's shortlisted columns (:class:`~eellm_hf.trainer.exit_shortlist.ShortlistShard`), ``top`` still the
+    final head's greedy token over the whole vocabulary (an exit cannot agree with a token off its shortlist)."""
 
     probs: torch.Tensor
     neg_entropy: torch.Tensor
@@ -97,38 +104,64 @@ class TeacherTargets:
         raw = sharded_logits.float()
         logits = mask_padded_vocab(raw, vocab_size, _tp_rank(tp_pg))
         values, indices = logits.max(dim=-1)  # one pass: the softmax's shift and the greedy token
-        top = _global_argmax(values, indices, logits.shape[-1], tp_pg)
-        peak = values.unsqueeze(-1)
-        _all_reduce(peak, tp_pg, dist.ReduceOp.MAX)
-        probs = (logits - peak).exp_()
-        total = probs.sum(dim=-1, keepdim=True)
-        _all_reduce(total, tp_pg)
-        probs.div_(total)
-        # sum p log p = sum p * z - logsumexp(z), as sum p = 1; on the raw logits, whose padding entries are
-        # finite (with probability 0), not -inf
-        neg_entropy = (probs * raw).sum(dim=-1)
-        _all_reduce(neg_entropy, tp_pg)
-        neg_entropy -= (peak + total.log()).squeeze(-1)
+        top = _global_argmax(values, indices + _tp_rank(tp_pg) * logits.shape[-1], tp_pg)
+        # on the raw logits, whose padding entries are finite (with probability 0), not -inf
+        probs, neg_entropy = _softmax_and_neg_entropy(logits, raw, values, tp_pg)
+        return cls(probs, neg_entropy, top)
+
+    @classmethod
+    @torch.no_grad()
+    def from_shortlist(cls, shortlisted_logits: torch.Tensor, top: torch.Tensor,
+                       tp_pg: dist.ProcessGroup) -> TeacherTargets:
+        """The teacher restricted to a shortlist, from the final head's logits at this rank's shortlisted columns
+        and its greedy token over the whole vocabulary (:func:`teacher_top`)."""
+        logits = shortlisted_logits.float()
+        probs, neg_entropy = _softmax_and_neg_entropy(logits, logits, logits.amax(dim=-1), tp_pg)
         return cls(probs, neg_entropy, top)
 
 
+def _softmax_and_neg_entropy(logits: torch.Tensor, raw: torch.Tensor, local_peak: torch.Tensor,
+                             tp_pg: dist.ProcessGroup) -> tuple[torch.Tensor, torch.Tensor]:
+    """The softmax of TP-sharded ``logits`` (each rank's largest entry ``local_peak``) and ``sum p log p`` per
+    token, as ``sum p * raw - logsumexp`` (``raw``: the logits with finite values where ``logits`` has -inf)."""
+    peak = local_peak.unsqueeze(-1).clone()
+    _all_reduce(peak, tp_pg, dist.ReduceOp.MAX)
+    probs = (logits - peak).exp_()
+    total = probs.sum(dim=-1, keepdim=True)
+    _all_reduce(total, tp_pg)
+    probs.div_(total)
+    neg_entropy = (probs * raw).sum(dim=-1)  # sum p log p = sum p * z - logsumexp(z), as sum p = 1
+    _all_reduce(neg_entropy, tp_pg)
+    neg_entropy -= (peak + total.log()).squeeze(-1)
+    return probs, neg_entropy
+
+
 @torch.no_grad()
-def vocab_parallel_argmax(sharded: torch.Tensor, tp_pg: dist.ProcessGroup) -> torch.Tensor:
+def teacher_top(sharded_logits: torch.Tensor, tp_pg: dist.ProcessGroup, vocab_size: int) -> torch.Tensor:
+    """The final head's greedy token (global id) from its TP-sharded logits (padding entries never win)."""
+    return vocab_parallel_argmax(mask_padded_vocab(sharded_logits, vocab_size, _tp_rank(tp_pg)), tp_pg)
+
+
+@torch.no_grad()
+def vocab_parallel_argmax(sharded: torch.Tensor, tp_pg: dist.ProcessGroup,
+                          column_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Per token, the global vocabulary id of the largest entry of TP-sharded scores (the lowest id on ties, as
-    ``torch.argmax`` on the whole vocabulary). Padding entries must already be ``-inf`` (or 0 probabilities)."""
+    ``torch.argmax`` on the whole vocabulary). Padding entries must already be ``-inf`` (or 0 probabilities).
+    ``column_ids``: the global id of each column (default: this rank's contiguous shard of the vocabulary)."""
     values, indices = sharded.max(dim=-1)
-    return _global_argmax(values, indices, sharded.shape[-1], tp_pg)
+    if column_ids is None:
+        return _global_argmax(values, indices + _tp_rank(tp_pg) * sharded.shape[-1], tp_pg)
+    return _global_argmax(values, column_ids[indices], tp_pg)
 
 
-def _global_argmax(values: torch.Tensor, indices: torch.Tensor, shard: int, tp_pg: dist.ProcessGroup) -> torch.Tensor:
-    """The global vocabulary id of the largest entry, from each TP rank's largest entry of its shard
-    (``values``) and its index in the shard; the lowest id on ties."""
-    indices = indices + _tp_rank(tp_pg) * shard
+def _global_argmax(values: torch.Tensor, ids: torch.Tensor, tp_pg: dist.ProcessGroup) -> torch.Tensor:
+    """The global vocabulary id of the largest entry, from each TP rank's largest entry (``values``) and its
+    global id (``ids``); the lowest id on ties."""
     if tp_pg.size() == 1:
-        return indices
+        return ids
     best = values.clone()
     dist.all_reduce(best, op=dist.ReduceOp.MAX, group=tp_pg)
-    candidate = torch.where(values == best, indices, torch.iinfo(indices.dtype).max)
+    candidate = torch.where(values == best, ids, torch.iinfo(ids.dtype).max)
     dist.all_reduce(candidate, op=dist.ReduceOp.MIN, group=tp_pg)
     return candidate
 
@@ -153,45 +186,52 @@ def _all_reduce(tensor: torch.Tensor, tp_pg: dist.ProcessGroup, op: Any = None) 
 
 class _DistillationCrossEntropy(torch.autograd.Function):
     """Per-token ``w * KL(teacher || softmax(z)) + (1 - w) * CE(z, label)`` on TP-sharded logits ``z`` (fp32), in
-    one pass over the vocabulary: with ``lse = logsumexp(z)``, ``KL = sum p log p - sum p z + lse`` and
-    ``CE = lse - z[label]``; the gradient is ``softmax(z) - w * p - (1 - w) * onehot(label)``. Tokens whose label
-    is ``IGNORE_INDEX`` give 0 and no gradient."""
+    one pass over the columns: with ``lse = logsumexp(z)``, ``KL = sum p log p - sum p z + lse`` and
+    ``CE = lse - z[label]``; the gradient is ``softmax(z) - w * p - (1 - w) * onehot(label)``.
+
+    ``label_column``: the label's column on this rank (-1: elsewhere); ``real``: tokens with a label (the KL
+    counts them); ``listed``: tokens whose label the head can predict (the CE counts them; ``real`` for a whole
+    vocabulary). Columns from ``width`` on are padding (probability 0). Without a teacher ``w`` must be 0."""
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, teacher: TeacherTargets, labels: torch.Tensor, weight: float,
-                vocab_size: int, tp_pg: dist.ProcessGroup) -> torch.Tensor:
-        shard = logits.shape[-1]
-        start = _tp_rank(tp_pg) * shard
+    def forward(ctx, logits: torch.Tensor, teacher: TeacherTargets | None, label_column: torch.Tensor,
+                real: torch.Tensor, listed: torch.Tensor, weight: float, width: int,
+                tp_pg: dist.ProcessGroup) -> torch.Tensor:
         peak = logits.amax(dim=-1, keepdim=True)  # padding entries may raise it: still a valid shift
         _all_reduce(peak, tp_pg, dist.ReduceOp.MAX)
         probs = (logits - peak).exp_()
-        if start + shard > vocab_size:
-            probs[..., vocab_size - start:] = 0.0
+        if width < logits.shape[-1]:
+            probs[..., width:] = 0.0
         total = probs.sum(dim=-1, keepdim=True)
         _all_reduce(total, tp_pg)
         probs.div_(total)
         lse = (peak + total.log()).squeeze(-1)
-        cross = (teacher.probs * logits).sum(dim=-1)  # padding: teacher probability 0
-        _all_reduce(cross, tp_pg)
-        local = labels - start
-        in_shard = (local >= 0) & (local < shard) & (labels != IGNORE_INDEX)
-        local = torch.where(in_shard, local, 0)
-        label_logit = torch.where(in_shard, logits.gather(-1, local.unsqueeze(-1)).squeeze(-1), 0.0)
+        in_shard = label_column >= 0
+        column = label_column.clamp(min=0)
+        label_logit = torch.where(in_shard, logits.gather(-1, column.unsqueeze(-1)).squeeze(-1), 0.0)
         _all_reduce(label_logit, tp_pg)
-        real = labels != IGNORE_INDEX
-        losses = weight * (teacher.neg_entropy - cross + lse) + (1.0 - weight) * (lse - label_logit)
-        ctx.save_for_backward(probs, teacher.probs, local, in_shard, real)
+        losses = (1.0 - weight) * (lse - label_logit) * listed
+        if teacher is not None:
+            cross = (teacher.probs * logits).sum(dim=-1)  # padding: teacher probability 0
+            _all_reduce(cross, tp_pg)
+            losses = losses + weight * (teacher.neg_entropy - cross + lse) * real
+        ctx.save_for_backward(probs, column, in_shard, real, listed)
+        ctx.teacher_probs = None if teacher is None else teacher.probs
         ctx.weight = weight
-        return losses * real
+        return losses
 
     @staticmethod
     def backward(ctx, grad_losses: torch.Tensor) -> tuple:
-        probs, teacher_probs, local, in_shard, real = ctx.saved_tensors
-        grad = probs.sub_(teacher_probs, alpha=ctx.weight)  # the saved softmax is not needed any more
-        hard = torch.where(in_shard, 1.0 - ctx.weight, 0.0).to(grad.dtype)
-        grad.scatter_add_(-1, local.unsqueeze(-1), -hard.unsqueeze(-1))
-        grad.mul_((grad_losses * real).unsqueeze(-1))
-        return grad, None, None, None, None, None
+        probs, column, in_shard, real, listed = ctx.saved_tensors
+        weight = ctx.weight
+        # d/dz of w * real * KL + (1 - w) * listed * CE (the saved softmax is not needed any more)
+        grad = probs.mul_((weight * real + (1.0 - weight) * listed).unsqueeze(-1))
+        if ctx.teacher_probs is not None:
+            grad.sub_(ctx.teacher_probs * (weight * real).unsqueeze(-1))
+        hard = torch.where(in_shard, 1.0 - weight, 0.0).to(grad.dtype)
+        grad.scatter_add_(-1, column.unsqueeze(-1), -hard.unsqueeze(-1))
+        grad.mul_(grad_losses.unsqueeze(-1))
+        return grad, None, None, None, None, None, None, None
 
 
 def distillation_token_losses(
@@ -200,7 +240,27 @@ def distillation_token_losses(
 ) -> torch.Tensor:
     """Per-token ``weight * KL(teacher || exit) + (1 - weight) * CE`` (fp32) of an exit's TP-sharded logits
     ``(batch, seq, vocab_padded / tp)``; ``0`` where the label is ``IGNORE_INDEX``."""
-    return _DistillationCrossEntropy.apply(sharded_logits.float(), teacher, labels, float(weight), vocab_size, tp_pg)
+    shard = sharded_logits.shape[-1]
+    start = _tp_rank(tp_pg) * shard
+    real = labels != IGNORE_INDEX
+    local = labels - start
+    label_column = torch.where(real & (local >= 0) & (local < shard), local, -1)
+    width = min(max(vocab_size - start, 0), shard)
+    return _DistillationCrossEntropy.apply(sharded_logits.float(), teacher, label_column, real, real, float(weight),
+                                           width, tp_pg)
+
+
+def shortlist_token_losses(
+    shortlisted_logits: torch.Tensor, teacher: TeacherTargets | None, label_column: torch.Tensor,
+    labels: torch.Tensor, listed: torch.Tensor, tp_pg: dist.ProcessGroup, weight: float,
+) -> torch.Tensor:
+    """Per-token losses (fp32) of an exit with a vocabulary shortlist, from its logits at this rank's shortlisted
+    columns: ``weight * KL(teacher restricted to the shortlist || exit) + (1 - weight) * CE``, where a label off
+    the shortlist (``listed`` False) costs no CE; ``label_column``: the label's column here (-1: elsewhere)."""
+    real = labels != IGNORE_INDEX
+    return _DistillationCrossEntropy.apply(shortlisted_logits.float(), teacher if weight > 0.0 else None,
+                                           label_column, real, listed & real, float(weight),
+                                           shortlisted_logits.shape[-1], tp_pg)
 
 
 class MultiExitLoss:

@@ -95,8 +95,10 @@ def head_flops_per_token(config: Any) -> float:
 
 
 def exit_flops_per_token(config: Any) -> float:
-    """Forward FLOPs per token of one exit: its projection, plus its MLP and block when it has them."""
-    flops = head_flops_per_token(config)
+    """Forward FLOPs per token of one exit: its projection (onto its shortlist's rows with ``exit_vocab``), plus its
+    MLP and block when it has them."""
+    shortlist = getattr(config, "exit_vocab", None)
+    flops = head_flops_per_token(config) * (1.0 if shortlist is None else len(shortlist) / config.vocab_size)
     if getattr(config, "exit_mlp", False):
         flops += 2.0 * 3 * config.hidden_size * config.intermediate_size
     if getattr(config, "exit_block", False):
@@ -349,6 +351,7 @@ class TensorParallelBuilder:
     tp_pg: dist.ProcessGroup
     device: torch.device
     loss: MultiExitLoss
+    exit_vocab: list[int] | None = None  # the exits' shortlist (config.exit_vocab): their heads project onto it
 
     def __call__(self, name: str, build: Callable[[], nn.Module]) -> nn.Module:
         with torch.device("meta"):
@@ -377,8 +380,9 @@ class TensorParallelBuilder:
             raise TypeError(f"{name}: TP_PLAN style {style!r} does not apply to a {type(module).__name__}")
         if style == "vocab":  # a head: the final one, or exit_lm_heads.{j}
             head = self.loss.final_index if name == "lm_head" else int(name.rpartition(".")[2])
+            shortlist = None if head == self.loss.final_index else self.exit_vocab
             return VocabParallelHead(module.in_features, padded_vocab_size(module.out_features, tp),
-                                     module.out_features, tp_pg, self.loss, head, device)
+                                     module.out_features, tp_pg, self.loss, head, device, shortlist)
         split = module.out_features if style == "colwise" else module.in_features
         if split % tp:
             raise ValueError(f"{name}: {split} features are not divisible by tp={tp}")
@@ -443,7 +447,7 @@ class ParallelEarlyExitGPT(nn.Module):
         with the pipeline's inputs (:class:`PipelineDecoderLayer`, :class:`PipelineExit`); every exit has a head
         on its stage, a copy of the HF model's ``exit_projection`` (the final head's with ``tie_exit_heads``)."""
         config, hf_model = self.config, hf_meta_model(self.config)
-        builder = TensorParallelBuilder(self.parallel_context.tp_pg, device, self.loss)
+        builder = TensorParallelBuilder(self.parallel_context.tp_pg, device, self.loss, config.exit_vocab)
         hidden, labelled = {"hidden_states"}, {"hidden_states", "labels"}
 
         def block(name: str, build: Callable[[], nn.Module], inputs: set[str], outputs: set[str] = hidden,

@@ -121,9 +121,24 @@ def _prepare(cfg: TrainerConfig, ctx: ParallelContext, world_rank: int) -> tuple
     train_set, val_set = train_val_split(PackedDataset(rows), data.validation, seed=data.shuffle_seed)
     if len(train_set) < 1:
         raise ValueError("no training sequences: more text or a smaller data.seq_len is needed")
+    if cfg.model.exit_vocab_size is not None:
+        model_config = _with_exit_shortlist(cfg, train_set)
     trainer = ParallelTrainer(model_config, ctx, cfg.train, layer_split=par.layer_split, pp_engine=par.pp_engine,
                               init_from=init_dir)
     return trainer, train_set, val_set
+
+
+def _with_exit_shortlist(cfg: TrainerConfig, train_set: Any) -> Any:
+    """``model.exit_vocab_size``: the model config with the exits' shortlist, the training split's most frequent
+    label tokens (every rank holds the same split, so every rank chooses the same)."""
+    from .exit_shortlist import exit_vocab_of_training_data
+
+    labels = train_set.rows[train_set.indices, 1:]
+    vocab_size = cfg.model_config().vocab_size
+    cfg.model.fields["exit_vocab"] = exit_vocab_of_training_data(labels, cfg.model.exit_vocab_size, vocab_size)
+    model_config = cfg.model_config()
+    cfg.parallelism.check_model(model_config)
+    return model_config
 
 
 def _resume(cfg: TrainerConfig, ctx: ParallelContext, trainer: ParallelTrainer, layout: dict[str, int]

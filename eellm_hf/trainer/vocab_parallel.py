@@ -10,13 +10,16 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
+from .exit_shortlist import ShortlistShard
 from .loss import (
     MultiExitLoss,
     TeacherTargets,
     distillation_token_losses,
     gate_token_losses,
     mask_padded_vocab,
+    shortlist_token_losses,
     vocab_parallel_argmax,
     vocab_parallel_token_losses,
 )
@@ -27,6 +30,7 @@ from .nanotron_compat import (
     TensorParallelEmbedding,
     TensorParallelLinearMode,
     TensorPointer,
+    differentiable_identity,
     dist,
 )
 
@@ -59,19 +63,29 @@ class VocabParallelHead(TensorParallelColumnLinear):
     temperature in training mode. With a ``teacher`` (the final head's distribution) and the loss's
     ``distillation`` weight w > 0, an exit's token losses are ``w * KL(teacher || exit) + (1 - w) * CE``. With
     ``gate_logits`` (the exit's confidence gate) and a teacher, the gate's loss (:func:`gate_token_losses`) is
-    added to the returned loss.
+    added to the returned loss. An exit with a vocabulary ``shortlist`` (``config.exit_vocab``) projects onto its
+    shortlisted rows only (:class:`ShortlistShard`), against a teacher restricted to them.
     """
 
     def __init__(self, hidden_size: int, padded_vocab: int, vocab_size: int, tp_pg: dist.ProcessGroup,
-                 loss: MultiExitLoss, head: int, device: torch.device | None = None) -> None:
+                 loss: MultiExitLoss, head: int, device: torch.device | None = None,
+                 shortlist: list[int] | None = None) -> None:
         super().__init__(hidden_size, padded_vocab, pg=tp_pg, mode=TP_MODE, bias=False, device=device)
         self.vocab_size = vocab_size
         self.loss = loss
         self.head = head
+        tp = tp_pg.size()
+        self.shortlist = None if shortlist is None else ShortlistShard.of(
+            shortlist, padded_vocab // tp, dist.get_rank(tp_pg) if tp > 1 else 0, tp, device)
 
     def sharded_logits(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """This TP rank's shard of the logits (padded vocabulary entries not masked)."""
-        return super().forward(hidden_states)
+        """This TP rank's shard of the logits (padded vocabulary entries not masked); with a shortlist, its
+        shortlisted columns only."""
+        if self.shortlist is None:
+            return super().forward(hidden_states)
+        # as nanotron's column-parallel linear in ALL_REDUCE mode: the input's gradient is summed over TP ranks
+        rows = self.weight.index_select(0, self.shortlist.rows)
+        return F.linear(differentiable_identity(hidden_states, group=self.pg), rows)
 
     def forward(self, hidden_states: torch.Tensor, labels: torch.Tensor,
                 teacher: TeacherTargets | None = None,
@@ -81,20 +95,31 @@ class VocabParallelHead(TensorParallelColumnLinear):
         if is_exit and self.training and self.loss.temperature != 1.0:
             sharded_logits = sharded_logits / self.loss.temperature
         weight = self.loss.distillation
-        if is_exit and teacher is not None and weight > 0.0:
+        distilled = is_exit and teacher is not None and weight > 0.0
+        if self.shortlist is not None:
+            shortlist, weight = self.shortlist, weight if distilled else 0.0
+            token_losses = shortlist_token_losses(sharded_logits, teacher, shortlist.label_columns(labels), labels,
+                                                  shortlist.listed_labels(labels), self.pg, weight)
+        elif distilled:
             token_losses = distillation_token_losses(sharded_logits, teacher, labels, self.pg, self.vocab_size,
                                                      weight)
         else:
             token_losses = vocab_parallel_token_losses(sharded_logits, labels, self.pg, self.vocab_size)
         loss = self.loss.head_loss(self.head, token_losses)
         if is_exit and gate_logits is not None and teacher is not None:
-            exit_top = vocab_parallel_argmax(mask_padded_vocab(sharded_logits.detach(), self.vocab_size,
-                                                               dist.get_rank(self.pg)), self.pg)
-            loss = loss + self.loss.gate_loss(self.head, gate_token_losses(gate_logits, exit_top, teacher.top, labels))
+            loss = loss + self.loss.gate_loss(self.head, gate_token_losses(gate_logits, self._top(sharded_logits),
+                                                                           teacher.top, labels))
         if not is_exit and torch.is_grad_enabled() and not loss.requires_grad:
             # Frozen final head (EE-Tuning): nanotron's engine needs a loss that requires grad.
             loss = loss + torch.zeros((), device=loss.device, requires_grad=True)
         return {"loss": loss}
+
+    def _top(self, sharded_logits: torch.Tensor) -> torch.Tensor:
+        """This head's greedy token (global vocabulary id) from its sharded logits."""
+        if self.shortlist is not None:
+            return vocab_parallel_argmax(sharded_logits.detach(), self.pg, self.shortlist.ids)
+        masked = mask_padded_vocab(sharded_logits.detach(), self.vocab_size, dist.get_rank(self.pg))
+        return vocab_parallel_argmax(masked, self.pg)
 
 
 class ExitHeadBlock(PipelineBlock):
