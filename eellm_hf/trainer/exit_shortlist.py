@@ -60,11 +60,15 @@ class ShortlistShard:
         return (labels != IGNORE_INDEX) & self.listed[labels.clamp(min=0)]
 
 
-def exit_vocab_of_training_data(label_rows: np.ndarray, size: int, vocab_size: int) -> list[int]:
-    """The ``size`` tokens most frequent among ``label_rows`` (the training split's labels; ties to the lower
-    id), sorted: the shortlist ``model.exit_vocab_size`` asks for."""
+def exit_vocab_of_training_data(rows: np.ndarray, indices: np.ndarray, size: int, vocab_size: int,
+                                chunk_rows: int = 4096) -> list[int]:
+    """The ``size`` tokens most frequent among the labels of the training split (``rows[indices]``, packed rows
+    whose labels are ``row[1:]``; ties to the lower id), sorted: the shortlist ``model.exit_vocab_size`` asks for.
+    Counted ``chunk_rows`` rows at a time, so a memory-mapped split is never copied whole."""
     from eellm_hf.modeling.convert import exit_vocab_from_counts
 
-    labels = np.asarray(label_rows).reshape(-1)
-    counts = np.bincount(labels[(labels >= 0) & (labels < vocab_size)], minlength=vocab_size)
+    counts = np.zeros(vocab_size, dtype=np.int64)
+    for start in range(0, len(indices), chunk_rows):
+        labels = np.asarray(rows[np.sort(indices[start:start + chunk_rows]), 1:]).reshape(-1)
+        counts += np.bincount(labels[(labels >= 0) & (labels < vocab_size)], minlength=vocab_size)
     return exit_vocab_from_counts(torch.from_numpy(counts), size)

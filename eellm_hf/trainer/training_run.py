@@ -133,9 +133,9 @@ def _with_exit_shortlist(cfg: TrainerConfig, train_set: Any) -> Any:
     label tokens (every rank holds the same split, so every rank chooses the same)."""
     from .exit_shortlist import exit_vocab_of_training_data
 
-    labels = train_set.rows[train_set.indices, 1:]
     vocab_size = cfg.model_config().vocab_size
-    cfg.model.fields["exit_vocab"] = exit_vocab_of_training_data(labels, cfg.model.exit_vocab_size, vocab_size)
+    cfg.model.fields["exit_vocab"] = exit_vocab_of_training_data(train_set.rows, train_set.indices,
+                                                                 cfg.model.exit_vocab_size, vocab_size)
     model_config = cfg.model_config()
     cfg.parallelism.check_model(model_config)
     return model_config
