@@ -326,6 +326,19 @@ def test_resize_token_embeddings_resizes_exit_heads():
     assert out.logits.shape[-1] == 120 and all(e.shape[-1] == 120 for e in out.exit_logits)
 
 
+def test_resize_token_embeddings_keeps_the_shortlist_inside_the_vocabulary():
+    model = build(tiny_config(exit_vocab=[3, 50, 90]))
+    model.resize_token_embeddings(120)
+    assert model.config.exit_vocab == [3, 50, 90]
+    model.resize_token_embeddings(60)
+    assert model.config.exit_vocab == [3, 50]
+    out = model(input_ids=torch.randint(3, 60, (1, 5)))
+    assert all(torch.isfinite(e[..., [3, 50]]).all() and e.shape[-1] == 60 for e in out.exit_logits)
+    with pytest.raises(ValueError, match=r"resizing to 2 tokens leaves none of `config.exit_vocab`"):
+        model.resize_token_embeddings(2)
+    assert model.lm_head.weight.shape[0] == 60  # refused before anything changed
+
+
 def test_gradient_checkpointing_gives_same_gradients():
     ids = torch.randint(3, 97, (2, 8))
     grads = []

@@ -306,14 +306,23 @@ class EarlyExitGPTForCausalLM(EarlyExitGPTPreTrainedModel, GenerationMixin):
 
     def resize_token_embeddings(self, new_num_tokens: int | None = None, pad_to_multiple_of: int | None = None,
                                 mean_resizing: bool = True) -> nn.Embedding:
-        """Resize the input embedding, the final head and every untied exit head together."""
+        """Resize the input embedding, the final head and every untied exit head together; a smaller vocabulary also
+        drops the ids it no longer has from the exits' shortlist (`config.exit_vocab`)."""
+        if new_num_tokens is not None and self.config.exit_vocab is not None:  # checked before anything changes
+            multiple = pad_to_multiple_of or 1
+            size = -(-new_num_tokens // multiple) * multiple
+            if self.config.exit_vocab[0] >= size:
+                raise ValueError(f"resizing to {size} tokens leaves none of `config.exit_vocab` (its smallest id is "
+                                 f"{self.config.exit_vocab[0]}); set `config.exit_vocab` anew, or None")
         embeddings = super().resize_token_embeddings(new_num_tokens, pad_to_multiple_of, mean_resizing)
+        num_tokens = embeddings.weight.shape[0]
         if not self.config.tie_exit_heads:
-            num_tokens = embeddings.weight.shape[0]
             for index, head in enumerate(self.exit_lm_heads):
                 self.exit_lm_heads[index] = self._get_resized_lm_head(
                     head, num_tokens, mean_resizing=mean_resizing
                 )
+        if self.config.exit_vocab is not None:
+            self.config.exit_vocab = [token for token in self.config.exit_vocab if token < num_tokens]
         return embeddings
 
     def generate(self, *args, **kwargs):
