@@ -473,8 +473,9 @@ def model_card(config: EarlyExitGPTConfig) -> str:
     projection = "the final LM head's weight" if config.tie_exit_heads else "its own projection"
     shortlist = ""
     if config.exit_vocab is not None:
-        shortlist = (f" The exits predict among {len(config.exit_vocab)} of its {config.vocab_size} tokens only (a"
-                     " vocabulary shortlist, `config.exit_vocab`), so a leaving token pays that share of a projection.")
+        shortlist = (f" The exits predict among {len(config.exit_vocab):,} of the vocabulary's {config.vocab_size:,} "
+                     "tokens only (a shortlist, `config.exit_vocab`), so a token that leaves pays that share of a "
+                     "projection.")
     gate = ""
     if config.exit_gate:
         reads = "its state before the MLP" if config.exit_gate_before_mlp else "its output"
