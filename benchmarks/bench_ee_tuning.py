@@ -4,8 +4,9 @@ same tokens (backbone and final head), and the same step at pp=2 on 2 processes.
 In one process (``--threads`` threads), A = no-grad forward and B = one EE-Tuning step alternate A B B A for
 ``--rounds`` rounds; the ratio is tokens/s of B over A, per round, and its median is printed. Both are timed in
 process CPU time (less sensitive than wall time to other jobs on a shared machine). Then the step runs
-at pp=1 and pp=2 through ``torchrun`` (1 process x ``--threads`` threads, 2 processes x 1 thread), each timing its
-steps after a warm-up; tokens/s of both are printed side by side. ``--autocast bfloat16`` (the recipe's
+at pp=1 and pp=2 through ``torchrun`` (1 process x ``--threads`` threads, 2 processes x 1 thread), and at pp=2
+without ``train.prefetch_next_step``, in the order A B C C B A, each run timing its steps after a warm-up; the
+mean tokens/s of each are printed side by side. ``--autocast bfloat16`` (the recipe's
 ``train.autocast``) runs both the step and the forward it is compared with under bf16 autocast.
 ``--exit-vocab-sizes 0 8192`` measures the step without and with vocabulary-pruned exits (``model.exit_vocab_size``;
 0: the whole vocabulary) in the same rounds (A B C C B A) and torchrun runs. In process the shortlist is the
@@ -35,7 +36,8 @@ import yaml
 REPO = Path(__file__).resolve().parents[1]
 
 
-def trainer_config(args: argparse.Namespace, pp: int, out: Path, exit_vocab_size: int = 0) -> dict:
+def trainer_config(args: argparse.Namespace, pp: int, out: Path, exit_vocab_size: int = 0,
+                   prefetch: bool = True) -> dict:
     model = {"init_from": args.model, "exit_layers": args.exit_layers, "exit_mlp": True, "tie_exit_heads": True,
              "exit_gate": True, "exit_gate_before_mlp": True}
     if exit_vocab_size:
@@ -45,8 +47,9 @@ def trainer_config(args: argparse.Namespace, pp: int, out: Path, exit_vocab_size
         "parallelism": {"pp": pp, "timeout_s": 1800},
         "data": {"files": ["builtin:python-stdlib"], "seq_len": args.seq_len},
         "train": {"steps": args.steps, "global_batch_size": args.batch, "micro_batch_size": args.micro_batch,
-                  "lr": 1e-3, "freeze_backbone": True, "exit_distillation": 1.0, "autocast": args.autocast},
-        "run_dir": str(out / f"run_pp{pp}_k{exit_vocab_size}"),
+                  "lr": 1e-3, "freeze_backbone": True, "exit_distillation": 1.0, "autocast": args.autocast,
+                  "prefetch_next_step": prefetch},
+        "run_dir": str(out / f"run_pp{pp}_k{exit_vocab_size}_prefetch{int(prefetch)}"),
     }
 
 
@@ -121,9 +124,10 @@ def _name(exit_vocab_size: int) -> str:
     return "whole vocabulary" if not exit_vocab_size else f"shortlist of {exit_vocab_size}"
 
 
-def torchrun_tokens_per_s(args: argparse.Namespace, pp: int, out: Path, exit_vocab_size: int) -> float:
-    config_path = out / f"pp{pp}_k{exit_vocab_size}.yaml"
-    config = trainer_config(args, pp, out, exit_vocab_size)
+def torchrun_tokens_per_s(args: argparse.Namespace, pp: int, out: Path, exit_vocab_size: int,
+                          prefetch: bool = True) -> float:
+    config_path = out / f"pp{pp}_k{exit_vocab_size}_prefetch{int(prefetch)}.yaml"
+    config = trainer_config(args, pp, out, exit_vocab_size, prefetch)
     config_path.write_text(yaml.safe_dump(config))
     threads = args.threads if pp == 1 else 1
     env = {**os.environ, "OMP_NUM_THREADS": str(threads)}
@@ -161,10 +165,18 @@ def main() -> None:
                   f"(rounds {', '.join(f'{r:.3f}' for r in values)})")
         if not args.skip_torchrun:
             for size in args.exit_vocab_sizes:
-                pp1 = torchrun_tokens_per_s(args, 1, out, size)
-                pp2 = torchrun_tokens_per_s(args, 2, out, size)
+                # A B C C B A: pp=1, pp=2, pp=2 without train.prefetch_next_step
+                runs = [(1, True), (2, True), (2, False)]
+                rates: dict[tuple[int, bool], list[float]] = {run: [] for run in runs}
+                for run in [*runs, *reversed(runs)]:
+                    rates[run].append(torchrun_tokens_per_s(args, run[0], out, size, prefetch=run[1]))
+                pp1, pp2, plain = (statistics.mean(rates[run]) for run in runs)
+                print("tokens/s of each run: " + "; ".join(
+                    f"pp={pp}{'' if prefetch else ' without prefetch'} " + ", ".join(f"{r:.1f}" for r in rates[run])
+                    for run in runs for pp, prefetch in [run]))
                 print(f"EE-Tuning tokens/s ({_name(size)}): pp=1 (1 x {args.threads} threads) {pp1:.1f}, pp=2 (2 x 1 "
-                      f"thread) {pp2:.1f}: pp=2 / pp=1 = {pp2 / pp1:.3f}")
+                      f"thread) {pp2:.1f}: pp=2 / pp=1 = {pp2 / pp1:.3f}; pp=2 without prefetch_next_step "
+                      f"{plain:.1f} ({plain / pp1:.3f} of pp=1)", flush=True)
 
 
 if __name__ == "__main__":

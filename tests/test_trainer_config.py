@@ -288,6 +288,7 @@ INVALID = [
     ("parallelism.timeout_s", 30, None, None, None),  # valid
     ("train.dtype", "float16", None, ValueError, r"dtype` must be one of float32, bfloat16; got 'float16'"),
     ("train.freeze_backbone", "yes", None, ValueError, r"freeze_backbone` must be true or false, got 'yes'"),
+    ("train.prefetch_next_step", "no", None, ValueError, r"prefetch_next_step` must be true or false, got 'no'"),
     ("train.autocast", "float16", None, ValueError, r"autocast` must be .*bfloat16.*'float16'"),
     ("train.autocast", "bfloat16", None, ValueError, r"autocast`=bfloat16 needs `train\.freeze_backbone: true`"),
     ("export_generation", {"threshold": 0.5}, None, ValueError, r"unknown key `export_generation\.threshold`"),

@@ -197,6 +197,11 @@ def _worker_faults(tmp_dir: str) -> None:
     _run("nonfinite_stop", _config(tmp, "nonfinite_stop", checkpoint={"interval": 1, "keep_last": 1}),
          expect_error=True)
     _run("nonfinite_skip", _config(tmp, "nonfinite_skip", train={"skip_nonfinite_steps": 1}))
+    # ... in EE-Tuning, whose first stage has already started the next step when the stop is decided
+    for name, steps in (("nonfinite_ee_tuning", 6), ("after_nonfinite_ee_tuning", 2)):
+        ee_tuning = _config(tmp, name, train={"freeze_backbone": True, "steps": steps})
+        ee_tuning.pop("checkpoint")
+        _run(name, ee_tuning, expect_error=steps > POISONED_STEP)
     undo()
 
     # last: a divergent learning rate through the CLI ends every rank with a non-zero exit code
@@ -320,6 +325,15 @@ def test_nonfinite_loss_stops_naming_step_and_head_and_keeps_good_checkpoints(fa
     latest = latest_checkpoint(ckpt)
     assert latest.name == f"step_{POISONED_STEP - 1:06d}" and list_checkpoints(ckpt) == [latest]
     verify_checkpoint(latest)
+
+
+def test_nonfinite_ee_tuning_step_stops_every_rank_cleanly(faults):
+    """EE-Tuning at pp=2 starts each next step's first micro-batch early (`train.prefetch_next_step`): a stop at a
+    non-finite step still ends both ranks with the error naming the step, and the same processes train again."""
+    error = faults["results"]["nonfinite_ee_tuning"]
+    assert error["error"] == "NonFiniteTrainingError"
+    assert error["message"].startswith(f"step {POISONED_STEP}: the loss of head(s) exit_1"), error["message"]
+    assert faults["results"]["after_nonfinite_ee_tuning"]["steps"] == [1, 2]
 
 
 def test_nonfinite_step_skipped_without_update(faults):

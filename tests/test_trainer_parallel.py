@@ -63,10 +63,12 @@ CASES = {
         layouts=[dict(tp=2, pp=2, dp=1), dict(tp=1, pp=2, dp=2), dict(tp=2, pp=1, dp=2)],
     ),
     # EE-Tuning: only the exits train; with pp=4 the last stage (after the last exit) is forward-only.
-    # Also nanotron's all-forward-all-backward engine.
+    # Also nanotron's all-forward-all-backward engine, and layer dropout in the frozen backbone. In every
+    # EE-Tuning case at pp > 1 the stages before the last start each next step's first micro-batch early
+    # (`train.prefetch_next_step`, the default): the worker hands each step the next one's batch.
     "ee_tuning": dict(
         model=dict(vocab_size=64, exit_layers=[1, 3], exit_loss_weights=[1.0, 1.0], exit_mlp=True),
-        train=dict(freeze_backbone=True),
+        train=dict(freeze_backbone=True, layer_dropout=dict(max_rate=0.6)),
         layouts=[dict(tp=1, pp=4, dp=1, layer_split=[1, 1, 1, 1]), dict(tp=2, pp=2, dp=1),
                  dict(tp=1, pp=2, dp=2, pp_engine="afab")],
     ),
@@ -215,10 +217,14 @@ def _worker_equivalence(spec_path: str, out_dir: str) -> None:
                 ctx = c.make_parallel_context(layout["tp"], layout["pp"], layout["dp"], timeout_s=timeout)
                 trainer = ParallelTrainer(config, ctx, train, layer_split=layout.get("layer_split"),
                                           pp_engine=layout.get("pp_engine", "1f1b"))
-                steps = []
+                steps, prefetched = [], 0
                 grad_messages[0] = 0
-                for step, (ids, labels) in enumerate(spec["batches"]):
-                    r = trainer.train_step(step, ids, labels)
+                batches = spec["batches"]
+                for step, (ids, labels) in enumerate(batches):
+                    following = batches[step + 1] if step + 1 < len(batches) else None
+                    r = trainer.train_step(step, ids, labels, next_batch=following and dict(
+                        input_ids=following[0], labels=following[1]))
+                    prefetched += bool(trainer.frozen_step and trainer.frozen_step.has_prefetched)
                     if os.environ.get("EE_TEST_DEBUG"):
                         print("STEP", case_name, layout, step, r.loss, flush=True)
                     steps.append({"loss": r.loss, "exit_losses": r.exit_losses, "grad_norm": r.grad_norm,
@@ -233,14 +239,29 @@ def _worker_equivalence(spec_path: str, out_dir: str) -> None:
                 received = torch.tensor(grad_messages[0])
                 torch.distributed.all_reduce(received)
                 state = gather_hf_state_dict(trainer.model)
+                wrong_next = _train_on_another_batch_than_next(trainer, batches) if trainer.prefetches else None
                 name = f"{case_name}__{_layout_name(layout)}"
                 if ctx.dp_rank == 0 and ctx.tp_rank == 0 and captured:
                     torch.save(captured, out / f"{name}__logits_pp{ctx.pp_rank}.pt")
                 if state is not None:
-                    torch.save({"steps": steps, "state": state, "grad_messages": int(received)}, out / f"{name}.pt")
+                    torch.save({"steps": steps, "state": state, "grad_messages": int(received),
+                                "prefetched_steps": prefetched, "wrong_next": wrong_next}, out / f"{name}.pt")
                 torch.distributed.barrier()
         _attention_logits(spec["attention"], out)
         print("WORKER DONE", flush=True)
+
+
+def _train_on_another_batch_than_next(trainer, batches) -> dict:
+    """After the case's steps: a step handed the next batch, then a call with another batch (refused), then that
+    batch again (trains: the refusal left the pipeline clean)."""
+    (ids, labels), (next_ids, next_labels), (other_ids, other_labels) = batches[:3]
+    trainer.train_step(STEPS, ids, labels, next_batch={"input_ids": next_ids, "labels": next_labels})
+    try:
+        trainer.train_step(STEPS + 1, other_ids, labels)
+        error = None
+    except ValueError as exc:
+        error = str(exc)
+    return {"error": error, "then": trainer.train_step(STEPS + 1, other_ids, other_labels).finite}
 
 
 def _attention_logits(spec: dict, out: Path) -> None:
@@ -524,6 +545,15 @@ def test_ee_tuning_leaves_backbone_bit_identical(equivalence, case):
         result = _results(equivalence, case, layout)
         state = result["state"]
         assert result["grad_messages"] == 0, layout
+        # at pp > 1 every step but the last started the next one's first micro-batch (pp=1: nothing to overlap);
+        # a step given another batch than the one started is refused, and the pipeline trains on after it
+        assert result["prefetched_steps"] == (STEPS - 1 if layout["pp"] > 1 else 0), layout
+        if layout["pp"] > 1:
+            assert result["wrong_next"]["error"].startswith(f"train_step({STEPS + 1}): the batch is not the "
+                                                            "`next_batch`"), result["wrong_next"]
+            assert result["wrong_next"]["then"], layout
+        else:
+            assert result["wrong_next"] is None, layout
         changed = {k for k in init if not torch.equal(state[k], init[k])}
         exit_params = {k for k in init if k.startswith(trained)}
         assert changed <= exit_params, f"backbone changed: {sorted(changed - exit_params)}"

@@ -71,6 +71,8 @@ YAML layout (defaults in brackets; only the keys without a default are required)
       fill_bubbles: false               # pp > 1, 1f1b, float32: extra exit-only micro-batches in the 1F1B bubble
       bubble_micro_batches: null        # with fill_bubbles, per DP rank and step (null: as many as the schedule
                                         # model predicts fit); see eellm_hf.trainer.exit_schedule
+      prefetch_next_step: true          # EE-Tuning at pp > 1: the first stages start the next step's first
+                                        # micro-batch while the last stage finishes a step (same results)
     checkpoint:             # optional section
       dir: CKPT_DIR, interval: 0 (0: only at the end), resume: false, keep_last: null (null: keep all)
       # resume: true: continue from the newest checkpoint of `dir` that verifies (an error if there is none);

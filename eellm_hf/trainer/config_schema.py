@@ -220,6 +220,11 @@ class TrainConfig:
     or AMX, and on GPUs), while every weight, gradient and optimizer moment stays fp32: the backbone stays the
     checkpoint's own, bit for bit, and the export is fp32. The teacher logits travel between stages in bf16.
     Validation runs in fp32, so its losses compare with runs without autocast.
+
+    ``prefetch_next_step`` (EE-Tuning at pp > 1; elsewhere it changes nothing): the stages before the last run the
+    next step's first micro-batch while the last stage finishes the current step, which removes the pipeline's
+    fill at the start of every step that directly follows another (not after a validation or a checkpoint).
+    The results are the same either way (see :mod:`eellm_hf.trainer.ee_tuning`).
     """
 
     steps: int
@@ -251,6 +256,7 @@ class TrainConfig:
     defer_exit_forward: bool = False
     fill_bubbles: bool = False
     bubble_micro_batches: int | None = None
+    prefetch_next_step: bool = True
 
     def __post_init__(self) -> None:
         for name in ("steps", "global_batch_size", "micro_batch_size", "log_interval"):
@@ -291,9 +297,10 @@ class TrainConfig:
     def _check_exit_schedule(self) -> None:
         """The exit-schedule options (:mod:`eellm_hf.trainer.exit_schedule`); those that need the parallel
         layout are checked by :meth:`check_exit_schedule_layout`."""
-        for name in ("defer_exit_forward", "fill_bubbles"):
+        for name in ("defer_exit_forward", "fill_bubbles", "prefetch_next_step"):
             need(isinstance(getattr(self, name), bool), f"`train.{name}` must be true or false, got "
                   f"{getattr(self, name)!r}")
+        for name in ("defer_exit_forward", "fill_bubbles"):
             need(not (getattr(self, name) and self.freeze_backbone),
                   f"`train.{name}` does not apply with `train.freeze_backbone: true`: EE-Tuning's step has no "
                   "pipeline backward (its exits already run after the backbone forward, see ee_tuning)")

@@ -16,6 +16,13 @@ The losses and their normalisation are those of :class:`~eellm_hf.trainer.loss.M
 exactly the gradients of the nanotron-engine path (and of single-process training), whatever the layout. Only
 the exits' activations are ever kept for backward, and no stage waits for a gradient.
 
+Across steps (``train.prefetch_next_step``, pp > 1): the last stage cannot start a step before the first micro-batch
+has crossed the stages before it, and those stages idle at the end of a step while the last one finishes its
+micro-batches and exits. The frozen backbone's output does not depend on the exits' update, so every stage but
+the last runs the *next* step's first micro-batch right after this step's backbone forwards, before its exits;
+the next step then starts with that micro-batch already on its way to the last stage. Only the order of the
+work changes, not its result.
+
 With ``train.autocast`` the forward passes (backbone, final head, exits) run under ``torch.autocast`` and the
 backward outside it, as PyTorch recommends; the weights stay in their own dtype, so hidden states between stages
 keep it (a residual stream in fp32 stays fp32) while the teacher logits, a bf16 matmul's output, travel in bf16.
@@ -24,6 +31,7 @@ keep it (a residual stream in fp32 stays fp32) while the teacher logits, a bf16 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from collections.abc import Sequence
 from typing import Any
 
@@ -58,6 +66,16 @@ def run_stage_layers(model: ParallelEarlyExitGPT, stage: int, hidden: torch.Tens
     return hidden, exit_inputs
 
 
+@dataclasses.dataclass
+class _Prefetched:
+    """The next step's first micro-batch, as far as this stage took it in the current step: its exit inputs
+    (None on the last stage, which has not received it yet) and its pending sends."""
+
+    micro_batch: dict[str, torch.Tensor]
+    exit_inputs: dict[int, torch.Tensor] | None
+    sends: list[tuple[dist.Work, torch.Tensor]] = dataclasses.field(default_factory=list)
+
+
 class FrozenBackboneStep:
     """One rank's part of an EE-Tuning step over its data-parallel rank's micro-batches."""
 
@@ -81,6 +99,7 @@ class FrozenBackboneStep:
         # stages (other than the last) whose exits need the final head's logits as teacher
         self.teacher_stages = sorted({model.layout.stage_of_exit(j) for j in range(len(model.layout.exit_layers))}
                                      - {self.last_stage})
+        self._prefetched: _Prefetched | None = None  # the next step's first micro-batch, started in this one
 
     def _autocast(self) -> contextlib.AbstractContextManager:
         if self.autocast is None:
@@ -90,18 +109,27 @@ class FrozenBackboneStep:
     def _peer(self, stage: int) -> int:
         return dist.get_global_rank(self.pp_pg, stage)
 
-    def run(self, micro_batches: Sequence[dict[str, torch.Tensor]], grad_accumulator: Any = None) -> None:
+    def run(self, micro_batches: Sequence[dict[str, torch.Tensor]], grad_accumulator: Any = None,
+            next_first: dict[str, torch.Tensor] | None = None) -> None:
         """Accumulate the exits' gradients of these micro-batches (the loss's step must have begun);
-        ``grad_accumulator``: nanotron's fp32 gradient accumulator of a low-precision model, if any."""
+        ``grad_accumulator``: nanotron's fp32 gradient accumulator of a low-precision model, if any;
+        ``next_first`` (``train.prefetch_next_step``): the next step's first micro-batch, whose backbone forward the
+        stages before the last run in this step (the same on every rank of the step's pipeline)."""
         # the final head's distribution: the teacher of distillation and the target of the exits' gates
         needs_teacher = self.model.loss.distillation > 0.0 or bool(getattr(self.model.config, "exit_gate", False))
         sends: list[tuple[dist.Work, torch.Tensor]] = []
         exit_inputs, teachers = [], []
-        for micro_batch in micro_batches:
-            with self._autocast():
-                inputs, teacher = self._backbone_forward(micro_batch, needs_teacher, sends)
+        for index, micro_batch in enumerate(micro_batches):
+            ahead = self._take_prefetched(sends) if index == 0 else None
+            if ahead is not None:
+                inputs, teacher = ahead, None
+            else:
+                with self._autocast():
+                    inputs, teacher = self._backbone_forward(micro_batch, needs_teacher, sends)
             exit_inputs.append(inputs)
             teachers.append(teacher)
+        if next_first is not None:
+            self._prefetch(next_first)
         for index, micro_batch in enumerate(micro_batches):
             teacher = teachers[index]
             if needs_teacher and self.local_exits and teacher is None:
@@ -120,6 +148,49 @@ class FrozenBackboneStep:
                     grad_accumulator.backward(total)
             teachers[index] = None  # free the teacher as soon as this stage's exits are done with it
         for work, _ in sends:
+            work.wait()
+
+    @property
+    def has_prefetched(self) -> bool:
+        """Whether the next step's first micro-batch was started (``run(..., next_first=...)``)."""
+        return self._prefetched is not None
+
+    def _prefetch(self, micro_batch: dict[str, torch.Tensor]) -> None:
+        """The next step's first micro-batch through this stage's layers (stages before the last; the last
+        stage only remembers it: it receives it in the next step, as any other). Its sends are received, and
+        waited for, in the next step."""
+        inputs, sends = None, []
+        if self.stage != self.last_stage:
+            with self._autocast():
+                inputs, _ = self._backbone_forward(micro_batch, False, sends)
+        self._prefetched = _Prefetched(micro_batch, inputs, sends)
+
+    def continues_with(self, micro_batch: dict[str, torch.Tensor]) -> bool:
+        """Whether a step starting with ``micro_batch`` may run: nothing was prefetched, or exactly it."""
+        prefetched = self._prefetched
+        return prefetched is None or (prefetched.micro_batch.keys() == micro_batch.keys() and all(
+            torch.equal(micro_batch[key], value) for key, value in prefetched.micro_batch.items()))
+
+    def _take_prefetched(self, sends: list[tuple[dist.Work, torch.Tensor]]) -> dict[int, torch.Tensor] | None:
+        """This step's first micro-batch as the previous step started it (the caller checked it with
+        :meth:`continues_with`): its exit inputs (None if it was not started, or on the last stage, which runs it
+        now as any other); its send, still pending, is waited for with this step's."""
+        prefetched, self._prefetched = self._prefetched, None
+        if prefetched is None:
+            return None
+        sends.extend(prefetched.sends)
+        return prefetched.exit_inputs
+
+    def discard_prefetched(self) -> None:
+        """Complete the prefetched micro-batch's transfers and drop it, when no step follows after all (every rank
+        of the pipeline calls it): each stage after the first receives it, and the senders wait for their sends."""
+        prefetched, self._prefetched = self._prefetched, None
+        if prefetched is None:
+            return
+        if self.stage == self.last_stage and self.stage > 0:
+            hidden = self._empty(prefetched.micro_batch["input_ids"], self.model.config.hidden_size)
+            dist.recv(hidden, src=self._peer(self.stage - 1), group=self.pp_pg, tag=_HIDDEN_TAG)
+        for work, _ in prefetched.sends:
             work.wait()
 
     @torch.no_grad()

@@ -208,15 +208,26 @@ class ParallelTrainer:
             return None
         return dataset.batch(bubble_batch_indices(step, self.bubble_batch_size, len(dataset), seed))
 
+    @property
+    def prefetches(self) -> bool:
+        """Whether :meth:`train_step` uses ``next_batch``: EE-Tuning at pp > 1 with ``train.prefetch_next_step``."""
+        return (self.frozen_step is not None and self.train_config.prefetch_next_step
+                and self.ctx.pipeline_parallel_size > 1)
+
     def train_step(self, step: int, input_ids: torch.Tensor, labels: torch.Tensor,
-                   total_steps: int | None = None, bubble: dict[str, torch.Tensor] | None = None) -> StepResult:
+                   total_steps: int | None = None, bubble: dict[str, torch.Tensor] | None = None,
+                   next_batch: dict[str, torch.Tensor] | None = None) -> StepResult:
         """One optimizer step on a global batch (``(global_batch_size, seq_len)`` tensors, the same on every
         rank). ``step`` is 0-based (learning-rate and exit-weight schedules); ``total_steps``: the length of
         the learning-rate schedule (default ``train.steps``). ``bubble`` (``train.fill_bubbles``): the exit-only
-        sequences, ``input_ids`` and ``labels`` of :attr:`bubble_batch_size` rows."""
+        sequences, ``input_ids`` and ``labels`` of :attr:`bubble_batch_size` rows. ``next_batch`` (used when
+        :attr:`prefetches`): the next step's global batch, ``input_ids`` and ``labels``, given only when step
+        ``step + 1`` follows this one directly (no validation or checkpoint between), with the same
+        ``total_steps``; this step then starts it (see :mod:`.ee_tuning`), and the next call must train on it."""
         train, model, ctx = self.train_config, self.model, self.ctx
         start = time.perf_counter()
-        num_tokens, bubble_tokens, weights = self.compute_gradients(step, input_ids, labels, total_steps, bubble)
+        num_tokens, bubble_tokens, weights = self.compute_gradients(step, input_ids, labels, total_steps, bubble,
+                                                                    next_batch)
         max_norm = train.grad_clip if train.grad_clip is not None else math.inf
         grad_norm = clip_grad_norm(ctx.mp_pg, self.named_trainable, max_norm=max_norm,
                                    grad_accumulator=self.grad_accumulator, device=self.device)
@@ -240,17 +251,22 @@ class ParallelTrainer:
                           bubble_exit_losses=self._bubble_exit_losses(bubble_sums, bubble_tokens))
 
     def compute_gradients(self, step: int, input_ids: torch.Tensor, labels: torch.Tensor,
-                          total_steps: int | None = None, bubble: dict[str, torch.Tensor] | None = None
-                          ) -> tuple[int, int, list[float]]:
+                          total_steps: int | None = None, bubble: dict[str, torch.Tensor] | None = None,
+                          next_batch: dict[str, torch.Tensor] | None = None) -> tuple[int, int, list[float]]:
         """The forward and backward passes of :meth:`train_step`, gradients summed over DP ranks and tied
         copies, without the update. Returns the global label-token counts (main, exit-only) and the exit
         weights."""
         train, model, ctx = self.train_config, self.model, self.ctx
-        layer_keep = None
-        if train.layer_dropout is not None:
-            rates = train.layer_skip_rates_at(step, self.config.num_hidden_layers, total_steps)
-            layer_keep = layer_keep_mask(train.seed, step, input_ids.shape[0], rates)
-        micro_batches = self._rank_micro_batches(input_ids, labels, layer_keep)
+        micro_batches = self._step_micro_batches(step, input_ids, labels, total_steps)
+        if self.frozen_step is not None and not self.frozen_step.continues_with(micro_batches[0]):
+            self.frozen_step.discard_prefetched()
+            raise ValueError(f"train_step({step}): the batch is not the `next_batch` the previous step was given "
+                             "(and started); that step's early start was dropped, the next call may train on any "
+                             "batch")
+        next_first = None
+        if next_batch is not None and self.prefetches:
+            next_first = self._step_micro_batches(step + 1, next_batch["input_ids"], next_batch["labels"],
+                                                  total_steps)[0]
         num_tokens = count_label_tokens(labels)
         bubble_tokens = self._set_bubble_batch(bubble)
         weights = train.exit_loss_weights_at(step, self.config.exit_loss_weights or [])
@@ -259,7 +275,7 @@ class ParallelTrainer:
         model.train()
         try:
             if self.frozen_step is not None:
-                self.frozen_step.run(micro_batches, self.grad_accumulator)
+                self.frozen_step.run(micro_batches, self.grad_accumulator, next_first)
             else:
                 self.engine.train_batch_iter(model=model, pg=ctx.pp_pg, batch=iter(micro_batches),
                                              nb_microbatches=len(micro_batches),
@@ -269,6 +285,21 @@ class ParallelTrainer:
             raise
         self._sync_gradients()
         return num_tokens, bubble_tokens, weights
+
+    def _step_micro_batches(self, step: int, input_ids: torch.Tensor, labels: torch.Tensor,
+                            total_steps: int | None) -> list[dict[str, torch.Tensor]]:
+        """Step ``step``'s micro-batches of this DP rank, with its layer-dropout mask (``train.layer_dropout``)."""
+        train, layer_keep = self.train_config, None
+        if train.layer_dropout is not None:
+            rates = train.layer_skip_rates_at(step, self.config.num_hidden_layers, total_steps)
+            layer_keep = layer_keep_mask(train.seed, step, input_ids.shape[0], rates)
+        return self._rank_micro_batches(input_ids, labels, layer_keep)
+
+    def discard_prefetched(self) -> None:
+        """When a step was given a ``next_batch`` but no step follows after all (a run stopping on a non-finite
+        step): complete its started transfers (collective over the pipeline)."""
+        if self.frozen_step is not None:
+            self.frozen_step.discard_prefetched()
 
     def _set_bubble_batch(self, bubble: dict[str, torch.Tensor] | None) -> int:
         """Hand this stage its exit-only micro-batches; returns their global label-token count."""
@@ -331,6 +362,8 @@ class ParallelTrainer:
         """Per-head token-mean cross-entropy (exits, then the final head; no temperature) of a batch of
         sequences (the same on every rank; its size a multiple of ``dp * micro_batch_size``)."""
         model, ctx = self.model, self.ctx
+        if self.frozen_step is not None and self.frozen_step.has_prefetched:
+            raise RuntimeError("evaluate() after a train_step given a `next_batch`: train that step first")
         micro_batches = self._rank_micro_batches(input_ids, labels)
         model.eval()
         model.loss.reset_sums()

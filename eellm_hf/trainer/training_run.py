@@ -227,33 +227,62 @@ class _TrainingRun:
                                   tokens=train.global_batch_size * cfg.data.seq_len, grad_norm=result.grad_norm,
                                   exit_weights=result.exit_weights, **result.optional_metrics())
         self._calibrate_budget(done, step_start)
-        if self.val_rows is not None and train.val_interval > 0 and (
-                done % train.val_interval == 0 or done == self.total):
+        if self._validates_after(done):
             val = self.trainer.evaluate(self.val_rows["input_ids"], self.val_rows["labels"])
             weights = train.exit_loss_weights_at(done - 1, self.trainer.config.exit_loss_weights)
             self.logger.log_validation(done, val[-1] + sum(w * x for w, x in zip(weights, val[:-1])),
                                        exit_losses=val)
-        ckpt = cfg.checkpoint
-        if ckpt is not None and ((ckpt.interval > 0 and done % ckpt.interval == 0) or done == self.total):
+        if self._saves_after(done):
             self.save(done)
+
+    def _validates_after(self, done: int) -> bool:
+        train = self.cfg.train
+        return self.val_rows is not None and train.val_interval > 0 and (
+            done % train.val_interval == 0 or done == self.total)
+
+    def _saves_after(self, done: int) -> bool:
+        ckpt = self.cfg.checkpoint
+        return ckpt is not None and ((ckpt.interval > 0 and done % ckpt.interval == 0) or done == self.total)
+
+    def _next_step_follows(self, done: int) -> bool:
+        """Whether step ``done`` (0-based) will run right after the step now starting, with nothing between and
+        inputs already known (``train.prefetch_next_step``: the trainer may start it early). A time budget
+        fixed after this step keeps at least one more step (:meth:`TrainConfig.budgeted_total_steps`), but
+        changes the layer-dropout rates, which follow the total."""
+        from .config import TIME_BUDGET_CALIBRATION_STEPS
+
+        train = self.cfg.train
+        fixing_total = (train.time_budget_minutes is not None and self.progress.fixed_total is None
+                        and done - self.progress.start_step == TIME_BUDGET_CALIBRATION_STEPS)
+        return (self.trainer.prefetches and done < self.total and not self._validates_after(done)
+                and not self._saves_after(done) and not (fixing_total and train.layer_dropout is not None))
+
+    def _batch(self, step: int) -> dict[str, torch.Tensor]:
+        from .data import global_batch_indices
+
+        train = self.cfg.train
+        return self.train_set.batch(global_batch_indices(step, train.global_batch_size, len(self.train_set),
+                                                         seed=self.cfg.data.shuffle_seed))
 
     def loop(self) -> tuple[list[StepResult], int]:
         """Train up to the run's total; returns the steps' results and the last step done."""
-        from .data import global_batch_indices
-
-        train, seed, results = self.cfg.train, self.cfg.data.shuffle_seed, []
-        step = self.progress.start_step
+        seed, results = self.cfg.data.shuffle_seed, []
+        step, batch = self.progress.start_step, None
         try:
             while step < self.total:
                 step_start = time.perf_counter()
-                batch = self.train_set.batch(global_batch_indices(step, train.global_batch_size,
-                                                                  len(self.train_set), seed=seed))
+                batch = batch or self._batch(step)
+                next_batch = self._batch(step + 1) if self._next_step_follows(step + 1) else None
                 result = self.trainer.train_step(step, batch["input_ids"], batch["labels"],
                                                  total_steps=self.progress.fixed_total,
-                                                 bubble=self.trainer.bubble_batch(self.train_set, step, seed))
+                                                 bubble=self.trainer.bubble_batch(self.train_set, step, seed),
+                                                 next_batch=next_batch)
                 results.append(result)
-                step += 1
+                step, batch = step + 1, next_batch
                 self._after_step(result, step_start)
+        except NonFiniteTrainingError:  # every rank stops at the same step: finish what it started of the next
+            self.trainer.discard_prefetched()
+            raise
         finally:
             self.logger.close()
         return results, step
