@@ -39,13 +39,13 @@ def test_ee_tune_demo_runs_end_to_end_and_reuses_phases(tmp_path, tiny_llama_dir
     assert {row["measure"] for row in exits["policies"]} == {"gate"}
     assert all(0.0 <= row["agreement"] <= 1.0 and row["ideal_speedup"] > 0 for row in exits["policies"])
     generate = json.loads((out / "generate.json").read_text())
-    assert generate["settings"] == {"early_exit_threshold": 0.9, "exit_confidence": "gate"}
+    assert generate["settings"] == {"early_exit_threshold": 0.95, "exit_confidence": "gate"}
     assert all(len(sample["exit_layers"]) == 4 and set(sample["exit_layers"]) <= {1, 2}
                for sample in generate["samples"])
 
     evaluation = json.loads((out / "evaluate.json").read_text())
     # a shortlisted exit's perplexity of real text is infinite: no per-exit run, and the report says why
-    assert set(evaluation["runs"]) == {"full depth", "early exit (gate 0.9)"} and evaluation["exit_vocab_size"] == 85
+    assert set(evaluation["runs"]) == {"full depth", "early exit (gate 0.95)"} and evaluation["exit_vocab_size"] == 85
     full = evaluation["runs"]["full depth"]["metrics"]
     assert full["python_perplexity"]["bits_per_byte"] > 0 and 0.0 <= full["python_completion"]["rougeL"] <= 1.0
     assert evaluation["runs"]["full depth"]["cost"]["mean_exit_layer"] == 2.0  # full depth despite the export

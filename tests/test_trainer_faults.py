@@ -6,7 +6,8 @@ Two launches, each running several scenarios in the same processes (``run`` is c
 * 2 processes (pp=2, a tiny model on a little KJV text): an uninterrupted reference run with a checkpoint every 2
   steps, then copies of its checkpoints with a flipped byte, truncated files, or everything damaged, resumed;
   a data file rewritten in place; ``resume: true`` and ``auto`` on an empty folder; a non-finite exit loss
-  injected at one step (stopped, or skipped with ``train.skip_nonfinite_steps``); last, a divergent learning
+  injected at one step (stopped, or skipped with ``train.skip_nonfinite_steps``; stopped in EE-Tuning too); EE-Tuning
+  with validations and checkpoints, with and without ``train.prefetch_next_step``; last, a divergent learning
   rate through the CLI, which must end every rank with a non-zero exit code.
 * 4 processes: ``configs/ee_llm_1.3b_gpu.yaml`` (pp x dp = 2 x 2, ZeRO-1, bf16) and ``ee_llm_7b_gpu.yaml`` (tp x
   pp = 2 x 2, bf16) with tiny model sizes: 4 steps, then a resume from step 2 that must log the same losses.
@@ -204,6 +205,12 @@ def _worker_faults(tmp_dir: str) -> None:
         _run(name, ee_tuning, expect_error=steps > POISONED_STEP)
     undo()
 
+    # EE-Tuning with validations and checkpoints between its steps, with and without train.prefetch_next_step
+    for prefetch in (True, False):
+        name = f"ee_tuning_prefetch_{str(prefetch).lower()}"
+        _run(name, _config(tmp, name, data={"validation_sequences": 4}, checkpoint={"interval": 3},
+                           train={"freeze_backbone": True, "val_interval": 2, "prefetch_next_step": prefetch}))
+
     # last: a divergent learning rate through the CLI ends every rank with a non-zero exit code
     import yaml
 
@@ -334,6 +341,30 @@ def test_nonfinite_ee_tuning_step_stops_every_rank_cleanly(faults):
     assert error["error"] == "NonFiniteTrainingError"
     assert error["message"].startswith(f"step {POISONED_STEP}: the loss of head(s) exit_1"), error["message"]
     assert faults["results"]["after_nonfinite_ee_tuning"]["steps"] == [1, 2]
+
+
+def test_ee_tuning_prefetch_changes_nothing_around_validation_and_checkpoints(faults):
+    """EE-Tuning at pp=2 with a validation every 2 steps and a checkpoint every 3: the run that starts each next
+    step early (`train.prefetch_next_step`, never across a validation or a checkpoint) logs the same training and
+    validation losses as the run that does not, and writes the same checkpoints."""
+    import torch
+
+    from eellm_hf.trainer.checkpoint import list_checkpoints, load_checkpoint
+    from eellm_hf.trainer.metrics import read_metrics
+
+    runs = {prefetch: faults["tmp"] / f"ee_tuning_prefetch_{prefetch}" for prefetch in ("true", "false")}
+    assert faults["results"]["ee_tuning_prefetch_true"] == faults["results"]["ee_tuning_prefetch_false"]
+    assert faults["results"]["ee_tuning_prefetch_true"]["steps"] == [1, 2, 3, 4, 5, 6]
+    validations = {key: [(e["step"], e["exit_losses"]) for e in read_metrics(run / "run", split="validation")]
+                   for key, run in runs.items()}
+    assert [step for step, _ in validations["true"]] == [2, 4, 6]
+    assert validations["true"] == validations["false"]
+    for rank in (0, 1):
+        saved = [load_checkpoint(path, rank)[0] for path in list_checkpoints(runs["true"] / "ckpt")]
+        assert [path.name for path in list_checkpoints(runs["true"] / "ckpt")] == ["step_000003", "step_000006"]
+        plain = [load_checkpoint(path, rank)[0] for path in list_checkpoints(runs["false"] / "ckpt")]
+        for a, b in zip(saved, plain, strict=True):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_nonfinite_step_skipped_without_update(faults):

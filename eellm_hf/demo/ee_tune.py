@@ -67,7 +67,7 @@ class EETuneDemoSettings:
     sweep_prompts: int = 8
     sweep_repeats: int = 1
     sweep_batch_size: int = 1
-    sweep_thresholds: tuple[float, ...] = (0.9, 0.8, 0.7, 0.5)
+    sweep_thresholds: tuple[float, ...] = (0.95, 0.9, 0.7, 0.5)
 
     @classmethod
     def from_args(cls, args: Any) -> EETuneDemoSettings:
