@@ -171,9 +171,9 @@ def main() -> None:
                 for run in [*runs, *reversed(runs)]:
                     rates[run].append(torchrun_tokens_per_s(args, run[0], out, size, prefetch=run[1]))
                 pp1, pp2, plain = (statistics.mean(rates[run]) for run in runs)
+                names = {(1, True): "pp=1", (2, True): "pp=2", (2, False): "pp=2 without prefetch"}
                 print("tokens/s of each run: " + "; ".join(
-                    f"pp={pp}{'' if prefetch else ' without prefetch'} " + ", ".join(f"{r:.1f}" for r in rates[run])
-                    for run in runs for pp, prefetch in [run]))
+                    f"{names[run]} " + ", ".join(f"{rate:.1f}" for rate in rates[run]) for run in runs))
                 print(f"EE-Tuning tokens/s ({_name(size)}): pp=1 (1 x {args.threads} threads) {pp1:.1f}, pp=2 (2 x 1 "
                       f"thread) {pp2:.1f}: pp=2 / pp=1 = {pp2 / pp1:.3f}; pp=2 without prefetch_next_step "
                       f"{plain:.1f} ({plain / pp1:.3f} of pp=1)", flush=True)

@@ -183,7 +183,8 @@ class FrozenBackboneStep:
 
     def discard_prefetched(self) -> None:
         """Complete the prefetched micro-batch's transfers and drop it, when no step follows after all (every rank
-        of the pipeline calls it): each stage after the first receives it, and the senders wait for their sends."""
+        of the pipeline calls it): the last stage receives it (the stages between did in :meth:`_prefetch`), and
+        the senders wait for their sends."""
         prefetched, self._prefetched = self._prefetched, None
         if prefetched is None:
             return
