@@ -272,6 +272,29 @@ def test_sweep_prompts_file(tiny_early_exit_dir: Path, tmp_path: Path) -> None:
     assert (out / "speed_quality.png").is_file() and (out / "exit_histogram.png").is_file()
 
 
+def test_sweep_speculative_mode(tiny_early_exit_dir: Path, tmp_path: Path) -> None:
+    """``--early-exit-mode speculative``: every threshold's output is full depth's (agreement 1, the same ROUGE-L),
+    and the rows report how many drafts the final head accepted; speculative flags without the mode are refused."""
+    from eellm_hf.eval import sweep
+
+    out = tmp_path / "sweep"
+    sweep.main([
+        str(tiny_early_exit_dir), "--task", "kjv_completion", "--limit", "3", "--thresholds", "0.5", "0.0",
+        "--max-new-tokens", "8", "--batch-size", "3", "--out", str(out), "--device", "cpu", "--repeats", "1",
+        "--early-exit-mode", "speculative", "--num-speculative-tokens", "3", "--stop-draft-when-unsure",
+    ])
+    data = json.loads((out / "sweep.json").read_text())
+    assert data["early_exit_mode"] == "speculative" and data["num_speculative_tokens"] == 3
+    full, *speculative = data["runs"]
+    for run in speculative:
+        assert run["agreement"] == 1.0 and run["rougeL"] == full["rougeL"] and run["tokens"] == full["tokens"]
+    zero = speculative[-1]  # threshold 0: every token is drafted at the first exit
+    assert 0.0 <= zero["acceptance_rate"] <= 1.0
+    with pytest.raises(SystemExit, match="need --early-exit-mode speculative"):
+        sweep.main([str(tiny_early_exit_dir), "--task", "kjv_completion", "--num-speculative-tokens", "3",
+                    "--out", str(tmp_path / "refused")])
+
+
 def test_full_depth_stays_full_depth_when_the_export_recommends_early_exit(tiny_early_exit_dir: Path,
                                                                            tmp_path: Path) -> None:
     """An export's generation config may recommend early exit (the trainer's ``export_generation``): ``generate()``

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from test_generation import VOCAB, left_pad, prompts, regime_threshold, tiny_model
+from test_generation import VOCAB, gate_threshold, left_pad, prompts, regime_threshold, tiny_model
 from transformers import GenerationConfig
 
 from eellm_hf import EarlyExitGPTForCausalLM
@@ -82,6 +82,28 @@ def test_greedy_batch_equals_full_depth(models, config_name, regime):
             accepted_per_row.add(len({tuple(row) for row in out.exit_layers.tolist()}))
     if regime == "often":  # rows accepted different numbers of drafts in some round
         assert max(accepted_per_row) > 1
+
+
+@pytest.mark.parametrize("gate_before_mlp", [False, True], ids=["gate_reads_output", "gate_before_mlp"])
+def test_greedy_with_gates_equals_full_depth(gate_before_mlp):
+    """`exit_confidence="gate"` drafts where a gate says so (read before the exit's MLP and head, or after them),
+    from exits pruned to a shortlist: every row still equals full-depth greedy, drafts are accepted and rejected."""
+    model = agreeing_model(seed=2, exit_gate=True, exit_mlp=True, exit_gate_before_mlp=gate_before_mlp,
+                           tie_exit_heads=True, exit_vocab=list(range(0, VOCAB, 2)))
+    with torch.no_grad():
+        for exit_module in model.model.exits:  # gate probabilities spread over (0, 1)
+            exit_module.gate.weight.mul_(30.0)
+    threshold = gate_threshold(model)
+    ids, mask = left_pad(prompts(lengths=(6, 3, 8), seed=4))
+    full = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0)
+    for k, stop in ((2, True), (4, False)):
+        out = speculative(model, ids, mask, max_new_tokens=16, early_exit_threshold=threshold,
+                          exit_confidence="gate", num_speculative_tokens=k, stop_draft_when_unsure=stop)
+        assert torch.equal(out.sequences, full), (k, stop)
+        stats = out.early_exit_stats
+        assert 0 < stats.accepted_draft_tokens < stats.draft_tokens, (k, stop)
+        if stop:  # unsure tokens end the draft, so the exits' heads ran only for tokens their gates let out
+            assert stats.exit_head_tokens[0] < stats.exit_gate_tokens[0]
 
 
 def test_greedy_threshold_extremes_and_budget(models):

@@ -337,8 +337,8 @@ def test_missing_config_file(tmp_path: Path) -> None:
         load_config(tmp_path / "nope.yaml")
 
 
-SHIPPED = [("tiny_cpu.yaml", 2, True), ("smollm2_ee_tune.yaml", 2, True), ("ee_llm_1.3b_gpu.yaml", 8, False),
-           ("ee_llm_7b_gpu.yaml", 8, False)]
+SHIPPED = [("tiny_cpu.yaml", 2, True), ("smollm2_ee_tune.yaml", 2, True), ("smollm2_layerskip.yaml", 2, True),
+           ("ee_llm_1.3b_gpu.yaml", 8, False), ("ee_llm_7b_gpu.yaml", 8, False)]
 
 
 @pytest.mark.parametrize(("name", "world_size", "is_cpu"), SHIPPED)
@@ -349,6 +349,8 @@ def test_shipped_configs_validate(name: str, world_size: int, is_cpu: bool) -> N
         assert (model.num_hidden_layers, model.vocab_size, model.exit_gate) == (30, 49152, True)
         assert cfg.train.freeze_backbone and cfg.export_generation["exit_confidence"] == "gate"
         assert cfg.train.autocast == "bfloat16"  # bf16 matmuls over fp32 weights: the export stays fp32
+    if name == "smollm2_layerskip.yaml":  # the comparison: the whole model trained, with layer dropout
+        assert not cfg.train.freeze_backbone and cfg.train.layer_dropout is not None and model.tie_exit_heads
     if is_cpu:
         assert cfg.parallelism.pp == 2 and cfg.train.dtype == "float32"
     else:

@@ -24,6 +24,7 @@ A prompt file is JSON lines (``prompt``, optional ``reference``; ``text``/``cont
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import statistics
 import time
@@ -39,6 +40,12 @@ from tqdm.auto import tqdm
 from ..host_memory import keep_freed_memory
 from ..modeling.early_exit_settings import EXIT_CONFIDENCE_MEASURES, EarlyExitSettings, check_threshold, mean_exit_layer
 from ..modeling.loading import DTYPES, load_model, load_tokenizer
+from ..modeling.speculative_early_exit import (
+    DEFAULT_SPECULATIVE_TOKENS,
+    EARLY_EXIT_MODES,
+    SPECULATIVE_GENERATION_KEYS,
+    SpeculativeSettings,
+)
 from .sweep_report import label, plot_exit_histogram, plot_speed_quality, write_csv
 
 DEFAULT_THRESHOLDS: list[float] = [round(1.0 - 0.1 * step, 1) for step in range(11)]
@@ -73,6 +80,8 @@ class Generation:
     layers: list[list[int]]
     wall_time_s: float
     recomputed_tokens: int
+    draft_tokens: int = 0  # speculative mode: tokens the exits drafted, and how many the final head accepted
+    accepted_draft_tokens: int = 0
 
 
 def real_token_layers(new_tokens: torch.Tensor, eos_token_ids: list[int], layer: int) -> torch.Tensor:
@@ -223,13 +232,15 @@ def generate_batch(
     exit_layers = getattr(output, "exit_layers", None)
     if exit_layers is None:
         exit_layers = real_token_layers(new, eos_token_ids(model.generation_config), model.config.num_hidden_layers)
-    recomputed = int(getattr(getattr(output, "early_exit_stats", None), "recomputed_tokens", 0) or 0)
+    stats = getattr(output, "early_exit_stats", None)
+    recomputed = int(getattr(stats, "recomputed_tokens", 0) or 0)
     tokens, layers = [], []
     for row_tokens, row_layers in zip(new.tolist(), exit_layers.tolist()):
         keep = [i for i, layer in enumerate(row_layers) if layer >= 0]
         tokens.append([row_tokens[i] for i in keep])
         layers.append([row_layers[i] for i in keep])
-    return Generation(tokens, layers, seconds, recomputed)
+    return Generation(tokens, layers, seconds, recomputed, int(getattr(stats, "draft_tokens", 0)),
+                      int(getattr(stats, "accepted_draft_tokens", 0)))
 
 
 def _concat(parts: Sequence[Generation]) -> Generation:
@@ -238,6 +249,8 @@ def _concat(parts: Sequence[Generation]) -> Generation:
         layers=[row for part in parts for row in part.layers],
         wall_time_s=sum(part.wall_time_s for part in parts),
         recomputed_tokens=sum(part.recomputed_tokens for part in parts),
+        draft_tokens=sum(part.draft_tokens for part in parts),
+        accepted_draft_tokens=sum(part.accepted_draft_tokens for part in parts),
     )
 
 
@@ -365,8 +378,7 @@ def _num_tokens(generation: Generation) -> int:
 
 def _mean_time(runs: Sequence[Generation]) -> Generation:
     """The first of identical (greedy) generations, with the mean wall time of all of them."""
-    return Generation(runs[0].tokens, runs[0].layers, sum(run.wall_time_s for run in runs) / len(runs),
-                      runs[0].recomputed_tokens)
+    return dataclasses.replace(runs[0], wall_time_s=sum(run.wall_time_s for run in runs) / len(runs))
 
 
 def _row(model: Any, tokenizer: Any, prompt_set: PromptSet, threshold: float | None, result: Generation,
@@ -388,6 +400,8 @@ def _row(model: Any, tokenizer: Any, prompt_set: PromptSet, threshold: float | N
         "agreement": agreement(result.tokens, full.tokens),
         "tokens_per_exit": {str(layer): counts[layer] for layer in sorted(counts)},
     }
+    if result.draft_tokens:
+        row["acceptance_rate"] = result.accepted_draft_tokens / result.draft_tokens
     if prompt_set.score is not None:
         row.update(prompt_set.score(prompt_set.prompts, texts))
     return row
@@ -409,6 +423,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--exit-confidence", default="max_prob", choices=EXIT_CONFIDENCE_MEASURES)
     parser.add_argument("--active-exits", type=int, nargs="+", default=None, help="exit layers allowed to fire")
     parser.add_argument("--max-recompute-tokens", type=int, default=None)
+    parser.add_argument("--early-exit-mode", default="lossy", choices=EARLY_EXIT_MODES,
+                        help="speculative: the exits draft, the whole model verifies (output equals full depth)")
+    parser.add_argument("--num-speculative-tokens", type=int, default=None,
+                        help=f"speculative: most tokens drafted per round (default {DEFAULT_SPECULATIVE_TOKENS})")
+    parser.add_argument("--stop-draft-when-unsure", action="store_true",
+                        help="speculative: end a draft at a token no exit is confident about")
     parser.add_argument("--max-new-tokens", type=int, default=None,
                         help="tokens to generate per prompt (default: the task's max_gen_toks, else 32)")
     parser.add_argument("--batch-size", type=int, default=8)
@@ -454,6 +474,14 @@ def sweep_from_args(argv: list[str] | None = None) -> dict[str, Any]:
         early_exit_kwargs["active_exits"] = args.active_exits
     if args.max_recompute_tokens is not None:
         early_exit_kwargs["max_recompute_tokens"] = args.max_recompute_tokens
+    if args.early_exit_mode != "lossy":
+        early_exit_kwargs["early_exit_mode"] = args.early_exit_mode
+        early_exit_kwargs["stop_draft_when_unsure"] = args.stop_draft_when_unsure
+        if args.num_speculative_tokens is not None:
+            early_exit_kwargs["num_speculative_tokens"] = args.num_speculative_tokens
+    elif args.num_speculative_tokens is not None or args.stop_draft_when_unsure:
+        raise SystemExit("eellm-sweep: --num-speculative-tokens and --stop-draft-when-unsure need "
+                         "--early-exit-mode speculative")
     check_settings("eellm-sweep", config, early_exit_kwargs, args.thresholds)
 
     rows = run_sweep(model, tokenizer, prompt_set, args.thresholds, max_new_tokens, args.batch_size,
@@ -489,6 +517,8 @@ def sweep_from_args(argv: list[str] | None = None) -> dict[str, Any]:
 
     for row in rows:
         quality = f", {metric} {row[metric]:.3f}" if metric else ""
+        if "acceptance_rate" in row:
+            quality += f", drafts accepted {row['acceptance_rate']:.3f}"
         mean = f"{row['mean_exit_layer']:.2f}" if row["mean_exit_layer"] is not None else "-"
         print(f"threshold {label(row['threshold']):>4}: speedup {row['speedup']:.2f}x, mean exit layer {mean}, "
               f"agreement {row['agreement']:.3f}{quality}")
@@ -500,9 +530,12 @@ def check_settings(prog: str, model_config: Any, early_exit_kwargs: dict[str, An
                    ) -> None:
     """Every threshold with ``early_exit_kwargs`` is a valid setting of the model (``EarlyExitSettings.resolve``,
     as ``generate`` checks it), or the command ends naming the bad value."""
+    speculative_kwargs = {key: value for key, value in early_exit_kwargs.items() if key in SPECULATIVE_GENERATION_KEYS}
+    lossy_kwargs = {key: value for key, value in early_exit_kwargs.items() if key not in speculative_kwargs}
     try:
         for threshold in thresholds:
-            EarlyExitSettings.resolve(model_config, {**early_exit_kwargs, "early_exit_threshold": threshold})
+            settings = EarlyExitSettings.resolve(model_config, {**lossy_kwargs, "early_exit_threshold": threshold})
+            SpeculativeSettings.resolve(settings, speculative_kwargs, [])
     except ValueError as exc:
         raise SystemExit(f"{prog}: {exc}") from None
 
