@@ -3,7 +3,8 @@ source: per exit, top-1 agreement with the final head; per confidence measure an
 leaving at each exit, their agreement with the final head and the cost model's ideal speedup (see
 ``eellm_hf.eval.exit_agreement`` for the cost model).
 
-    python benchmarks/exit_agreement.py MODEL_DIR [--tokens 8192] [--measure max_prob gate]
+    python benchmarks/exit_agreement.py MODEL_DIR [--tokens 8192] [--measure max_prob gate gate_max_prob]
+        [--gate-threshold 0.7]
 """
 
 from __future__ import annotations
@@ -23,13 +24,17 @@ def main() -> None:
     parser.add_argument("model_dir", type=Path)
     parser.add_argument("--tokens", type=int, default=8192)
     parser.add_argument("--length", type=int, default=256)
-    parser.add_argument("--measure", nargs="+", default=["max_prob", "gate"])
+    parser.add_argument("--measure", nargs="+", default=["max_prob", "gate"],
+                        choices=["max_prob", "gate", "gate_max_prob"])
+    parser.add_argument("--gate-threshold", type=float, default=0.7,
+                        help="the gate probability gate_max_prob screens with")
     parser.add_argument("--json", type=Path, default=None, help="also write the table here")
     args = parser.parse_args()
     torch.set_num_threads(max(torch.get_num_threads(), 1))
     model = AutoModelForCausalLM.from_pretrained(args.model_dir, trust_remote_code=True).eval()
     tokenizer = AutoTokenizer.from_pretrained(args.model_dir)
-    result = measure_exits(model, tokenizer, args.tokens, args.length, args.measure)
+    result = measure_exits(model, tokenizer, args.tokens, args.length, args.measure,
+                           gate_threshold=args.gate_threshold)
     print(f"{result['tokens']} held-out tokens; exits after layers {result['exit_layers']} of "
           f"{model.config.num_hidden_layers}")
     for layer, agreement in zip(result["exit_layers"], result["agreement"]):

@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--early-exit-threshold", type=float, default=None,
                         help="confidence an exit needs to produce a token, in [0, 1] (default: full depth)")
     parser.add_argument("--exit-confidence", choices=EXIT_CONFIDENCE_MEASURES, default=None)
+    parser.add_argument("--exit-gate-threshold", type=float, default=None,
+                        help="gate_max_prob: the gate probability that lets an exit compute its distribution")
     parser.add_argument("--active-exits", type=int, nargs="+", default=None,
                         help="the exit layers allowed to fire (default: all)")
     parser.add_argument("--max-recompute-tokens", type=int, default=None)
@@ -127,7 +129,7 @@ def _generate_kwargs(parser: argparse.ArgumentParser, args: argparse.Namespace, 
                        "pad_token_id": tokenizer.pad_token_id, "return_dict_in_generate": True}
     if args.early_exit_threshold is not None:
         generate_kwargs["early_exit_threshold"] = args.early_exit_threshold
-    for name in ("exit_confidence", "active_exits", "max_recompute_tokens", "early_exit_mode",
+    for name in ("exit_confidence", "exit_gate_threshold", "active_exits", "max_recompute_tokens", "early_exit_mode",
                  "num_speculative_tokens", "temperature", "top_k", "top_p"):
         if getattr(args, name) is not None:
             generate_kwargs[name] = getattr(args, name)

@@ -76,6 +76,9 @@ from .trainer.weights import read_hf_tensors
 __all__ = ["PipelineEarlyExitGPT", "PipelineStage", "load_stage_model"]
 
 STOP, PREFILL, DECODE = 0, 1, 2
+# a step's header: kind, rows, start, end, batch size, capacity, threshold, measure, gate threshold; then one flag
+# per exit (active or not)
+_HEADER = 9
 _GENERATE_ARGUMENTS = ("generation_config", "logits_processor", "stopping_criteria", "prefix_allowed_tokens_fn",
                        "synced_gpus", "assistant_model", "streamer", "negative_prompt_ids",
                        "negative_prompt_attention_mask", "custom_generate")
@@ -458,17 +461,18 @@ class PipelineEarlyExitGPT:
         torch_dist.barrier()
 
     def _send_header(self, kind: int, step: _Step | None = None) -> None:
-        header = torch.zeros(8 + self.config.num_exits, dtype=torch.float64, device=self.device)
+        header = torch.zeros(_HEADER + self.config.num_exits, dtype=torch.float64, device=self.device)
         header[0] = kind
         if step is not None:
             settings = step.settings
-            header[1:8] = torch.tensor([
+            header[1:_HEADER] = torch.tensor([
                 len(step.rows), step.start, step.end, step.batch_size, step.capacity,
                 -1.0 if settings.threshold is None else settings.threshold,
                 EXIT_CONFIDENCE_MEASURES.index(settings.confidence),
+                -1.0 if settings.gate_threshold is None else settings.gate_threshold,
             ], dtype=torch.float64)
             for j in settings.active_exits:
-                header[8 + j] = 1
+                header[_HEADER + j] = 1
         self._isend(header, self.stage.stage + 1)
 
     def _send_step(self, step: _Step, hidden: torch.Tensor) -> None:
@@ -486,7 +490,7 @@ class PipelineEarlyExitGPT:
 
     def _receive_step(self) -> tuple[_Step, torch.Tensor | None]:
         src = self.stage.stage - 1
-        header = torch.empty(8 + self.config.num_exits, dtype=torch.float64, device=self.device)
+        header = torch.empty(_HEADER + self.config.num_exits, dtype=torch.float64, device=self.device)
         torch_dist.recv(header, src=src)
         values = header.tolist()
         kind = int(values[0])
@@ -494,9 +498,9 @@ class PipelineEarlyExitGPT:
             return _Step(STOP, [], 0, 0, header, [], EarlyExitSettings()), None
         num_rows, start, end, batch_size, capacity = (int(v) for v in values[1:6])
         threshold = None if values[6] < 0 else values[6]
-        active = tuple(j for j in range(self.config.num_exits) if values[8 + j] > 0)
+        active = tuple(j for j in range(self.config.num_exits) if values[_HEADER + j] > 0)
         settings = EarlyExitSettings(threshold=threshold, confidence=EXIT_CONFIDENCE_MEASURES[int(values[7])],
-                                     active_exits=active)
+                                     gate_threshold=None if values[8] < 0 else values[8], active_exits=active)
         columns = end - start
         sizes = [num_rows, num_rows, num_rows * columns] + ([batch_size * end] if kind == PREFILL else [])
         control = torch.empty(sum(sizes), dtype=torch.long, device=self.device)

@@ -62,6 +62,8 @@ def test_parse_model_args() -> None:
     for bad in (1.5, -0.1, "high", True):
         with pytest.raises(ValueError, match="early_exit_threshold"):
             parse_threshold(bad)
+    with pytest.raises(ValueError, match="exit_gate_threshold must be a number in \\[0, 1\\] or None, got '2'"):
+        parse_threshold("2", "exit_gate_threshold")
     for bad in ("1,3", "one", "|", [1.5]):
         with pytest.raises(ValueError, match="active_exits"):
             parse_layers(bad)

@@ -42,3 +42,17 @@ def test_a_shortlisted_exit_pays_for_its_shortlist_rows_only(measure):
     staying = 4 * layer + exit_checked + head
     row = policy(DATA, measure, 0.5, cfg)
     assert row["ideal_speedup"] == pytest.approx((4 * layer + head) / ((2 * leaving + 2 * staying) / 4), rel=1e-6)
+
+
+def test_gate_max_prob_pays_the_projection_for_screened_in_tokens():
+    """The gate screens at 0.15 (tokens 0, 2, 3), the largest probability decides at 0.5 (tokens 0, 2 leave):
+    token 3 pays the exit's MLP and projection and goes on; token 1 pays neither."""
+    cfg = config(exit_gate_before_mlp=True)
+    layer, mlp, head = layer_cost(cfg), 3 * 8 * 16, 8 * 32
+    leaving = 2 * layer + mlp + head
+    screened_in = 4 * layer + mlp + head + head
+    screened_out = 4 * layer + head
+    row = policy(DATA, "gate_max_prob", 0.5, cfg, gate_threshold=0.15)
+    assert row["shares"] == [0.5] and row["agreement"] == 1.0 and row["gate_threshold"] == 0.15
+    expected = (4 * layer + head) / ((2 * leaving + screened_in + screened_out) / 4)
+    assert row["ideal_speedup"] == pytest.approx(expected, rel=1e-6)

@@ -76,8 +76,9 @@ def confidence(logits: torch.Tensor, measure: str) -> torch.Tensor:
 
 @torch.no_grad()
 def naive_early_exit_greedy(model, input_ids, max_new_tokens, threshold, measure="max_prob", active_exits=None,
-                            eos_token_id=None):
-    """The oracle: no cache; at each step the whole prefix, the first confident active exit, else the final head."""
+                            eos_token_id=None, gate_threshold=None):
+    """The oracle: no cache; at each step the whole prefix, the first confident active exit, else the final head
+    (`"gate_max_prob"`: the first exit whose gate reaches `gate_threshold` and largest probability `threshold`)."""
     config = model.config
     active = range(config.num_exits) if active_exits is None else [config.exit_layers.index(a) for a in active_exits]
     ids, layers = input_ids.clone(), []
@@ -87,6 +88,9 @@ def naive_early_exit_greedy(model, input_ids, max_new_tokens, threshold, measure
         for index in active:
             if measure == "gate":
                 score = torch.sigmoid(out.exit_gate_logits[index][0, -1].double())
+            elif measure == "gate_max_prob":
+                gate = torch.sigmoid(out.exit_gate_logits[index][0, -1].double())
+                score = confidence(out.exit_logits[index][0, -1], "max_prob") if gate >= gate_threshold else -1.0
             else:
                 score = confidence(out.exit_logits[index][0, -1], measure)
             if threshold is not None and score >= threshold:
@@ -235,6 +239,59 @@ def test_gate_confidence_batch_equals_each_prompt_alone(gated_model):
         expected, expected_layers = naive_early_exit_greedy(gated_model, row, NEW_TOKENS, threshold, "gate")
         assert torch.equal(out.sequences[index, ids.shape[1]:], expected[0, row.shape[1]:])
         assert out.exit_layers[index].tolist() == expected_layers
+
+
+@torch.no_grad()
+def screen_and_prob_thresholds(model) -> tuple[float, float]:
+    """A gate threshold that screens in about half the tokens, and a largest-probability threshold that about half
+    of those reach: some screened-in tokens then leave and some go on."""
+    torch.manual_seed(123)
+    out = model(input_ids=torch.randint(1, VOCAB, (4, 24)), compute_exits=True)
+    gates = torch.cat([torch.sigmoid(g.flatten()) for g in out.exit_gate_logits])
+    probs = torch.cat([confidence(x, "max_prob").flatten() for x in out.exit_logits])
+    return gates.quantile(0.5).item(), probs.quantile(0.5).item()
+
+
+def test_gate_max_prob_matches_oracle(gated_model):
+    """`exit_confidence="gate_max_prob"`: the gate screens (`exit_gate_threshold`), the largest probability
+    decides; the exit's projection (and, with the gate before it, its MLP) runs only for the screened-in tokens.
+    Single prompts and a left-padded batch equal the no-cache oracle with the same rule."""
+    gate_t, prob_t = screen_and_prob_thresholds(gated_model)
+    settings = dict(early_exit_threshold=prob_t, exit_confidence="gate_max_prob", exit_gate_threshold=gate_t,
+                    return_dict_in_generate=True)
+    seen, screened_in_but_stayed = Counter(), 0
+    rows = prompts(lengths=(6, 3, 8))
+    for prompt in rows:
+        expected, expected_layers = naive_early_exit_greedy(gated_model, prompt, NEW_TOKENS, prob_t, "gate_max_prob",
+                                                            gate_threshold=gate_t)
+        seen.update(expected_layers)
+        out = gated_model.generate(prompt, max_new_tokens=NEW_TOKENS, **settings)
+        assert torch.equal(out.sequences, expected)
+        assert out.exit_layers[0].tolist() == expected_layers
+        stats = out.early_exit_stats
+        assert stats.exit_gate_tokens[0] > stats.exit_head_tokens[0] >= stats.tokens_per_exit[2]
+        screened_in_but_stayed += sum(stats.exit_head_tokens) - stats.tokens_per_exit[2] - stats.tokens_per_exit[4]
+        mlp_ran_for = stats.exit_head_tokens if gated_model.config.exit_gate_before_mlp else stats.exit_gate_tokens
+        assert stats.exit_mlp_tokens == mlp_ran_for
+    assert seen[2] and seen[4] and seen[6] and screened_in_but_stayed > 0, seen
+    ids, mask = left_pad(rows)
+    out = gated_model.generate(ids, attention_mask=mask, max_new_tokens=NEW_TOKENS, **settings)
+    for index, row in enumerate(rows):
+        expected, expected_layers = naive_early_exit_greedy(gated_model, row, NEW_TOKENS, prob_t, "gate_max_prob",
+                                                            gate_threshold=gate_t)
+        assert torch.equal(out.sequences[index, ids.shape[1]:], expected[0, row.shape[1]:])
+        assert out.exit_layers[index].tolist() == expected_layers
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({}, "needs `exit_gate_threshold`"),
+    ({"exit_gate_threshold": 1.5}, "`exit_gate_threshold` must be None or a number in \\[0, 1\\], got 1.5"),
+    ({"exit_gate_threshold": "0.5"}, "`exit_gate_threshold` must be None or a number in \\[0, 1\\], got '0.5'"),
+])
+def test_gate_max_prob_needs_a_gate_threshold(gated_model, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        gated_model.generate(prompts(lengths=(3,))[0], max_new_tokens=2, early_exit_threshold=0.5,
+                             exit_confidence="gate_max_prob", **kwargs)
 
 
 def test_gate_confidence_needs_gates(models):

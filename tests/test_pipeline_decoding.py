@@ -192,6 +192,8 @@ def scenarios(model_dirs) -> dict[str, dict]:
         if model.config.exit_gate:  # learned confidence gates: the projection runs only for leaving rows
             calls.append(dict(mixed, seed=0, kwargs=dict(base, early_exit_threshold=0.5, exit_confidence="gate",
                                                          do_sample=False)))
+            calls.append(dict(mixed, seed=0, kwargs=dict(base, early_exit_threshold=0.3, exit_gate_threshold=0.4,
+                                                         exit_confidence="gate_max_prob", do_sample=False)))
         # A row that ends early: the end-of-sequence token is the one row 0 generates at its fourth step.
         greedy = _reference(model, calls[0])
         eos = greedy["sequences"][0][len(mixed["input_ids"][0]) + 3]

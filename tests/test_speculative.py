@@ -84,21 +84,26 @@ def test_greedy_batch_equals_full_depth(models, config_name, regime):
         assert max(accepted_per_row) > 1
 
 
-@pytest.mark.parametrize("gate_before_mlp", [False, True], ids=["gate_reads_output", "gate_before_mlp"])
-def test_greedy_with_gates_equals_full_depth(gate_before_mlp):
-    """`exit_confidence="gate"` drafts where a gate says so (read before the exit's MLP and head, or after them),
-    from exits pruned to a shortlist: every row still equals full-depth greedy, drafts are accepted and rejected."""
+@pytest.mark.parametrize(("gate_before_mlp", "measure"), [(False, "gate"), (True, "gate"), (True, "gate_max_prob")],
+                         ids=["gate_reads_output", "gate_before_mlp", "gate_screens_max_prob_decides"])
+def test_greedy_with_gates_equals_full_depth(gate_before_mlp, measure):
+    """Gates decide which tokens are drafted (`"gate"`: read before the exit's MLP and head, or after them;
+    `"gate_max_prob"`: the gate screens, the largest probability decides), from exits pruned to a shortlist: every
+    row still equals full-depth greedy, drafts are accepted and rejected."""
     model = agreeing_model(seed=2, exit_gate=True, exit_mlp=True, exit_gate_before_mlp=gate_before_mlp,
                            tie_exit_heads=True, exit_vocab=list(range(0, VOCAB, 2)))
     with torch.no_grad():
         for exit_module in model.model.exits:  # gate probabilities spread over (0, 1)
             exit_module.gate.weight.mul_(30.0)
     threshold = gate_threshold(model)
+    settings = dict(early_exit_threshold=threshold, exit_confidence=measure)
+    if measure == "gate_max_prob":  # the gate screens at the same threshold; the largest probability then decides
+        settings.update(exit_gate_threshold=threshold, early_exit_threshold=regime_threshold(model, "mix"))
     ids, mask = left_pad(prompts(lengths=(6, 3, 8), seed=4))
     full = model.generate(ids, attention_mask=mask, max_new_tokens=16, do_sample=False, pad_token_id=0)
     for k, stop in ((2, True), (4, False)):
-        out = speculative(model, ids, mask, max_new_tokens=16, early_exit_threshold=threshold,
-                          exit_confidence="gate", num_speculative_tokens=k, stop_draft_when_unsure=stop)
+        out = speculative(model, ids, mask, max_new_tokens=16, num_speculative_tokens=k, stop_draft_when_unsure=stop,
+                          **settings)
         assert torch.equal(out.sequences, full), (k, stop)
         stats = out.early_exit_stats
         assert 0 < stats.accepted_draft_tokens < stats.draft_tokens, (k, stop)

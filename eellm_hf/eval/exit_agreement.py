@@ -67,14 +67,17 @@ def exit_agreements(data: dict[str, torch.Tensor]) -> list[float]:
     return [float((top == data["final"]).float().mean()) for top in data["top"]]
 
 
-def policy(data: dict[str, torch.Tensor], measure: str, threshold: float, config: Any) -> dict[str, Any]:
-    """First exit whose confidence reaches the threshold: shares, agreement and the cost-model speedup."""
+def policy(data: dict[str, torch.Tensor], measure: str, threshold: float, config: Any,
+           gate_threshold: float | None = None) -> dict[str, Any]:
+    """First exit whose confidence reaches the threshold: shares, agreement and the cost-model speedup. With
+    ``gate_max_prob`` an exit's gate screens at ``gate_threshold`` and its largest probability decides."""
     layers, unit, head = config.exit_layers, layer_cost(config), config.hidden_size * config.vocab_size
     shortlist = getattr(config, "exit_vocab", None)
     exit_head = head if shortlist is None else config.hidden_size * len(shortlist)
     mlp = 3 * config.hidden_size * config.intermediate_size if config.exit_mlp else 0.0
     block = unit if config.exit_block else 0.0
-    gate_first = measure == "gate" and getattr(config, "exit_gate_before_mlp", False)
+    gated = measure in ("gate", "gate_max_prob")
+    gate_first = gated and getattr(config, "exit_gate_before_mlp", False)
     tokens = data["final"].numel()
     undecided = torch.ones(tokens, dtype=torch.bool)
     agree = torch.zeros(tokens, dtype=torch.bool)
@@ -82,10 +85,15 @@ def policy(data: dict[str, torch.Tensor], measure: str, threshold: float, config
     previous, shares = 0, []
     for index, layer in enumerate(layers):
         cost[undecided] += (layer - previous) * unit + block + (0.0 if gate_first else mlp)
-        fire = undecided & (data[measure][index] >= threshold)
+        if measure == "gate_max_prob":
+            screened = undecided & (data["gate"][index] >= gate_threshold)
+            fire = screened & (data["max_prob"][index] >= threshold)
+        else:
+            fire = undecided & (data[measure][index] >= threshold)
+            screened = fire if gated else undecided
         if gate_first:
-            cost[fire] += mlp
-        cost[fire if measure == "gate" else undecided] += exit_head
+            cost[screened] += mlp
+        cost[screened] += exit_head  # the projection runs for every token whose decision needs it
         agree |= fire & (data["top"][index] == data["final"])
         shares.append(float(fire.float().mean()))
         undecided &= ~fire
@@ -93,17 +101,22 @@ def policy(data: dict[str, torch.Tensor], measure: str, threshold: float, config
     cost[undecided] += (config.num_hidden_layers - previous) * unit + head
     agree |= undecided
     full = config.num_hidden_layers * unit + head
-    return {"measure": measure, "threshold": threshold, "shares": shares, "agreement": float(agree.float().mean()),
-            "ideal_speedup": full / float(cost.mean())}
+    row = {"measure": measure, "threshold": threshold, "shares": shares, "agreement": float(agree.float().mean()),
+           "ideal_speedup": full / float(cost.mean())}
+    if measure == "gate_max_prob":
+        row["gate_threshold"] = gate_threshold
+    return row
 
 
 def measure_exits(model: Any, tokenizer: Any, tokens: int = 8192, length: int = 256,
                   measures: Sequence[str] = ("max_prob", "gate"),
-                  thresholds: Sequence[float] = THRESHOLDS) -> dict[str, Any]:
-    """Held-out agreement per exit and, per measure the model has and threshold, :func:`policy`'s row."""
+                  thresholds: Sequence[float] = THRESHOLDS, gate_threshold: float = 0.7) -> dict[str, Any]:
+    """Held-out agreement per exit and, per measure the model has and threshold, :func:`policy`'s row
+    (``gate_max_prob`` screening at ``gate_threshold``)."""
     data = collect(model, held_out_chunks(tokenizer, tokens, length))
-    rows = [policy(data, measure, threshold, model.config)
-            for measure in measures if measure in data for threshold in thresholds]
+    available = [m for m in measures if (m == "gate_max_prob" and "gate" in data) or m in data]
+    rows = [policy(data, measure, threshold, model.config, gate_threshold)
+            for measure in available for threshold in thresholds]
     return {"tokens": data["final"].numel(), "exit_layers": list(model.config.exit_layers),
             "agreement": exit_agreements(data), "policies": rows}
 

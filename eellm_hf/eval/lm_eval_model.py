@@ -10,7 +10,8 @@ Early-exit model_args (everything else is ``HFLM``'s, e.g. ``dtype``, ``batch_si
 * ``early_exit_threshold``: confidence an exit needs to produce a generated token, in ``[0, 1]``; ``None`` (the
   default, also ``none``/``off``) decodes at full depth, so ``--model eellm`` then gives ``--model hf``'s results
   (even where the export's ``generation_config.json`` recommends early exit, which ``--model hf`` would follow).
-* ``exit_confidence``: ``max_prob`` (default), ``top2_margin`` or ``gate`` (exits with learned gates).
+* ``exit_confidence``: ``max_prob`` (default), ``top2_margin``, ``gate`` (exits with learned gates) or
+  ``gate_max_prob`` (the gate screens at ``exit_gate_threshold``, the largest probability decides).
 * ``active_exits``: the exit layers allowed to fire (default: all). lm-eval splits model_args on commas, so
   separate layers with ``|`` or ``;`` (``active_exits=4|8``; quote the model_args in a shell); a list also
   works (``simple_evaluate(model_args={..., "active_exits": [4, 8]})``, or JSON model_args on the command line).
@@ -50,7 +51,7 @@ from lm_eval.models.utils_hf import stop_sequences_criteria
 
 import eellm_hf  # noqa: F401  (registers EarlyExitGPT with the Auto classes)
 from eellm_hf.eval.sweep import eos_token_ids, real_token_layers
-from eellm_hf.modeling.early_exit_settings import EarlyExitSettings, check_threshold, mean_exit_layer
+from eellm_hf.modeling.early_exit_settings import EarlyExitSettings, mean_exit_layer
 from eellm_hf.modeling.speculative_early_exit import EARLY_EXIT_MODES
 
 COST_KEY = "eellm_cost"
@@ -58,8 +59,9 @@ _OFF = ("", "none", "off", "null")
 _SEPARATORS = re.compile(r"[|;\s]+")
 
 
-def parse_threshold(value: Any) -> float | None:
-    """``early_exit_threshold`` as a float in ``[0, 1]``, or ``None`` for full depth."""
+def parse_threshold(value: Any, name: str = "early_exit_threshold") -> float | None:
+    """A threshold model_arg (``name``) as a float in ``[0, 1]``, or ``None`` (for ``early_exit_threshold``:
+    full depth)."""
     if value is None or (isinstance(value, str) and value.strip().lower() in _OFF):
         return None
     try:
@@ -67,8 +69,10 @@ def parse_threshold(value: Any) -> float | None:
             raise TypeError
         threshold = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"early_exit_threshold must be a number in [0, 1] or None, got {value!r}.") from None
-    return check_threshold(threshold)
+        raise ValueError(f"{name} must be a number in [0, 1] or None, got {value!r}.") from None
+    if not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"{name} must be a number in [0, 1] or None, got {value!r}.")
+    return threshold
 
 
 def parse_bool(value: Any, name: str) -> bool | None:
@@ -199,6 +203,7 @@ class EarlyExitLM(HFLM):
         pretrained: str | transformers.PreTrainedModel,
         early_exit_threshold: float | str | None = None,
         exit_confidence: str = "max_prob",
+        exit_gate_threshold: float | str | None = None,
         active_exits: int | str | list[int] | None = None,
         max_recompute_tokens: int | str | None = None,
         exit_layer: int | str | None = None,
@@ -214,6 +219,7 @@ class EarlyExitLM(HFLM):
                 "e.g. active_exits=4|8 or active_exits=4;8."
             )
         threshold = parse_threshold(early_exit_threshold)
+        gate_threshold = parse_threshold(exit_gate_threshold, "exit_gate_threshold")
         active = parse_layers(active_exits)
         cap = parse_layers(max_recompute_tokens, "max_recompute_tokens")
         if cap is not None and len(cap) != 1:
@@ -239,7 +245,8 @@ class EarlyExitLM(HFLM):
             raise ValueError(f"{type(self.model).__name__} has no early exits; early-exit model_args need an "
                              "EarlyExitGPT model.")
         EarlyExitSettings.resolve(config, {"early_exit_threshold": threshold, "exit_confidence": exit_confidence,
-                                           "active_exits": active, "max_recompute_tokens": cap[0] if cap else None})
+                                           "exit_gate_threshold": gate_threshold, "active_exits": active,
+                                           "max_recompute_tokens": cap[0] if cap else None})
         self._exit_index: int | None = None
         if score_layers is not None:
             layer = score_layers[0]
@@ -256,7 +263,7 @@ class EarlyExitLM(HFLM):
         if threshold is not None:
             # lm-eval's batches exit early too, whatever batch cap (early_exit_max_batch_size) the export recommends
             self._generate_kwargs = {"early_exit_threshold": threshold, "exit_confidence": exit_confidence,
-                                     "early_exit_max_batch_size": None}
+                                     "exit_gate_threshold": gate_threshold, "early_exit_max_batch_size": None}
             if active is not None:
                 self._generate_kwargs["active_exits"] = sorted(set(active))
             if cap is not None:
@@ -267,6 +274,7 @@ class EarlyExitLM(HFLM):
         settings = {
             "early_exit_threshold": None if score_layers else threshold,
             "exit_confidence": exit_confidence,
+            "exit_gate_threshold": gate_threshold,
             "active_exits": sorted(set(active)) if active is not None and not score_layers else None,
             "max_recompute_tokens": cap[0] if cap else None,
             "exit_layer": score_layers[0] if score_layers else None,

@@ -421,6 +421,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--thresholds", type=float, nargs="+", default=DEFAULT_THRESHOLDS,
                         help="confidence thresholds in [0, 1] (default: 1.0 down to 0.0 in steps of 0.1)")
     parser.add_argument("--exit-confidence", default="max_prob", choices=EXIT_CONFIDENCE_MEASURES)
+    parser.add_argument("--exit-gate-threshold", type=float, default=None,
+                        help="gate_max_prob: the gate probability that screens (--thresholds then sweep the "
+                             "largest probability)")
     parser.add_argument("--active-exits", type=int, nargs="+", default=None, help="exit layers allowed to fire")
     parser.add_argument("--max-recompute-tokens", type=int, default=None)
     parser.add_argument("--early-exit-mode", default="lossy", choices=EARLY_EXIT_MODES,
@@ -470,6 +473,8 @@ def sweep_from_args(argv: list[str] | None = None) -> dict[str, Any]:
         raise SystemExit(f"eellm-sweep: {args.model} has no early exits (config.exit_layers).")
 
     early_exit_kwargs: dict[str, Any] = {"exit_confidence": args.exit_confidence}
+    if args.exit_gate_threshold is not None:
+        early_exit_kwargs["exit_gate_threshold"] = args.exit_gate_threshold
     if args.active_exits is not None:
         early_exit_kwargs["active_exits"] = args.active_exits
     if args.max_recompute_tokens is not None:

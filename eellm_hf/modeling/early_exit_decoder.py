@@ -23,7 +23,7 @@ import torch
 from torch import nn
 from transformers.cache_utils import Cache, DynamicLayer
 
-from .early_exit_settings import EarlyExitSettings, EarlyExitStats
+from .early_exit_settings import GATED_MEASURES, EarlyExitSettings, EarlyExitStats
 
 
 class PassKind(str, enum.Enum):
@@ -526,12 +526,13 @@ def decide_exit(
     fire: Callable[[torch.Tensor], list[bool]] | None = None,
 ) -> tuple[list[int], torch.Tensor]:
     """Which of the rows of `hidden` (exit `exit_index`'s block output, one row each) leave at this exit, and their
-    logits: the exit's norm and residual MLP, its projection (`exit_logits`), then the confidence. With the
-    `"gate"` measure the vocabulary projection runs for the leaving rows only, and so does the MLP when the gate
-    reads before it (`config.exit_gate_before_mlp`). Counts the work in `stats` when given; `fire` (default
-    `exit_fires`) decides from the logits."""
+    logits: the exit's norm and residual MLP, its projection (`exit_logits`), then the confidence. With the gated
+    measures the vocabulary projection runs only for the rows whose gate reaches its threshold (`"gate"`: the rows
+    that leave; `"gate_max_prob"`: the rows screened in, of which those leave whose largest probability reaches
+    the threshold), and so does the MLP when the gate reads before it (`config.exit_gate_before_mlp`). Counts the
+    work in `stats` when given; `fire` (default `exit_fires`) decides from the logits."""
     normed = exit_module.normed(hidden)
-    if settings.confidence != "gate":
+    if settings.confidence not in GATED_MEASURES:
         logits = model.exit_logits(exit_index, exit_module.residual_mlp(normed))
         if stats is not None:
             stats.exit_mlp_tokens[exit_index] += hidden.shape[0]
@@ -541,18 +542,27 @@ def decide_exit(
         return fired, logits if len(fired) == logits.shape[0] else logits[fired]
     before_mlp = exit_module.gate_before_mlp
     output = None if before_mlp else exit_module.residual_mlp(normed)
+    screens = settings.confidence == "gate_max_prob"
+    gate_threshold = settings.gate_threshold if screens else settings.threshold
     confidence = torch.sigmoid(exit_module.gate_logit(normed if before_mlp else output).to(confidence_dtype))
-    fired = (confidence >= settings.threshold).nonzero().flatten().tolist()
-    every_row = len(fired) == hidden.shape[0]
-    if before_mlp and fired:
-        output = exit_module.residual_mlp(normed if every_row else normed[fired])
-    elif fired and not every_row:
-        output = output[fired]
+    passed = (confidence >= gate_threshold).nonzero().flatten().tolist()
+    every_row = len(passed) == hidden.shape[0]
+    if before_mlp and passed:
+        output = exit_module.residual_mlp(normed if every_row else normed[passed])
+    elif passed and not every_row:
+        output = output[passed]
     if stats is not None:
         stats.exit_gate_tokens[exit_index] += hidden.shape[0]
-        stats.exit_mlp_tokens[exit_index] += len(fired) if before_mlp else hidden.shape[0]
-        stats.exit_head_tokens[exit_index] += len(fired)
-    return fired, model.exit_logits(exit_index, output) if fired else hidden[:0]
+        stats.exit_mlp_tokens[exit_index] += len(passed) if before_mlp else hidden.shape[0]
+        stats.exit_head_tokens[exit_index] += len(passed)
+    if not passed:
+        return [], hidden[:0]
+    logits = model.exit_logits(exit_index, output)
+    if not screens:
+        return passed, logits
+    fires = fire(logits) if fire is not None else exit_fires(logits, settings, confidence_dtype)
+    keep = [index for index, on in enumerate(fires) if on]
+    return [passed[index] for index in keep], logits if len(keep) == len(passed) else logits[keep]
 
 
 def exit_fires(logits: torch.Tensor, settings: EarlyExitSettings, confidence_dtype: torch.dtype) -> list[bool]:
@@ -561,7 +571,7 @@ def exit_fires(logits: torch.Tensor, settings: EarlyExitSettings, confidence_dty
     if threshold <= 0.0:  # every confidence is >= 0
         return [True] * logits.shape[0]
     probs = logits.to(confidence_dtype).softmax(dim=-1)
-    if settings.confidence == "max_prob":
+    if settings.confidence in ("max_prob", "gate_max_prob"):
         confidence = probs.amax(dim=-1)
     else:
         top2 = probs.topk(2, dim=-1).values

@@ -13,9 +13,10 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-EXIT_CONFIDENCE_MEASURES = ("max_prob", "top2_margin", "gate")
-EARLY_EXIT_GENERATION_KEYS = ("early_exit_threshold", "exit_confidence", "active_exits", "max_recompute_tokens",
-                              "early_exit_max_batch_size")
+EXIT_CONFIDENCE_MEASURES = ("max_prob", "top2_margin", "gate", "gate_max_prob")
+GATED_MEASURES = ("gate", "gate_max_prob")  # measures that read the exits' confidence gates (`config.exit_gate`)
+EARLY_EXIT_GENERATION_KEYS = ("early_exit_threshold", "exit_confidence", "exit_gate_threshold", "active_exits",
+                              "max_recompute_tokens", "early_exit_max_batch_size")
 
 
 def mean_exit_layer(tokens_per_exit: Mapping[int, int]) -> float | None:
@@ -32,9 +33,13 @@ class EarlyExitSettings:
 
     Args:
         threshold (`float` or `None`): confidence an exit needs to produce the token; `None` decodes at full depth.
-        confidence (`str`): `"max_prob"` (largest probability, as EE-LLM), `"top2_margin"` (p1 - p2), or `"gate"`
+        confidence (`str`): `"max_prob"` (largest probability, as EE-LLM), `"top2_margin"` (p1 - p2), `"gate"`
             (the exit's learned confidence gate, `config.exit_gate`: evaluated before the vocabulary projection,
-            which then runs only for the tokens that leave).
+            which then runs only for the tokens that leave), or `"gate_max_prob"` (the gate screens, the largest
+            probability decides: the projection runs for the tokens whose gate reaches `gate_threshold`, and
+            those of them leave whose largest probability reaches `threshold`).
+        gate_threshold (`float` or `None`, `exit_gate_threshold`): the gate probability that `"gate_max_prob"`
+            screens with (needed by it; other measures ignore it).
         active_exits (`tuple[int]`): indices into `config.exit_layers` of the exits allowed to fire.
         max_recompute_tokens (`int` or `None`): cap on a row's backlog of tokens whose deep KV is missing (the
             current token included); reaching it fills the backlog's deep KV in the same forward pass.
@@ -46,6 +51,7 @@ class EarlyExitSettings:
 
     threshold: float | None = None
     confidence: str = "max_prob"
+    gate_threshold: float | None = None
     active_exits: tuple[int, ...] = ()
     max_recompute_tokens: int | None = None
     max_batch_size: int | None = None
@@ -66,9 +72,11 @@ class EarlyExitSettings:
                     return getattr(config, name)
             return None
 
+        confidence = _confidence(setting("exit_confidence"), model_config)
         return cls(
             threshold=_threshold(setting("early_exit_threshold"), model_config),
-            confidence=_confidence(setting("exit_confidence"), model_config),
+            confidence=confidence,
+            gate_threshold=_gate_threshold(setting("exit_gate_threshold"), confidence),
             active_exits=_active_exits(setting("active_exits"), list(getattr(model_config, "exit_layers", ()))),
             max_recompute_tokens=_recompute_cap(setting("max_recompute_tokens")),
             max_batch_size=_batch_cap(setting("early_exit_max_batch_size")),
@@ -104,10 +112,20 @@ def _confidence(confidence: Any, model_config: Any) -> str:
     confidence = confidence or "max_prob"
     if confidence not in EXIT_CONFIDENCE_MEASURES:
         raise ValueError(f"`exit_confidence` must be one of {EXIT_CONFIDENCE_MEASURES}, got {confidence!r}.")
-    if confidence == "gate" and not getattr(model_config, "exit_gate", False):
-        raise ValueError("`exit_confidence='gate'` needs exits with confidence gates (`config.exit_gate`); this "
-                         "model has none: use 'max_prob' or 'top2_margin'.")
+    if confidence in GATED_MEASURES and not getattr(model_config, "exit_gate", False):
+        raise ValueError(f"`exit_confidence={confidence!r}` needs exits with confidence gates (`config.exit_gate`); "
+                         "this model has none: use 'max_prob' or 'top2_margin'.")
     return confidence
+
+
+def _gate_threshold(threshold: Any, confidence: str) -> float | None:
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, (int, float))
+                                  or not 0.0 <= threshold <= 1.0):
+        raise ValueError(f"`exit_gate_threshold` must be None or a number in [0, 1], got {threshold!r}.")
+    if confidence == "gate_max_prob" and threshold is None:
+        raise ValueError("`exit_confidence='gate_max_prob'` needs `exit_gate_threshold` (the gate probability that "
+                         "lets a token's exit compute its distribution), got None.")
+    return None if threshold is None else float(threshold)
 
 
 def _active_exits(requested: Any, exit_layers: list[int]) -> tuple[int, ...]:
@@ -191,6 +209,7 @@ class EarlyExitStats:
 __all__ = [
     "EARLY_EXIT_GENERATION_KEYS",
     "EXIT_CONFIDENCE_MEASURES",
+    "GATED_MEASURES",
     "EarlyExitSettings",
     "EarlyExitStats",
     "check_threshold",

@@ -18,10 +18,13 @@ would give them. Only the rows that go deeper run a deeper layer. `max_recompute
 row whose backlog reaches it fills its deep KV in the same forward pass, so no layer ever processes more than
 that many tokens of a row in one decoding step. None of this changes which tokens are generated.
 
-Cost: an exit evaluates its vocabulary projection (and softmax) for every token that reaches it. With a large
-vocabulary this costs about as much as a whole decoder layer (hidden_size x vocab_size multiply-adds against about
-12 x hidden_size^2 for a layer), so place few exits, and turn off with `active_exits` the ones you do not want:
-nothing is computed for them.
+Cost: with `exit_confidence="max_prob"` (or `"top2_margin"`) an exit evaluates its vocabulary projection (and
+softmax) for every token that reaches it. With a large vocabulary this costs about as much as a whole decoder layer
+or more (hidden_size x vocab_size multiply-adds against about 12 x hidden_size^2 for a layer), so place few exits,
+and turn off with `active_exits` the ones you do not want: nothing is computed for them. Exits with learned gates
+(`config.exit_gate`) avoid most of it: `"gate"` runs the projection only for the tokens whose gate lets them leave,
+`"gate_max_prob"` only for those its gate screens in (`exit_gate_threshold`), which then leave when their largest
+probability reaches the threshold.
 
 `early_exit_mode="speculative"` instead uses the exits only to draft tokens that the full model verifies, so the
 output is exactly full depth's (see `speculative_early_exit`).
@@ -107,10 +110,10 @@ def generate_with_early_exit(
 ) -> GenerateDecoderOnlyOutput | torch.LongTensor:
     """`generate` of an early-exit model: transformers' `generate`, with early exit when a threshold is set.
 
-    Takes `GenerationMixin.generate`'s arguments, plus `early_exit_threshold`, `exit_confidence`, `active_exits`,
-    `max_recompute_tokens` and `early_exit_max_batch_size` (defaults from the generation config), and `early_exit_mode`,
-    `num_speculative_tokens` and `stop_draft_when_unsure` (lossless self-speculative decoding, see
-    `speculative_early_exit`). `generate` is the bound base method.
+    Takes `GenerationMixin.generate`'s arguments, plus `early_exit_threshold`, `exit_confidence`,
+    `exit_gate_threshold`, `active_exits`, `max_recompute_tokens` and `early_exit_max_batch_size` (defaults from the
+    generation config), and `early_exit_mode`, `num_speculative_tokens` and `stop_draft_when_unsure` (lossless
+    self-speculative decoding, see `speculative_early_exit`). `generate` is the bound base method.
     """
     base_arguments = dict(
         inputs=inputs,

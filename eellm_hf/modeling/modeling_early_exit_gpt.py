@@ -480,7 +480,8 @@ def model_card(config: EarlyExitGPTConfig) -> str:
     if config.exit_gate:
         reads = "its state before the MLP" if config.exit_gate_before_mlp else "its output"
         gate = (f" Each exit has a learned confidence gate (`exit_confidence=\"gate\"`), which reads {reads}: the"
-                " projection runs only for the tokens that leave.")
+                " projection runs only for the tokens that leave (with `exit_confidence=\"gate_max_prob\"`, for"
+                " those the gate screens in, which leave when their largest probability reaches the threshold).")
     return f"""---
 library_name: transformers
 tags:

@@ -222,7 +222,8 @@ class SpeculativeDecoder(EarlyExitDecoder):
     def _decide_exit(self, exit_module: nn.Module, exit_index: int, hidden: torch.Tensor
                      ) -> tuple[list[int], torch.Tensor]:
         if self._force_deepest and exit_index == self.deepest_exit:
-            every_row = dataclasses.replace(self.settings, threshold=0.0)  # every confidence is >= 0
+            # every confidence (and gate probability) is >= 0
+            every_row = dataclasses.replace(self.settings, threshold=0.0, gate_threshold=0.0)
             return decide_exit(self.model, exit_module, exit_index, hidden, every_row, self.confidence_dtype,
                                self.stats)
         return super()._decide_exit(exit_module, exit_index, hidden)
