@@ -472,8 +472,7 @@ class EarlyExitDecoder:
         self.arange = torch.arange(self.capacity, device=self.device)
 
 
-# ---------------------------------------------------------------------------------------- shared decoding steps
-# (also used, stage by stage, by pipeline-parallel decoding)
+# ------------------------------------------------------------- shared decoding steps (pipeline decoding's too)
 
 
 def prompt_mask_and_positions(
@@ -525,21 +524,23 @@ def decide_exit(
     stats: EarlyExitStats | None = None,
     fire: Callable[[torch.Tensor], list[bool]] | None = None,
 ) -> tuple[list[int], torch.Tensor]:
-    """Which of the rows of `hidden` (exit `exit_index`'s block output, one row each) leave at this exit, and their
-    logits: the exit's norm and residual MLP, its projection (`exit_logits`), then the confidence. With the gated
-    measures the vocabulary projection runs only for the rows whose gate reaches its threshold (`"gate"`: the rows
-    that leave; `"gate_max_prob"`: the rows screened in, of which those leave whose largest probability reaches
-    the threshold), and so does the MLP when the gate reads before it (`config.exit_gate_before_mlp`). Counts the
-    work in `stats` when given; `fire` (default `exit_fires`) decides from the logits."""
+    """Which rows of `hidden` (exit `exit_index`'s block output, a row each) leave at this exit, and their logits:
+    the exit's norm, residual MLP and projection (`exit_logits`), then the confidence (`fire`, default `exit_fires`).
+    With a gated measure the projection runs only for the rows whose gate reaches its threshold (`"gate"`: they
+    leave; `"gate_max_prob"`: they are screened in, and leave if their largest probability reaches the threshold),
+    and so does the MLP when the gate reads before it (`config.exit_gate_before_mlp`). Counts work in `stats`."""
+
+    def confident(logits: torch.Tensor, rows: list[int]) -> tuple[list[int], torch.Tensor]:
+        fires = fire(logits) if fire is not None else exit_fires(logits, settings, confidence_dtype)
+        keep = [index for index, on in enumerate(fires) if on]
+        return [rows[index] for index in keep], logits if len(keep) == len(rows) else logits[keep]
+
     normed = exit_module.normed(hidden)
     if settings.confidence not in GATED_MEASURES:
-        logits = model.exit_logits(exit_index, exit_module.residual_mlp(normed))
         if stats is not None:
             stats.exit_mlp_tokens[exit_index] += hidden.shape[0]
             stats.exit_head_tokens[exit_index] += hidden.shape[0]
-        fires = fire(logits) if fire is not None else exit_fires(logits, settings, confidence_dtype)
-        fired = [index for index, on in enumerate(fires) if on]
-        return fired, logits if len(fired) == logits.shape[0] else logits[fired]
+        return confident(model.exit_logits(exit_index, exit_module.residual_mlp(normed)), list(range(hidden.shape[0])))
     before_mlp = exit_module.gate_before_mlp
     output = None if before_mlp else exit_module.residual_mlp(normed)
     screens = settings.confidence == "gate_max_prob"
@@ -558,11 +559,7 @@ def decide_exit(
     if not passed:
         return [], hidden[:0]
     logits = model.exit_logits(exit_index, output)
-    if not screens:
-        return passed, logits
-    fires = fire(logits) if fire is not None else exit_fires(logits, settings, confidence_dtype)
-    keep = [index for index, on in enumerate(fires) if on]
-    return [passed[index] for index in keep], logits if len(keep) == len(passed) else logits[keep]
+    return confident(logits, passed) if screens else (passed, logits)
 
 
 def exit_fires(logits: torch.Tensor, settings: EarlyExitSettings, confidence_dtype: torch.dtype) -> list[bool]:
