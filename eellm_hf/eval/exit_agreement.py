@@ -20,6 +20,7 @@ from typing import Any
 import torch
 
 from ..code_corpus import python_source_documents
+from ..modeling.early_exit_settings import GATED_MEASURES
 
 THRESHOLDS = (0.95, 0.9, 0.8, 0.7, 0.6, 0.5, 0.4, 0.3)
 
@@ -76,7 +77,7 @@ def policy(data: dict[str, torch.Tensor], measure: str, threshold: float, config
     exit_head = head if shortlist is None else config.hidden_size * len(shortlist)
     mlp = 3 * config.hidden_size * config.intermediate_size if config.exit_mlp else 0.0
     block = unit if config.exit_block else 0.0
-    gated = measure in ("gate", "gate_max_prob")
+    gated = measure in GATED_MEASURES
     gate_first = gated and getattr(config, "exit_gate_before_mlp", False)
     tokens = data["final"].numel()
     undecided = torch.ones(tokens, dtype=torch.bool)
